@@ -1,0 +1,57 @@
+"""eplb-plugin: expert-parallel load balancing for MoE serving engines.
+
+`kernels/` and `integrations/` sit at the repository root but are installed as
+`eplb_plugin.kernels` and `eplb_plugin.integrations`: top-level packages of those
+names exist on PyPI (Hugging Face's `kernels` among them) and must never be clobbered.
+"""
+
+from setuptools import setup
+
+_SUBPACKAGES = {
+    "eplb_plugin.kernels": "kernels",
+    "eplb_plugin.integrations": "integrations",
+}
+
+
+def _find(root: str, prefix: str) -> dict[str, str]:
+    """Map every package below `root` (a folder with __init__.py) to its folder."""
+    import os
+
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        if "__init__.py" in filenames:
+            rel = os.path.relpath(dirpath, root)
+            name = prefix if rel == "." else prefix + "." + rel.replace(os.sep, ".")
+            found[name] = dirpath
+    return found
+
+
+package_dir = {"eplb_plugin": "eplb_plugin"}
+package_dir.update(_find("eplb_plugin", "eplb_plugin"))
+for pkg, folder in _SUBPACKAGES.items():
+    package_dir.update(_find(folder, pkg))
+
+setup(
+    name="eplb-plugin",
+    version="0.1.0",
+    description="Expert-parallel load balancer for MoE serving (vLLM, SGLang, transformers)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=sorted(package_dir),
+    package_dir=package_dir,
+    package_data={"eplb_plugin": ["examples/*.safetensors", "examples/*.npz", "examples/*.md"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors>=0.4",
+        "tqdm",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "ruff"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["eplb = eplb_plugin.cli.main:main"]},
+)
