@@ -31,6 +31,21 @@ def _only_or_key(arrays: dict, path: str, keys: tuple[str, ...] = (LOAD_KEY,)):
     )
 
 
+def _read_arrays(path: str, suffix: str) -> dict:
+    """Every array in a load file, by name (a bare array is named ``load``)."""
+    if suffix in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return obj if isinstance(obj, dict) else {LOAD_KEY: obj}
+    if suffix == ".npy":
+        return {LOAD_KEY: np.load(path, allow_pickle=False)}
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
 def read_load(path: str | os.PathLike) -> torch.Tensor:
     """Read a load trace.
 
@@ -43,31 +58,18 @@ def read_load(path: str | os.PathLike) -> torch.Tensor:
     if not os.path.isfile(path):
         raise ValueError(f"load file {path!r} does not exist")
     suffix = Path(path).suffix.lower()
+    if suffix not in LOAD_SUFFIXES:
+        raise ValueError(
+            f"load file {path!r}: unknown suffix {suffix!r} (use {', '.join(LOAD_SUFFIXES)})"
+        )
     try:
-        if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(obj, dict):
-                obj = _only_or_key(obj, path, (LOAD_KEY, "logical_count"))
-            data = obj
-        elif suffix == ".npy":
-            data = np.load(path, allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                data = _only_or_key({k: npz[k] for k in npz.files}, path)
-        elif suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = _only_or_key(load_file(path), path)
-        else:
-            raise ValueError(
-                f"load file {path!r}: unknown suffix {suffix!r} (use {', '.join(LOAD_SUFFIXES)})"
-            )
-    except ValueError:
-        raise
+        arrays = _read_arrays(path, suffix)
     except Exception as exc:  # corrupt or foreign files: say which file
         raise ValueError(f"cannot read load file {path!r}: {exc}") from exc
-    return check_load(torch.as_tensor(np.asarray(data)) if isinstance(data, np.ndarray) else data,
-                      name=f"load in {path!r}")  # fmt: skip
+    data = _only_or_key(arrays, path, (LOAD_KEY, "logical_count"))
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    return check_load(data, name=f"load in {path!r}")
 
 
 def write_load(path: str | os.PathLike, load: torch.Tensor) -> None:

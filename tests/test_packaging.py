@@ -1,0 +1,61 @@
+"""kernels/ and integrations/ install as eplb_plugin.kernels / eplb_plugin.integrations only."""
+
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_subpackages_map_to_repository_folders():
+    import eplb_plugin.integrations
+    import eplb_plugin.kernels
+
+    assert pathlib.Path(eplb_plugin.kernels.__file__).parent == ROOT / "kernels"
+    assert pathlib.Path(eplb_plugin.integrations.__file__).parent == ROOT / "integrations"
+
+
+def test_no_top_level_kernels_or_integrations_installed(tmp_path):
+    # From a neutral directory, nothing of ours answers to the top-level names.
+    code = (
+        "import importlib.util, eplb_plugin.kernels, eplb_plugin.integrations\n"
+        "for name in ('kernels', 'integrations'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    print(name, spec.origin if spec else None)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    for line in out.splitlines():
+        name, origin = line.split(" ", 1)
+        assert origin == "None" or not origin.startswith(str(ROOT)), line
+
+
+@pytest.mark.slow
+def test_wheel_contains_only_eplb_plugin(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(ROOT)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("eplb_plugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert tops == {"eplb_plugin"}, tops
+    assert "eplb_plugin/kernels/__init__.py" in names
+    assert "eplb_plugin/integrations/__init__.py" in names
+
+
+def test_core_imports_no_engine():
+    code = (
+        "import sys, eplb_plugin, eplb_plugin.cli.main\n"
+        "bad = [m for m in ('vllm', 'sglang', 'transformers', 'deep_ep') if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == ""
