@@ -1,0 +1,236 @@
+"""``EplbConfig``: the one configuration object of the runtime balancer.
+
+Every front end builds it the same way: ``eplb demo``, the vLLM and SGLang launchers call
+:func:`add_cli_options` on their parser (``--enable-eplb`` plus one ``--eplb-<field>`` option
+per field, dashes for underscores) and :meth:`EplbConfig.from_cli` on the parsed arguments,
+so an option has the same name and meaning everywhere. Environment variables are read only at
+those edges, never here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+PREDICTORS = ("window", "ema")
+DISPATCH_MODES = ("static", "local", "global")
+COMMUNICATORS = ("torch", "deepep")
+PLAN_ON = ("rank0", "all")
+
+# Help text per field; also the documentation of each option (docs/runtime.md lists them).
+_HELP = {
+    "enable": "turn the balancer on",
+    "num_redundant_experts": "extra physical slots beyond the logical experts (P = E + R)",
+    "window": "engine steps of load kept in the ring window",
+    "interval": "engine steps between two re-plans",
+    "predictor": "load used to plan: 'window' (sum over the window) or 'ema'",
+    "ema_decay": "per-step decay of the EMA predictor, in (0, 1)",
+    "policy": "placement policy name (see `eplb plan --help`)",
+    "dispatch": "replica choice per token: static, local or global (docs/dispatch.md)",
+    "min_gain": "smallest predicted balancedness gain (0..1) worth moving weights for",
+    "layers_per_step": "layers moved per engine step (0 = all layers in one step)",
+    "staging_bytes": "bytes of extra memory a rebalance may use per rank (staging + send)",
+    "communicator": "weight transfer backend: torch (torch.distributed) or deepep",
+    "plan_on": "'rank0': plan in a background thread on rank 0, then broadcast; "
+    "'all': every rank plans deterministically",
+    "plan_delay": "engine steps a background plan may take before it is collected "
+    "(0 = plan synchronously in the step it is due)",
+    "timeout_s": "seconds any rebalance collective may take before it is abandoned",
+    "num_groups": "expert groups (DeepSeek's group-limited routing; hierarchical placement)",
+    "num_nodes": "nodes the EP ranks span (same-node transfers are preferred)",
+    "seed": "seed of the dispatch dither and of policies that use randomness",
+}
+
+
+def _fail(name: str, value: object, why: str) -> None:
+    raise ValueError(f"EplbConfig.{name}={value!r}: {why}")
+
+
+def _int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, "must be an integer")
+    if value < minimum:
+        _fail(name, value, f"must be >= {minimum}")
+
+
+def _float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, value, "must be a finite number")
+    return float(value)
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        _fail(name, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass
+class EplbConfig:
+    """Runtime balancer settings; validated on construction (ValueError naming field + value).
+
+    Attributes:
+        enable: turn the balancer on.
+        num_redundant_experts: R extra physical slots; P = E + R must divide over the ranks.
+        window: W engine steps of per-slot counts kept in the ring window.
+        interval: engine steps between re-plans.
+        predictor: ``"window"`` plans on the window's sum, ``"ema"`` on an exponential
+            moving average (decay ``ema_decay`` per step).
+        ema_decay: EMA decay in (0, 1).
+        policy: a registered placement policy (``eplb_plugin.available_policies()``).
+        dispatch: ``"static"``, ``"local"`` or ``"global"`` replica choice (docs/dispatch.md).
+        min_gain: act only when the predicted balancedness gain (new - current, both in
+            [0, 1]) is at least this.
+        layers_per_step: layers moved per engine step; 0 moves every layer in one step.
+        staging_bytes: per-rank budget of extra memory for one rebalance chunk (received
+            weights staged before commit, plus packed weights being sent).
+        communicator: ``"torch"`` (torch.distributed: gloo / NCCL) or ``"deepep"``.
+        plan_on: ``"rank0"`` computes the plan in a background thread on rank 0 and
+            broadcasts it; ``"all"`` computes it deterministically on every rank.
+        plan_delay: engine steps between taking the load snapshot and collecting the plan;
+            the policy runs in a background thread meanwhile. 0 plans synchronously.
+        timeout_s: seconds a rebalance collective may take before it is abandoned (every
+            rank then keeps its old layout and weights).
+        num_groups: expert groups for hierarchical placement.
+        num_nodes: nodes the EP ranks span.
+        seed: seed for dispatch dithering and randomized policies.
+    """
+
+    enable: bool = True
+    num_redundant_experts: int = 0
+    window: int = 1000
+    interval: int = 3000
+    predictor: str = "window"
+    ema_decay: float = 0.99
+    policy: str = "default"
+    dispatch: str = "static"
+    min_gain: float = 0.01
+    layers_per_step: int = 1
+    staging_bytes: int = 256 << 20
+    communicator: str = "torch"
+    plan_on: str = "rank0"
+    plan_delay: int = 8
+    timeout_s: float = 60.0
+    num_groups: int = 1
+    num_nodes: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable, bool):
+            _fail("enable", self.enable, "must be a bool")
+        _int("num_redundant_experts", self.num_redundant_experts, 0)
+        _int("window", self.window, 1)
+        _int("interval", self.interval, 1)
+        _choice("predictor", self.predictor, PREDICTORS)
+        self.ema_decay = _float("ema_decay", self.ema_decay)
+        if not 0.0 < self.ema_decay < 1.0:
+            _fail("ema_decay", self.ema_decay, "must lie strictly between 0 and 1")
+        if not isinstance(self.policy, str):
+            _fail("policy", self.policy, "must be a policy name")
+        from .policies import available_policies
+
+        if self.policy not in available_policies():
+            _fail("policy", self.policy, f"unknown; available: {', '.join(available_policies())}")
+        _choice("dispatch", self.dispatch, DISPATCH_MODES)
+        self.min_gain = _float("min_gain", self.min_gain)
+        if not 0.0 <= self.min_gain <= 1.0:
+            _fail("min_gain", self.min_gain, "must lie in [0, 1] (a balancedness difference)")
+        _int("layers_per_step", self.layers_per_step, 0)
+        _int("staging_bytes", self.staging_bytes, 1)
+        _choice("communicator", self.communicator, COMMUNICATORS)
+        _choice("plan_on", self.plan_on, PLAN_ON)
+        _int("plan_delay", self.plan_delay, 0)
+        self.timeout_s = _float("timeout_s", self.timeout_s)
+        if self.timeout_s <= 0:
+            _fail("timeout_s", self.timeout_s, "must be positive")
+        _int("num_groups", self.num_groups, 1)
+        _int("num_nodes", self.num_nodes, 1)
+        _int("seed", self.seed, 0)
+
+    # ------------------------------------------------------------------ dict / CLI
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.field_names()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EplbConfig:
+        """Build from a dict (e.g. a JSON ``--eplb-config``); unknown keys are a ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError(f"EplbConfig: expected a dict of fields, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"EplbConfig: unknown field(s) {unknown}; known: {', '.join(cls.field_names())}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> EplbConfig:
+        """Build from arguments parsed by a parser that :func:`add_cli_options` extended.
+
+        ``enable`` follows ``--enable-eplb`` (off unless given, as in vLLM and SGLang); every
+        ``--eplb-<field>`` left out keeps the dataclass default.
+        """
+        values: dict[str, Any] = {"enable": bool(getattr(args, "enable_eplb", False))}
+        for name in cls.field_names():
+            if name == "enable":
+                continue
+            value = getattr(args, cli_dest(name), None)
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+    def to_cli(self) -> list[str]:
+        """The command-line options that rebuild this config (for launching subprocesses)."""
+        argv = ["--enable-eplb"] if self.enable else []
+        default = EplbConfig()
+        for name in self.field_names():
+            if name != "enable" and getattr(self, name) != getattr(default, name):
+                argv += [cli_flag(name), str(getattr(self, name))]
+        return argv
+
+
+def cli_flag(name: str) -> str:
+    """``layers_per_step`` -> ``--eplb-layers-per-step``."""
+    return "--eplb-" + name.replace("_", "-")
+
+
+def cli_dest(name: str) -> str:
+    return "eplb_" + name
+
+
+def add_cli_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--enable-eplb`` and one ``--eplb-<field>`` option per EplbConfig field.
+
+    Options default to None (meaning: keep the dataclass default) so that
+    :meth:`EplbConfig.from_cli` sees which ones the user gave; validation happens there.
+    """
+    defaults = EplbConfig()
+    choices = {
+        "predictor": PREDICTORS,
+        "dispatch": DISPATCH_MODES,
+        "communicator": COMMUNICATORS,
+        "plan_on": PLAN_ON,
+    }
+    parser.add_argument("--enable-eplb", action="store_true", help=_HELP["enable"])
+    for f in dataclasses.fields(EplbConfig):
+        if not f.init or f.name == "enable":
+            continue
+        default = getattr(defaults, f.name)
+        parser.add_argument(
+            cli_flag(f.name),
+            dest=cli_dest(f.name),
+            type=type(default),
+            default=None,
+            choices=choices.get(f.name),
+            metavar=None if f.name in choices else f.name.upper(),
+            help=f"{_HELP[f.name]} (default {default})",
+        )
+
+
+__all__ = ["EplbConfig", "add_cli_options", "cli_flag"]
