@@ -1,0 +1,109 @@
+"""Water-filling replica shares: split each replicated expert's tokens to even out GPU loads.
+
+Pure torch with static shapes and no host synchronisation, so the same function runs inside
+the device dispatch op (``map_and_count``, per layer, per step) and in the host-side dispatch
+model (``eplb_plugin.slot_loads``); both therefore see bit-identical shares on one device.
+The contract is written down in ``docs/dispatch.md``.
+
+The exact problem (minimize the largest GPU load over the replica shares) is a small linear
+program per layer; here it is approximated by damped Jacobi sweeps of a per-expert water-fill:
+every replicated expert, seeing the other experts' current loads on the GPUs that hold its
+replicas, pours its tokens onto the lowest of those GPUs up to a common level. All experts
+update at once, so a low GPU can be filled by several experts in the same sweep. The damping
+is sized to that conflict: on each GPU the net change is compared with the largest change a
+single expert asked for, and each expert moves by the smallest such ratio over its GPUs. An
+expert that shares its GPUs with no other moving expert thus lands on its level in one sweep,
+while crowded GPUs are approached in fractions that do not overshoot.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _same_gpu(phy2log: torch.Tensor, slots_per_gpu: int) -> torch.Tensor:
+    """[L, G, S, S] bool: slots i, j of one GPU hold the same expert."""
+    per_gpu = phy2log.view(phy2log.shape[0], -1, slots_per_gpu)
+    return per_gpu.unsqueeze(-1) == per_gpu.unsqueeze(-2)
+
+
+def waterfill_shares(
+    counts: torch.Tensor,
+    phy2log: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    slots_per_gpu: int,
+    base_share: torch.Tensor,
+    iters: int = 8,
+) -> torch.Tensor:
+    """Replica shares that (approximately) minimize the largest GPU load.
+
+    GPU ``g``'s load is ``sum_{p on g} counts[phy2log[p]] * share[p]`` (slot ``p`` lives on
+    GPU ``p // slots_per_gpu``). Experts with one slot keep share 1, experts with no tokens
+    keep ``base_share``; the tokens of replicated experts are moved between their replicas.
+
+    Args:
+        counts: [L, E] float32 tokens per logical expert (any non-negative reals).
+        phy2log: [L, P] int64 logical expert of each slot.
+        log2phy: [L, E, X] int64 slots of each expert, padded with -1.
+        logcnt: [L, E] int64 replicas per expert (>= 1).
+        slots_per_gpu: slots per GPU (P is a multiple of it).
+        base_share: [L, P] float32 starting split (e.g. ``layout.replica_share``); per
+            expert it sums to 1.
+        iters: water-fill sweeps (0 returns ``base_share`` with singles set to 1).
+
+    Returns:
+        [L, P] float32 shares, non-negative, summing to 1 over each expert's slots, on
+        ``counts.device``. Deterministic: gathers and fixed-order reductions only.
+    """
+    num_layers, num_slots = phy2log.shape
+    num_gpus = num_slots // slots_per_gpu
+    counts = counts.to(torch.float32)
+    valid = log2phy >= 0  # [L, E, X]
+    flat_slots = log2phy.clamp(min=0).view(num_layers, -1)
+
+    same = _same_gpu(phy2log, slots_per_gpu)  # [L, G, S, S]
+    same_f = same.to(torch.float32)
+    # Several replicas of one expert on one GPU act as one bin: only the first takes part in
+    # the level search, and the GPU's fill is split evenly between them.
+    earlier = torch.ones(slots_per_gpu, slots_per_gpu, dtype=torch.bool, device=same.device)
+    earlier = torch.tril(earlier, diagonal=-1)
+    repeat = (same & earlier).any(-1).view(num_layers, num_slots)  # [L, P]
+    ndup = same_f.sum(-1).view(num_layers, num_slots)  # [L, P] >= 1
+
+    slot_count = counts.gather(1, phy2log)  # [L, P]
+    single = logcnt.gather(1, phy2log) == 1
+    idle = slot_count <= 0
+    keep = single | idle
+    fixed = torch.where(single, torch.ones_like(base_share), base_share.to(torch.float32))
+    share = fixed
+    safe_count = torch.where(idle, torch.ones_like(slot_count), slot_count)
+    rank = torch.arange(1, log2phy.shape[2] + 1, device=counts.device, dtype=torch.float32)
+    inf = torch.tensor(float("inf"), device=counts.device)
+
+    for _ in range(iters):
+        contrib = slot_count * share  # [L, P]
+        gpu_load = contrib.view(num_layers, num_gpus, slots_per_gpu).sum(-1, keepdim=True)
+        # the expert's own load on this GPU, all its replicas there together
+        own = (same_f @ contrib.view(num_layers, num_gpus, slots_per_gpu, 1)).squeeze(-1)
+        background = (gpu_load - own).view(num_layers, num_slots)
+        # per expert, the water level over its GPUs: min_k (c + sum of k lowest) / k
+        bins = torch.where(repeat, inf, background).gather(1, flat_slots)
+        bins = torch.where(valid, bins.view_as(log2phy), inf)
+        lowest = bins.sort(-1).values.cumsum(-1)
+        level = ((counts.unsqueeze(-1) + lowest) / rank).amin(-1)  # [L, E]
+        fill = (level.gather(1, phy2log) - background).clamp(min=0)
+        new = torch.where(keep, fixed, fill / (safe_count * ndup))
+        # damping: net change of each GPU vs the largest change one expert wants there
+        delta = (new - share) * slot_count  # [L, P] load change of each slot
+        net = delta.view(num_layers, num_gpus, slots_per_gpu).sum(-1).abs()
+        alone = (delta * ndup).abs().view(num_layers, num_gpus, slots_per_gpu).amax(-1)
+        ratio = torch.where(net > alone, alone / net.clamp(min=1e-30), 1.0)  # [L, G]
+        ratio = ratio.unsqueeze(-1).expand(-1, -1, slots_per_gpu).reshape(num_layers, -1)
+        step = torch.where(valid, ratio.gather(1, flat_slots).view_as(log2phy), 1.0).amin(-1)
+        share = share + step.gather(1, phy2log) * (new - share)
+
+    # renormalise per expert (fixed-order sum over the expert's replicas) against drift
+    total = torch.where(valid, share.gather(1, flat_slots).view_as(log2phy), 0.0).sum(-1)
+    share = share / total.gather(1, phy2log)
+    return torch.where(single, torch.ones_like(share), share)
