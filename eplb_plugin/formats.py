@@ -241,6 +241,34 @@ def read_vllm_window(
     return physical_to_logical_count(window, _check_map(layout, "physical_to_logical_map"))
 
 
+def read_vllm_window_file(
+    path: str | os.PathLike, layout: ExpertLayout | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Read a saved vLLM load window as logical counts [W, L, E] int64.
+
+    Args:
+        path: ``.pt`` holding a tensor, or a dict with ``expert_load_window`` /
+            ``global_expert_load_window`` (and optionally ``physical_to_logical_map``).
+        layout: the layout the physical counts were taken under; needed unless the file
+            holds its ``physical_to_logical_map`` (without either, counts are taken as
+            logical [W, L, E]).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"window file {path!r} does not exist")
+    obj = _torch_load(path)
+    if isinstance(obj, dict):
+        key = next((k for k in VLLM_WINDOW_KEYS if k in obj), None)
+        if key is None:
+            raise ValueError(f"{path!r} holds {sorted(map(str, obj))}, none of {VLLM_WINDOW_KEYS}")
+        if layout is None and VLLM_MAP_KEY in obj:
+            layout = _check_map(obj[VLLM_MAP_KEY], f"{VLLM_MAP_KEY} in {path!r}")
+        obj = obj[key]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a load window tensor")
+    return read_vllm_window(obj, layout)
+
+
 def write_sglang_dump(path: str | os.PathLike, load: torch.Tensor, rank: int = 0) -> None:
     """Write a load trace as an SGLang stat dump (usable as ``--init-expert-location``).
 

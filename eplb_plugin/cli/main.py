@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `eplb --help` lists them.
-SUBCOMMANDS = ("plan",)
+SUBCOMMANDS = ("plan", "export", "verify", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
