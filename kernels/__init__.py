@@ -2,4 +2,23 @@
 
 Each op has a Triton kernel and a plain torch reference (``reference.py``); the torch path
 is used wherever Triton cannot run. Kernels depend on nothing in the core but tensors.
+
+Selection (``_backend.backend_for``): Triton on CUDA tensors, or on CPU tensors when
+``TRITON_INTERPRET=1``; torch otherwise. ``EPLB_KERNELS=torch|triton`` forces one. Importing
+this package never needs Triton or a GPU. See ``docs/kernels.md``.
 """
+
+from eplb_plugin.kernels._backend import HAS_TRITON, backend_for
+from eplb_plugin.kernels.map_and_count import (
+    make_map_and_count_workspace,
+    map_and_count,
+    map_and_count_workspace_size,
+)
+
+__all__ = [
+    "HAS_TRITON",
+    "backend_for",
+    "make_map_and_count_workspace",
+    "map_and_count",
+    "map_and_count_workspace_size",
+]

@@ -1,0 +1,445 @@
+"""map_and_count: the Triton kernel (interpreted) against the torch reference, and both
+against the dispatch contract of docs/dispatch.md written out entry by entry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from eplb_plugin.kernels import reference
+from eplb_plugin.kernels._backend import backend_for
+from eplb_plugin.kernels.map_and_count import map_and_count
+from eplb_plugin.kernels.waterfill import waterfill_shares
+
+from eplb_plugin.layout import ExpertLayout, Topology
+
+# --------------------------------------------------------------------------- helpers
+
+
+def random_layout(
+    num_layers: int, num_experts: int, num_slots: int, num_gpus: int, seed: int, uniform=False
+) -> ExpertLayout:
+    """Every expert at least once, the rest random (so some experts get 3-4 replicas, some
+    twice on one GPU); shares random per expert unless ``uniform``."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(num_layers):
+        extra = torch.randint(0, num_experts, (num_slots - num_experts,), generator=g)
+        row = torch.cat([torch.arange(num_experts), extra])
+        rows.append(row[torch.randperm(num_slots, generator=g)])
+    phy2log = torch.stack(rows)
+    topo = Topology(num_replicas=num_slots, num_gpus=num_gpus)
+    if uniform:
+        return ExpertLayout.from_phy2log(phy2log, topo, num_experts=num_experts)
+    raw = torch.rand(num_layers, num_slots, generator=g) + 0.05
+    total = torch.zeros(num_layers, num_experts).scatter_add_(1, phy2log, raw)
+    share = (raw / total.gather(1, phy2log)).float()
+    return ExpertLayout.from_phy2log(phy2log, topo, num_experts=num_experts, replica_share=share)
+
+
+def random_ids(
+    num_tokens: int,
+    top_k: int,
+    num_experts: int,
+    seed: int,
+    dtype=torch.int64,
+    minus_one: float = 0.0,
+) -> torch.Tensor:
+    """Distinct experts per token (as a router's top-k), skewed, some entries -1."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(num_experts, generator=g) ** 3 + 0.01
+    ids = torch.multinomial(weights.expand(num_tokens, -1), top_k, generator=g)
+    if minus_one:
+        ids[torch.rand(num_tokens, top_k, generator=g) < minus_one] = -1
+    return ids.to(dtype)
+
+
+def contract(topk_ids, layout, share, layer, num_valid, seed=0):
+    """docs/dispatch.md literally: one entry at a time, numpy float32 arithmetic."""
+    ids = topk_ids.tolist()
+    l2p = layout.log2phy[layer].tolist()
+    cnt = layout.logcnt[layer].tolist()
+    sh = share.numpy().astype(np.float32)
+    num_experts = len(cnt)
+    c = [0] * num_experts
+    for t in range(num_valid):
+        for e in ids[t]:
+            if e >= 0:
+                c[e] += 1
+    bounds = []
+    for e in range(num_experts):
+        x = np.float32(e + 1) * np.float32(0.6180339887) + np.float32(seed) * np.float32(
+            0.7548776662
+        )
+        u = np.float32(x - np.floor(x))
+        total, prev, ends = np.float32(0.0), 0, []
+        for j in range(cnt[e]):
+            total = np.float32(total + sh[l2p[e][j]])
+            if j == cnt[e] - 1:
+                b = c[e]
+            else:
+                b = int(np.floor(np.float32(np.float32(c[e]) * total) + u))
+                b = min(max(b, prev), c[e])
+            ends.append(b)
+            prev = b
+        bounds.append(ends)
+    seen = [0] * num_experts
+    phys = []
+    for t, row in enumerate(ids):
+        out = []
+        for e in row:
+            if e < 0:
+                out.append(-1)
+            elif t >= num_valid:
+                out.append(l2p[e][0])
+            else:
+                n = seen[e]
+                seen[e] += 1
+                j = sum(1 for b in bounds[e][:-1] if b <= n)
+                out.append(l2p[e][j])
+        phys.append(out)
+    counts = [0] * share.shape[0]
+    for e in range(num_experts):
+        prev = 0
+        for j, b in enumerate(bounds[e]):
+            counts[l2p[e][j]] += b - prev
+            prev = b
+    return torch.tensor(phys, dtype=torch.int64).view(len(ids), -1), torch.tensor(counts), c
+
+
+def both(topk_ids, layout, layer, num_valid, counts=None, **kw):
+    """Run the Triton kernel and the reference on copies; return both (out, counts)."""
+    if counts is None:
+        counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    results = []
+    for fn in (map_and_count, reference.map_and_count):
+        c = counts.clone()
+        out = fn(
+            topk_ids.clone(),
+            layout.log2phy,
+            layout.logcnt,
+            layout.replica_share,
+            c,
+            layer,
+            num_valid,
+            **kw,
+        )
+        results.append((out, c))
+    return results
+
+
+def expert_counts(topk_ids, num_valid, num_experts):
+    ids = topk_ids[:num_valid].reshape(-1)
+    ids = ids[ids >= 0]
+    return torch.bincount(ids.long(), minlength=num_experts)
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+@pytest.mark.parametrize("seed", [0, 7, 123456])
+def test_reference_is_the_contract(seed):
+    layout = random_layout(2, 8, 14, 2, seed=seed)
+    ids = random_ids(41, 3, 8, seed=seed, minus_one=0.1)
+    for layer, num_valid in ((0, 41), (1, 30), (1, 0)):
+        counts = torch.zeros(2, 14, dtype=torch.int32)
+        out = reference.map_and_count(
+            ids,
+            layout.log2phy,
+            layout.logcnt,
+            layout.replica_share,
+            counts,
+            layer,
+            num_valid,
+            seed=seed,
+        )
+        phys, want, _ = contract(ids, layout, layout.replica_share[layer], layer, num_valid, seed)
+        assert torch.equal(out, phys)
+        assert torch.equal(counts[layer].long(), want)
+        assert counts[1 - layer].eq(0).all()
+
+
+def test_counts_within_one_token_of_shares():
+    layout = random_layout(3, 16, 24, 4, seed=3)
+    for layer in range(3):
+        ids = random_ids(200, 4, 16, seed=layer)
+        counts = torch.zeros(3, 24, dtype=torch.int32)
+        out = map_and_count(
+            ids,
+            layout.log2phy,
+            layout.logcnt,
+            layout.replica_share,
+            counts,
+            layer,
+            180,
+            seed=layer,
+            block_size=256,
+        )
+        c = expert_counts(ids, 180, 16).float()
+        ideal = c[layout.phy2log[layer]] * layout.replica_share[layer]
+        assert (counts[layer].float() - ideal).abs().max() <= 1.0
+        # the counts are what the mapping actually did with the valid rows
+        done = torch.bincount(out[:180].reshape(-1), minlength=24)
+        assert torch.equal(done, counts[layer].long())
+        # padding rows go to replica 0 of their expert
+        assert torch.equal(out[180:], layout.log2phy[layer][ids[180:], 0])
+
+
+def test_rounding_is_unbiased_over_seeds():
+    layout = random_layout(1, 6, 10, 2, seed=11)
+    ids = random_ids(9, 2, 6, seed=2)
+    c = expert_counts(ids, 9, 6).float()
+    ideal = c[layout.phy2log[0]] * layout.replica_share[0]
+    total = torch.zeros(10)
+    runs = 400
+    for seed in range(runs):
+        counts = torch.zeros(1, 10, dtype=torch.int32)
+        reference.map_and_count(
+            ids,
+            layout.log2phy,
+            layout.logcnt,
+            layout.replica_share,
+            counts,
+            0,
+            9,
+            seed=torch.tensor(seed),
+        )
+        total += counts[0]
+    assert (total / runs - ideal).abs().max() < 0.05
+
+
+def test_local_dispatch_follows_waterfill():
+    layout = random_layout(2, 12, 20, 4, seed=5, uniform=True)
+    ids = random_ids(90, 4, 12, seed=9)
+    for layer in (0, 1):
+        (out_t, cnt_t), (out_r, cnt_r) = both(
+            ids,
+            layout,
+            layer,
+            80,
+            dispatch="local",
+            phy2log=layout.phy2log,
+            slots_per_gpu=5,
+            seed=3,
+            block_size=128,
+        )
+        assert torch.equal(out_t, out_r) and torch.equal(cnt_t, cnt_r)
+        c = expert_counts(ids, 80, 12).float()
+        rows = slice(layer, layer + 1)
+        share = waterfill_shares(
+            c.unsqueeze(0),
+            layout.phy2log[rows],
+            layout.log2phy[rows],
+            layout.logcnt[rows],
+            5,
+            layout.replica_share[rows],
+        )[0]
+        ideal = c[layout.phy2log[layer]] * share
+        assert (cnt_t[layer].float() - ideal).abs().max() <= 1.0
+        phys, want, _ = contract(ids, layout, share, layer, 80, seed=3)
+        assert torch.equal(out_r, phys) and torch.equal(cnt_r[layer].long(), want)
+
+
+# --------------------------------------------------------------------------- Triton vs torch
+
+
+@pytest.mark.parametrize(
+    "num_tokens,top_k,num_valid,block_size,dtype",
+    [
+        (1, 1, 1, None, torch.int32),
+        (7, 3, 5, None, torch.int64),
+        (37, 6, 37, 16, torch.int32),  # many blocks, an odd tail
+        (250, 8, 211, 256, torch.int64),
+        (133, 5, 0, 64, torch.int32),  # all padding
+        (0, 8, 0, None, torch.int64),  # empty batch
+    ],
+)
+def test_triton_matches_reference(num_tokens, top_k, num_valid, block_size, dtype):
+    layout = random_layout(2, 10, 17, 1, seed=num_tokens)
+    ids = random_ids(num_tokens, top_k, 10, seed=num_tokens, dtype=dtype, minus_one=0.05)
+    (out_t, cnt_t), (out_r, cnt_r) = both(
+        ids, layout, 1, num_valid, seed=num_tokens, block_size=block_size
+    )
+    assert out_t.dtype == dtype and out_t.shape == ids.shape
+    assert torch.equal(out_t, out_r)
+    assert torch.equal(cnt_t, cnt_r)
+    assert int(cnt_t.sum()) == int((ids[:num_valid] >= 0).sum())
+
+
+def test_triton_device_scalars_inplace_and_strided_ids():
+    layout = random_layout(1, 9, 16, 2, seed=1)
+    ids = random_ids(60, 5, 9, seed=4).t().contiguous().t()  # [60, 5], strides (1, 60)
+    assert not ids.is_contiguous()
+    num_valid, seed = torch.tensor(47), torch.tensor(2**40 + 3)
+    counts = torch.full((1, 16), 3, dtype=torch.int32)  # accumulates onto existing counts
+    want_counts = counts.clone()
+    want = reference.map_and_count(
+        ids,
+        layout.log2phy,
+        layout.logcnt,
+        layout.replica_share,
+        want_counts,
+        0,
+        num_valid,
+        seed=seed,
+    )
+    inplace = ids.clone()
+    got = map_and_count(
+        inplace,
+        layout.log2phy,
+        layout.logcnt,
+        layout.replica_share,
+        counts,
+        0,
+        num_valid,
+        seed=seed,
+        out=inplace,
+        block_size=64,
+    )
+    assert got is inplace
+    assert torch.equal(inplace, want) and torch.equal(counts, want_counts)
+    strided = map_and_count(
+        ids,
+        layout.log2phy,
+        layout.logcnt,
+        layout.replica_share,
+        torch.zeros(1, 16, dtype=torch.int32),
+        0,
+        num_valid,
+        seed=seed,
+    )
+    assert torch.equal(strided, want)
+
+
+def test_preallocated_workspace_covers_smaller_batches():
+    layout = random_layout(1, 16, 20, 4, seed=8)
+    work = reference.make_map_and_count_workspace(300, 4, 16, "cpu")
+    assert work.numel() == reference.map_and_count_workspace_size(300, 4, 16)
+    for n in (300, 65, 1):
+        ids = random_ids(n, 4, 16, seed=n)
+        (out_t, cnt_t), (out_r, cnt_r) = both(ids, layout, 0, n, workspace=work)
+        assert torch.equal(out_t, out_r) and torch.equal(cnt_t, cnt_r)
+
+
+def test_real_trace_layer(traces_dir):
+    from eplb_plugin.policies import plan
+
+    trace = np.load(traces_dir / "esft_intent.npz")["topk_ids"][:160]  # [T, 26, 6] int8
+    ids = torch.from_numpy(trace.astype(np.int64))
+    load = torch.stack([torch.bincount(ids[:, l].reshape(-1), minlength=64) for l in range(26)])
+    layout = plan(load.float(), Topology(num_replicas=80, num_gpus=8))
+    layer = 5
+    (out_t, cnt_t), (out_r, cnt_r) = both(ids[:, layer].contiguous(), layout, layer, 150, seed=1)
+    assert torch.equal(out_t, out_r) and torch.equal(cnt_t, cnt_r)
+    c = expert_counts(ids[:, layer], 150, 64).float()
+    ideal = c[layout.phy2log[layer]] * layout.replica_share[layer]
+    assert (cnt_t[layer].float() - ideal).abs().max() <= 1.0
+
+
+# --------------------------------------------------------------------------- backend choice
+
+
+def test_backend_selection(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("EPLB_KERNELS", raising=False)
+    assert backend_for(cpu) == "triton"
+    monkeypatch.setenv("EPLB_KERNELS", "torch")
+    assert backend_for(cpu) == "torch"
+    monkeypatch.setenv("EPLB_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="EPLB_KERNELS"):
+        backend_for(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("EPLB_KERNELS", "triton")
+    with pytest.raises(ValueError, match="cannot run"):
+        backend_for(cpu)
+    monkeypatch.delenv("EPLB_KERNELS")
+    assert backend_for(cpu) == "torch"
+
+
+def test_forced_torch_path_skips_triton(monkeypatch):
+    import eplb_plugin.kernels.map_and_count as module
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton path ran although EPLB_KERNELS=torch")
+
+    monkeypatch.setattr(module, "_map_and_count_triton", no_triton)
+    monkeypatch.setenv("EPLB_KERNELS", "torch")
+    layout = random_layout(1, 8, 12, 2, seed=6)
+    ids = random_ids(30, 3, 8, seed=6)
+    (out_a, cnt_a), (out_r, cnt_r) = both(ids, layout, 0, 25)
+    assert torch.equal(out_a, out_r) and torch.equal(cnt_a, cnt_r)
+    monkeypatch.delenv("EPLB_KERNELS")
+    with pytest.raises(AssertionError, match="Triton path ran"):
+        both(ids, layout, 0, 25)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def small():
+    layout = random_layout(2, 6, 8, 2, seed=0)
+    ids = random_ids(10, 2, 6, seed=0)
+    counts = torch.zeros(2, 8, dtype=torch.int32)
+    return layout, ids, counts
+
+
+def _put(ids, value):
+    ids = ids.clone()
+    ids[7, 1] = value
+    return ids
+
+
+def _call(layout, ids, counts_, **kw):
+    args = dict(
+        log2phy=layout.log2phy,
+        logcnt=layout.logcnt,
+        replica_share=layout.replica_share,
+        counts=counts_,
+        layer=0,
+        num_valid=10,
+    )
+    args.update(kw)
+    return map_and_count(ids, **args)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda lay, ids, c: dict(ids=_put(ids, 6)), "expert ids in"),
+        (lambda lay, ids, c: dict(ids=_put(ids, -2)), "expert ids in"),
+        (lambda lay, ids, c: dict(ids=ids.float()), "topk_ids must have dtype"),
+        (lambda lay, ids, c: dict(ids=ids[0]), "topk_ids must be 2-D"),
+        (lambda lay, ids, c: dict(counts=c[:, :7].contiguous()), "counts must be"),
+        (lambda lay, ids, c: dict(counts=c.long()), "counts must have dtype"),
+        (lambda lay, ids, c: dict(counts=c.t()), "counts must be"),
+        (lambda lay, ids, c: dict(replica_share=lay.replica_share.double()), "replica_share"),
+        (lambda lay, ids, c: dict(logcnt=lay.logcnt.to("meta")), "logcnt must be on"),
+        (lambda lay, ids, c: dict(num_valid=torch.tensor(3, device="meta")), "num_valid must be"),
+        (lambda lay, ids, c: dict(num_valid=11), "num_valid must be"),
+        (lambda lay, ids, c: dict(num_valid=torch.tensor(11)), "num_valid must be in"),
+        (lambda lay, ids, c: dict(layer=2), "layer must be"),
+        (lambda lay, ids, c: dict(dispatch="global"), "dispatch must be"),
+        (lambda lay, ids, c: dict(dispatch="local"), "needs phy2log"),
+        (
+            lambda lay, ids, c: dict(dispatch="local", phy2log=lay.phy2log, slots_per_gpu=3),
+            "slots_per_gpu",
+        ),
+        (lambda lay, ids, c: dict(out=torch.empty(10, 2, dtype=torch.int32)), "out must have"),
+        (lambda lay, ids, c: dict(workspace=torch.empty(3, dtype=torch.int32)), "workspace"),
+        (lambda lay, ids, c: dict(seed=1.5), "seed must be"),
+        (lambda lay, ids, c: dict(block_size=48), "block_size"),
+    ],
+)
+def test_bad_input_raises_before_writing(small, change, match):
+    layout, ids, counts = small
+    kw = change(layout, ids, counts)
+    ids_in = kw.pop("ids", ids)
+    out = torch.full(ids.shape, -7, dtype=ids.dtype)
+    kw.setdefault("out", out)
+    before = counts.clone()
+    with pytest.raises(ValueError, match=match):
+        _call(layout, ids_in, counts, **kw)
+    assert torch.equal(counts, before)
+    assert out.eq(-7).all()
