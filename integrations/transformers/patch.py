@@ -1,0 +1,204 @@
+"""``apply_eplb(model, config, group)``: shard a transformers MoE model's experts over EP ranks.
+
+After the call, each MoE block's experts module holds only this rank's physical slots and
+routes tokens through :class:`~.moe.EPExperts`; with ``config.enable`` a
+:class:`eplb_plugin.balancer.Balancer` owns the maps and the per-slot counts and moves the
+slot weights in place when it rebalances. Call :meth:`EplbModel.step` once per engine step
+(after the forward) on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from eplb_plugin.config import EplbConfig
+from eplb_plugin.layout import ExpertLayout, Topology
+
+from .comm import make_communicator
+from .models import MoEFamily, family_of, moe_layers
+from .moe import EPExperts, EPRuntime, shard_experts
+
+
+@dataclass
+class StaticMaps:
+    """Maps of a layout that never changes (EPLB off): same fields as ``BalancerMaps``."""
+
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+    replica_share: torch.Tensor
+
+    @classmethod
+    def of(cls, layout: ExpertLayout, device: torch.device) -> StaticMaps:
+        return cls(
+            layout.phy2log.to(device), layout.log2phy.to(device), layout.logcnt.to(device),
+            layout.replica_share.to(device),
+        )  # fmt: skip
+
+
+@dataclass
+class EplbModel:
+    """Handle returned by :func:`apply_eplb`.
+
+    Attributes:
+        model: the patched model (same object that was passed in).
+        family: its family table.
+        layer_ids: decoder layer index of each MoE layer (layout row ``l`` -> layer_ids[l]).
+        runtime: the EPRuntime shared by the EP layers.
+        balancer: the Balancer, or None when EPLB is off.
+        initial_layout: the layout the experts were sharded with.
+    """
+
+    model: torch.nn.Module
+    family: MoEFamily
+    layer_ids: list[int]
+    runtime: EPRuntime
+    balancer: object | None
+    initial_layout: ExpertLayout
+    routers: list[torch.nn.Module] = field(default_factory=list)
+
+    @property
+    def layout(self) -> ExpertLayout:
+        """Host layout in force."""
+        return self.balancer.layout if self.balancer is not None else self.initial_layout
+
+    @property
+    def maps(self):
+        return self.runtime.maps
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[L, P] int32 per-slot counts of this rank's tokens since the last step."""
+        return self.runtime.counts
+
+    def step(self):
+        """End of an engine step on every rank: the Balancer records, plans, moves (or not).
+
+        Returns the Balancer's StepReport (None when nothing happened or EPLB is off).
+        """
+        self.runtime.step += 1
+        if self.balancer is None:
+            self.runtime.counts.zero_()
+            return None
+        return self.balancer.step()
+
+    def close(self) -> None:
+        if self.balancer is not None:
+            self.balancer.close()
+
+
+def _rank_and_size(group, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def ep_topology(
+    config: EplbConfig, num_experts: int, world_size: int, model_groups: int = 1
+) -> Topology:
+    """The slot topology of an EP deployment; ValueError when slots do not divide over ranks.
+
+    EPLB off serves the logical experts as they are (P = E); on, P = E + num_redundant_experts.
+    ``config.num_groups`` (when not the default 1) overrides the model's own expert groups.
+    """
+    slots = num_experts + (config.num_redundant_experts if config.enable else 0)
+    if slots % world_size:
+        raise ValueError(
+            f"EP size {world_size} does not divide the {slots} physical slots "
+            f"({num_experts} experts + {slots - num_experts} redundant)"
+        )
+    groups = config.num_groups if config.num_groups != 1 else model_groups
+    if num_experts % groups:
+        groups = 1
+    return Topology(slots, groups, config.num_nodes, world_size)
+
+
+def apply_eplb(
+    model: torch.nn.Module,
+    config: EplbConfig,
+    group: object | None = None,
+    *,
+    layout: ExpertLayout | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    comm: str = "auto",
+) -> EplbModel:
+    """Shard ``model``'s routed experts over the EP ranks of ``group`` and hook routing.
+
+    Args:
+        model: a transformers 5.x DeepseekV3 / Mixtral / Qwen2-MoE / Qwen3-MoE model holding
+            all experts (as loaded); patched in place.
+        config: EplbConfig; ``enable`` turns the Balancer on and adds
+            ``num_redundant_experts`` slots.
+        group: torch.distributed process group of the EP ranks (default: the world group,
+            or a single process when torch.distributed is not initialized).
+        layout: initial layout (default: identity with ``num_redundant_experts`` extra slots
+            round-robin when EPLB is on); its topology then fixes the slots.
+        rank, world_size: override the group's (single-process tests).
+        comm: token exchange backend, ``"auto"``, ``"torch"`` or ``"deepep"``.
+    Returns:
+        An EplbModel handle; call its ``step()`` after every forward on every rank.
+    """
+    if not isinstance(config, EplbConfig):
+        raise ValueError(f"config must be an EplbConfig, got {type(config).__name__}")
+    family = family_of(model.config)
+    blocks = moe_layers(model, family)
+    if any(isinstance(getattr(b, family.experts), EPExperts) for _, b in blocks):
+        raise ValueError("apply_eplb was already applied to this model")
+    rank, world_size = _rank_and_size(group, rank, world_size)
+    num_experts = family.num_experts(model.config)
+    num_layers = len(blocks)
+    if layout is None:
+        topology = ep_topology(config, num_experts, world_size, family.num_groups(model.config))
+        layout = ExpertLayout.identity(num_layers, num_experts, topology)
+    else:
+        topology = layout.topology
+        if topology.num_gpus != world_size:
+            raise ValueError(
+                f"layout.topology.num_gpus={topology.num_gpus} != EP size {world_size}"
+            )
+        if layout.num_layers != num_layers or layout.num_experts != num_experts:
+            raise ValueError(
+                f"layout of {layout.num_layers} layers x {layout.num_experts} experts does not "
+                f"fit {num_layers} MoE layers x {num_experts} experts"
+            )
+    device = getattr(getattr(blocks[0][1], family.experts), family.expert_params[0]).device
+    slots = topology.slots_per_gpu
+    expert_tensors = []
+    locals_ = []
+    for layer, (_, block) in enumerate(blocks):
+        experts = getattr(block, family.experts)
+        expert_tensors.append(
+            shard_experts(experts, family.expert_params, layout.phy2log[layer], rank, slots)
+        )
+        locals_.append(experts)
+
+    balancer = None
+    if config.enable:
+        from eplb_plugin.balancer import Balancer
+
+        balancer = Balancer(
+            config, layout, expert_tensors, group=group, rank=rank, world_size=world_size
+        )
+        maps, counts = balancer.maps, balancer.counts
+    else:
+        maps = StaticMaps.of(layout, device)
+        counts = torch.zeros(num_layers, topology.num_replicas, dtype=torch.int32, device=device)
+    hidden = int(model.config.hidden_size)
+    communicator = make_communicator(comm, group, world_size, slots, hidden, device)
+    runtime = EPRuntime(
+        rank=rank, world_size=world_size, slots_per_rank=slots, maps=maps, counts=counts,
+        comm=communicator, dispatch=config.dispatch, seed=config.seed, group=group,
+    )  # fmt: skip
+    routers = []
+    for layer, (_, block) in enumerate(blocks):
+        setattr(block, family.experts, EPExperts(locals_[layer], layer, runtime))
+        routers.append(getattr(block, family.router))
+    return EplbModel(
+        model, family, [i for i, _ in blocks], runtime, balancer, layout, routers
+    )

@@ -1,0 +1,180 @@
+"""Routing on an EP rank: logical -> physical mapping with counting, and trace-driven routing.
+
+``map_and_count_layer`` is the hook between a model's router and the token dispatch: it runs
+``eplb_plugin.kernels.map_and_count`` on one layer's top-k ids with the maps in force.
+
+``TraceRouting`` replaces the router's expert choices with those of a routing trace (the
+``examples/traces/*.npz`` format: ``topk_ids`` [T, L, K] int, ``seq_offsets`` [S + 1]), so
+that a tiny model sees a real load pattern while every other part runs for real. The router's
+top-k weights are kept, position by position.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+def map_and_count_layer(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Map one layer's logical choices to physical slots and count them.
+
+    Args:
+        runtime: the rank's EPRuntime (maps, counts, dispatch mode, seed, step, group).
+        layer: MoE layer index.
+        topk_ids: [N, K] int64 logical expert ids of this rank's tokens.
+    Returns:
+        [N, K] int64 physical slots; ``runtime.counts[layer]`` grows by the per-slot counts.
+
+    ``global`` dispatch all-reduces the layer's per-expert counts over the EP ranks and
+    water-fills the shares from them; every rank then splits its own tokens by the same
+    shares (docs/dispatch.md). ``static`` and ``local`` need no communication.
+    """
+    import importlib
+
+    kernel = importlib.import_module("eplb_plugin.kernels.map_and_count").map_and_count
+    maps = runtime.maps
+    dispatch, share = runtime.dispatch, maps.replica_share
+    if dispatch == "global":
+        share = _global_shares(runtime, layer, topk_ids)
+        dispatch = "static"
+    # the dither differs per rank and step so rounding errors do not pile onto one replica
+    seed = (runtime.seed * 7919 + runtime.step * runtime.world_size + runtime.rank) % (1 << 20)
+    return kernel(
+        topk_ids, maps.log2phy, maps.logcnt, share, runtime.counts, layer, topk_ids.shape[0],
+        dispatch=dispatch, phy2log=maps.phy2log, slots_per_gpu=runtime.slots_per_rank,
+        seed=seed, validate=False,
+    )  # fmt: skip
+
+
+def _global_shares(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+    """[L, P] float32 shares whose row ``layer`` is water-filled from all ranks' counts."""
+    import torch.distributed as dist
+
+    from eplb_plugin.kernels.waterfill import waterfill_shares
+
+    maps = runtime.maps
+    num_experts = maps.logcnt.shape[1]
+    counts = torch.bincount(topk_ids.reshape(-1), minlength=num_experts).to(torch.float32)
+    if runtime.world_size > 1:
+        dist.all_reduce(counts, group=runtime.group)
+    rows = slice(layer, layer + 1)
+    row = waterfill_shares(
+        counts.unsqueeze(0), maps.phy2log[rows], maps.log2phy[rows], maps.logcnt[rows],
+        runtime.slots_per_rank, maps.replica_share[rows],
+    )  # fmt: skip
+    share = maps.replica_share.clone()
+    share[layer] = row[0]
+    return share
+
+
+# ---------------------------------------------------------------------- traces
+class TraceRouting:
+    """Router choices taken from a routing trace.
+
+    Sequence ``s`` of the workload follows trace sequence ``s % num_trace_seqs``; its token at
+    position ``t`` takes the trace's token ``t`` of that sequence (wrapping around). MoE layer
+    ``l`` follows trace layer ``l % trace_layers``; the first ``top_k`` ids are used, mapped
+    into the model's experts by ``id % num_experts``.
+
+    Args:
+        topk_ids: [T, Lt, Kt] int expert ids.
+        seq_offsets: [S + 1] int64 token offsets of the trace's sequences.
+        num_experts: E of the model.
+        top_k: K of the model (<= Kt).
+    """
+
+    def __init__(self, topk_ids, seq_offsets, num_experts: int, top_k: int):
+        topk_ids = torch.as_tensor(np.asarray(topk_ids)).to(torch.int64)
+        seq_offsets = torch.as_tensor(np.asarray(seq_offsets)).to(torch.int64)
+        if topk_ids.dim() != 3:
+            raise ValueError(f"trace topk_ids must be [tokens, layers, k], got {tuple(topk_ids.shape)}")
+        if top_k > topk_ids.shape[2]:
+            raise ValueError(
+                f"model top_k={top_k} exceeds the trace's {topk_ids.shape[2]} experts per token"
+            )
+        if seq_offsets.dim() != 1 or seq_offsets.numel() < 2 or int(seq_offsets[-1]) > len(topk_ids):
+            raise ValueError("trace seq_offsets must be [num_seqs + 1] within the token count")
+        lengths = seq_offsets[1:] - seq_offsets[:-1]
+        if int(lengths.min()) <= 0:
+            raise ValueError("trace holds an empty sequence")
+        self.ids = topk_ids[:, :, :top_k] % num_experts
+        self.seq_offsets = seq_offsets
+        self.lengths = lengths
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.current: torch.Tensor | None = None
+
+    @classmethod
+    def from_file(cls, path: str, num_experts: int, top_k: int) -> TraceRouting:
+        if not os.path.isfile(path):
+            raise ValueError(f"trace file {path!r} does not exist")
+        try:
+            with np.load(path) as data:
+                ids, offsets = data["topk_ids"], data["seq_offsets"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise ValueError(f"cannot read routing trace {path!r}: {exc}") from exc
+        return cls(ids, offsets, num_experts, top_k)
+
+    @property
+    def num_layers(self) -> int:
+        return self.ids.shape[1]
+
+    def set_batch(self, seq_ids: torch.Tensor, start: int, length: int) -> None:
+        """Select the choices of the next forward: ``seq_ids`` [B] int64, positions start..+length."""
+        trace_seq = seq_ids.to(torch.int64) % len(self.lengths)
+        pos = torch.arange(start, start + length, dtype=torch.int64)
+        rows = self.seq_offsets[trace_seq].unsqueeze(1) + pos.unsqueeze(0) % self.lengths[
+            trace_seq
+        ].unsqueeze(1)
+        self.current = self.ids[rows.reshape(-1)]  # [B * length, Lt, K]
+
+    def choices(self, layer: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """[num_tokens, K] int64 expert ids of MoE layer ``layer`` for the current batch."""
+        if self.current is None or self.current.shape[0] != num_tokens:
+            got = None if self.current is None else self.current.shape[0]
+            raise RuntimeError(f"trace batch holds {got} tokens, the router saw {num_tokens}")
+        return self.current[:, layer % self.num_layers].to(device)
+
+    def install(self, routers: list[torch.nn.Module], indices_pos: int) -> list:
+        """Forward hooks on each router replacing output ``indices_pos``; returns the handles."""
+        handles = []
+        for layer, router in enumerate(routers):
+
+            def hook(module, args, output, layer=layer):
+                output = list(output)
+                ids = output[indices_pos]
+                output[indices_pos] = self.choices(layer, ids.shape[0], ids.device).to(ids.dtype)
+                return tuple(output)
+
+            handles.append(router.register_forward_hook(hook))
+        return handles
+
+
+def synthetic_trace(
+    num_seqs: int, seq_len: int, num_layers: int, num_experts: int, top_k: int,
+    skew: float = 1.2, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A skewed routing trace: per layer a Zipf(``skew``) popularity over a random expert order.
+
+    Returns:
+        topk_ids [num_seqs * seq_len, num_layers, top_k] int16 (distinct ids per token),
+        seq_offsets [num_seqs + 1] int64.
+    """
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+    gen = torch.Generator().manual_seed(seed)
+    tokens = num_seqs * seq_len
+    ranks = torch.arange(1, num_experts + 1, dtype=torch.float64)
+    logp = -skew * ranks.log()
+    out = torch.empty(tokens, num_layers, top_k, dtype=torch.int64)
+    for layer in range(num_layers):
+        order = torch.randperm(num_experts, generator=gen)
+        gumbel = -torch.empty(tokens, num_experts, dtype=torch.float64).exponential_(
+            generator=gen
+        ).log()
+        picks = (logp.unsqueeze(0) + gumbel).topk(top_k, dim=1).indices  # without replacement
+        out[:, layer] = order[picks]
+    offsets = np.arange(0, tokens + 1, seq_len, dtype=np.int64)
+    return out.numpy().astype(np.int16), offsets
