@@ -1,0 +1,324 @@
+"""Executor: applies one chunk of a transfer plan to this rank's expert tensors, in place.
+
+A chunk is transactional across ranks:
+
+1. **stage**: in rounds (one bounded ``all_to_all`` each), every rank packs the old contents
+   of the slots it sends and receives the slots it needs into a staging arena. No expert
+   tensor is written. A local failure (say, packing raises) does not stop the rank: it keeps
+   taking part in the remaining rounds with meaningless bytes so that no peer waits on it;
+2. **vote**: one all-reduce; the chunk commits only if every rank staged successfully;
+3. **commit** (local, no communication): the local shuffle (``shuffle_experts``: kept slots,
+   local copies), then received slots (``unpack_slots``), then fan-out copies of received
+   slots. The caller then switches the mapping tensors.
+
+On a failed vote every rank discards its staging and keeps its old weights (they were never
+written). On a communication error or timeout the communicator is broken; the rank keeps its
+old weights and the caller must stop rebalancing (the other ranks fail their vote or time out
+too, and keep theirs).
+
+Extra memory: one arena per chunk holding the chunk's received bytes plus the largest round
+of sent bytes (or one staging row of every tensor for the shuffle, whichever is larger); the
+chunking keeps it within ``staging_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .comm.base import CommError, Communicator
+from .layout import Topology
+from .transfer import Transfer, TransferPlan, chunk_layers, min_staging_bytes, plan_rounds
+
+log = logging.getLogger("eplb_plugin.runtime")
+
+# Staging rows of the kernels' shuffle start on 16-byte boundaries; see shuffle_reserve_bytes.
+_ALIGN = 16
+
+
+def kernel_ops():
+    """(shuffle_experts, pack_slots, unpack_slots, bytes_per_slot) from ``eplb_plugin.kernels``.
+
+    Imported on first use so that importing the runtime never imports Triton.
+    """
+    try:
+        from eplb_plugin.kernels import bytes_per_slot, pack_slots, shuffle_experts, unpack_slots
+    except ImportError:  # the kernels package exports them once issue 4 lands its ops
+        from eplb_plugin.kernels.reference import (
+            bytes_per_slot,
+            pack_slots,
+            shuffle_experts,
+            unpack_slots,
+        )
+    return shuffle_experts, pack_slots, unpack_slots, bytes_per_slot
+
+
+def shuffle_reserve_bytes(tensors: list[torch.Tensor], bytes_per_slot: int) -> int:
+    """Arena bytes to keep free for the shuffle: one slot row per tensor, each 16-aligned."""
+    return max(bytes_per_slot, bytes_per_slot + _ALIGN * len(tensors))
+
+
+@dataclass
+class ChunkResult:
+    """Outcome of one chunk on this rank.
+
+    Attributes:
+        layers: the chunk's layers.
+        ok: True iff every rank staged the chunk and this rank committed it.
+        error: why not, when not ok (this rank's error, or that another rank failed).
+        comm_broken: the communicator failed or timed out; stop using it.
+        bytes_sent, bytes_received: bytes this rank put on / took off the wire.
+        slots_changed: local slots whose expert changed (0 unless committed).
+        arena_bytes: size of the staging arena this chunk used.
+        seconds: wall time of the chunk on this rank.
+    """
+
+    layers: list[int]
+    ok: bool
+    error: str | None = None
+    comm_broken: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    slots_changed: int = 0
+    arena_bytes: int = 0
+    seconds: float = 0.0
+
+
+FaultHook = Callable[[str, int], None]
+
+
+class _LayerError(Exception):
+    def __init__(self, layer: int, cause: BaseException):
+        super().__init__(str(cause))
+        self.layer, self.cause = layer, cause
+
+
+class Executor:
+    """Moves expert weights of this rank, chunk by chunk.
+
+    Args:
+        expert_tensors: ``expert_tensors[layer]`` = this rank's tensors of that layer, dim 0
+            = its ``slots_per_gpu`` local slots (any dtypes: bf16, fp8, scales, biases).
+        topology: slot placement (``num_gpus`` = communicator world size).
+        comm: the Communicator.
+        staging_bytes: per-rank budget of the staging arena.
+        bytes_per_slot: bytes of one slot over a layer's tensors (default: measured; every
+            layer must have the same).
+        fault: test hook ``fault(point, index)`` called at ``("pack", layer)`` before packing
+            a layer's sends, ``("exchange", round)`` before each exchange and
+            ``("commit", layer)`` before committing a layer; it may raise or sleep.
+    """
+
+    def __init__(
+        self,
+        expert_tensors: list[list[torch.Tensor]],
+        topology: Topology,
+        comm: Communicator,
+        *,
+        staging_bytes: int,
+        bytes_per_slot: int | None = None,
+        fault: FaultHook | None = None,
+    ) -> None:
+        shuffle, pack, unpack, measure = kernel_ops()
+        self._shuffle, self._pack, self._unpack = shuffle, pack, unpack
+        if comm.world_size != topology.num_gpus:
+            raise ValueError(
+                f"communicator has {comm.world_size} ranks but topology.num_gpus="
+                f"{topology.num_gpus}"
+            )
+        if not expert_tensors:
+            raise ValueError("expert_tensors must list each layer's tensors, got none")
+        sizes = set()
+        for layer, tensors in enumerate(expert_tensors):
+            if not tensors:
+                raise ValueError(f"expert_tensors[{layer}] is empty")
+            for i, t in enumerate(tensors):
+                if t.dim() < 1 or t.shape[0] != topology.slots_per_gpu:
+                    raise ValueError(
+                        f"expert_tensors[{layer}][{i}] has shape {tuple(t.shape)}; dim 0 must "
+                        f"be this rank's {topology.slots_per_gpu} slots"
+                    )
+            sizes.add(measure(tensors))
+        if len(sizes) != 1:
+            raise ValueError(f"layers differ in bytes per slot: {sorted(sizes)}")
+        measured = sizes.pop()
+        if bytes_per_slot is not None and bytes_per_slot != measured:
+            raise ValueError(
+                f"bytes_per_slot={bytes_per_slot} but the tensors hold {measured} bytes per slot"
+            )
+        self.expert_tensors = expert_tensors
+        self.topology = topology
+        self.comm = comm
+        self.rank = comm.rank
+        self.bytes_per_slot = measured
+        self.reserve_bytes = max(shuffle_reserve_bytes(t, measured) for t in expert_tensors)
+        need = min_staging_bytes(topology, measured) - measured + self.reserve_bytes
+        if staging_bytes < need:
+            raise ValueError(
+                f"staging_bytes={staging_bytes} is too small: one layer may need {need} bytes "
+                f"({topology.slots_per_gpu} received slots of {measured} bytes plus room to "
+                "send or shuffle one slot)"
+            )
+        self.staging_bytes = staging_bytes
+        self.fault = fault
+        self.device = expert_tensors[0][0].device
+
+    # ------------------------------------------------------------------ planning
+    def chunks(self, plan: TransferPlan, layers_per_step: int) -> list[list[int]]:
+        """The plan's changed layers cut into chunks (same on every rank)."""
+        return chunk_layers(
+            plan, layers_per_step, self.staging_bytes - self.reserve_bytes + plan.bytes_per_slot
+        )
+
+    # ------------------------------------------------------------------ one chunk
+    def run_chunk(self, plan: TransferPlan, layers: list[int]) -> ChunkResult:
+        """Stage, vote and commit ``layers`` of ``plan`` on this rank (collective)."""
+        start = time.perf_counter()
+        r, bps = self.rank, plan.bytes_per_slot
+        budget = self.staging_bytes - self.reserve_bytes + bps
+        rounds = plan_rounds(plan, layers, budget)
+        recv_sizes = [bps * sum(1 for t in rnd if t.dst_rank == r) for rnd in rounds]
+        send_sizes = [bps * sum(1 for t in rnd if t.src_rank == r) for rnd in rounds]
+        received = sum(recv_sizes)
+        arena_bytes = received + max(max(send_sizes, default=0), self.reserve_bytes)
+        result = ChunkResult(layers=list(layers), ok=False, arena_bytes=arena_bytes)
+        arena = torch.empty(arena_bytes, dtype=torch.uint8, device=self.device)
+        scratch = arena[received:]
+        error: str | None = None
+        segments: list[tuple[int, list[Transfer]]] = []  # (arena offset, transfers) per source
+        offset = 0
+        for k, rnd in enumerate(rounds):
+            mine = [t for t in rnd if t.src_rank == r]
+            send = scratch[: send_sizes[k]]
+            if error is None:
+                try:
+                    self._pack_round(mine, send)
+                except _LayerError as exc:
+                    error = self._describe(exc.cause, "packing", exc.layer, layers)
+                    log.error(error)
+            ranks = range(self.comm.world_size)
+            send_splits = [bps * sum(1 for t in mine if t.dst_rank == d) for d in ranks]
+            recv_splits = [
+                bps * sum(1 for t in rnd if t.dst_rank == r and t.src_rank == s) for s in ranks
+            ]
+            recv = arena[offset : offset + recv_sizes[k]]
+            for s in range(self.comm.world_size):
+                from_s = [t for t in rnd if t.dst_rank == r and t.src_rank == s]
+                if from_s:
+                    segments.append((offset, from_s))
+                    offset += bps * len(from_s)
+            try:
+                if self.fault is not None:
+                    self.fault("exchange", k)
+                self.comm.all_to_all(send, send_splits, recv, recv_splits)
+            except CommError as exc:
+                result.comm_broken = True
+                result.error = self._describe(exc, "exchanging", None, layers)
+                log.error(result.error)
+                return self._finish(result, start)
+            except Exception as exc:  # noqa: BLE001 - e.g. the fault hook: as a comm failure
+                result.comm_broken = True
+                result.error = self._describe(exc, "exchanging", None, layers)
+                log.error(result.error)
+                return self._finish(result, start)
+            result.bytes_sent += sum(send_splits)
+            result.bytes_received += sum(recv_splits)
+        try:
+            agreed = self.comm.agree(error is None)
+        except CommError as exc:
+            result.comm_broken = True
+            result.error = self._describe(exc, "voting", None, layers)
+            log.error(result.error)
+            return self._finish(result, start)
+        if not agreed:
+            result.error = error or (
+                f"rank {r}: another rank failed to stage layers {layers}; keeping the old layout"
+            )
+            if error is None:
+                log.warning(result.error)
+            return self._finish(result, start)
+        try:
+            result.slots_changed = self._commit(plan, layers, arena, segments, scratch)
+        except Exception as exc:  # noqa: BLE001
+            # Every rank voted to commit: this rank now disagrees with the others. Nothing
+            # can undo the peers' commits, so the caller must stop serving this layout.
+            result.comm_broken = True
+            result.error = self._describe(exc, "committing (state now inconsistent)", None, layers)
+            log.critical(result.error)
+            return self._finish(result, start)
+        result.ok = True
+        return self._finish(result, start)
+
+    # ------------------------------------------------------------------ pieces
+    def _pack_round(self, mine: list[Transfer], send: torch.Tensor) -> None:
+        """Pack the old contents of this rank's sends, in wire order, into ``send``."""
+        S, bps = self.topology.slots_per_gpu, self.bytes_per_slot
+        i = 0
+        while i < len(mine):
+            j = i
+            while j < len(mine) and (mine[j].layer, mine[j].dst_rank) == (
+                mine[i].layer,
+                mine[i].dst_rank,
+            ):
+                j += 1
+            layer = mine[i].layer
+            try:
+                if self.fault is not None:
+                    self.fault("pack", layer)
+                slots = torch.tensor([t.src_slot - self.rank * S for t in mine[i:j]])
+                self._pack(self.expert_tensors[layer], slots, out=send[i * bps : j * bps])
+            except Exception as exc:  # noqa: BLE001 - any local failure aborts the chunk
+                raise _LayerError(layer, exc) from exc
+            i = j
+
+    def _commit(
+        self,
+        plan: TransferPlan,
+        layers: list[int],
+        arena: torch.Tensor,
+        segments: list[tuple[int, list[Transfer]]],
+        scratch: torch.Tensor,
+    ) -> int:
+        S, bps = self.topology.slots_per_gpu, self.bytes_per_slot
+        identity = torch.arange(S)
+        changed = 0
+        for layer in layers:
+            if self.fault is not None:
+                self.fault("commit", layer)
+            actions = plan.actions[layer][self.rank]
+            tensors = self.expert_tensors[layer]
+            moves = actions.new_to_old
+            if bool(((moves != identity) & (moves >= 0)).any()):
+                self._shuffle(tensors, moves, staging=scratch)
+            for offset, run in segments:
+                # a segment is one source's slots of one round in (layer, dst_slot) order
+                rows = [i for i, t in enumerate(run) if t.layer == layer]
+                if rows:
+                    first, last = rows[0], rows[-1] + 1
+                    slots = torch.tensor([t.dst_slot - self.rank * S for t in run[first:last]])
+                    self._unpack(tensors, slots, arena[offset + first * bps : offset + last * bps])
+            if bool((actions.fanout >= 0).any()):
+                self._shuffle(tensors, actions.fanout, staging=scratch)
+            changed += actions.changed
+        return changed
+
+    def _describe(
+        self, exc: BaseException, doing: str, layer: int | None, layers: list[int]
+    ) -> str:
+        where = f"layer {layer}" if layer is not None else f"layers {layers}"
+        return (
+            f"rank {self.rank}: rebalance failed while {doing} {where}: "
+            f"{type(exc).__name__}: {exc}; keeping the old layout and weights"
+        )
+
+    @staticmethod
+    def _finish(result: ChunkResult, start: float) -> ChunkResult:
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+__all__ = ["ChunkResult", "Executor", "kernel_ops", "shuffle_reserve_bytes"]
