@@ -29,6 +29,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .layout import ExpertLayout, Topology
@@ -50,6 +51,8 @@ def check_counts(value: object, name: str, dims: tuple[int, ...] = (2, 3)) -> to
     Raises:
         ValueError naming ``name`` for a wrong type, dtype, rank, emptiness or sign.
     """
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, list):
         try:
             value = torch.tensor(value)
