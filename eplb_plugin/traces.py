@@ -55,6 +55,10 @@ def read_load(path: str | os.PathLike) -> torch.Tensor:
         ValueError for a missing file, an unknown suffix or bad content.
     """
     path = os.fspath(path)
+    if os.path.isdir(path) or path.lower().endswith(".json"):
+        from .formats import read_sglang_dump  # SGLang dump folders, .json logical_count
+
+        return check_load(read_sglang_dump(path), name=f"load in {path!r}")
     if not os.path.isfile(path):
         raise ValueError(f"load file {path!r} does not exist")
     suffix = Path(path).suffix.lower()
@@ -66,7 +70,12 @@ def read_load(path: str | os.PathLike) -> torch.Tensor:
         arrays = _read_arrays(path, suffix)
     except Exception as exc:  # corrupt or foreign files: say which file
         raise ValueError(f"cannot read load file {path!r}: {exc}") from exc
-    data = _only_or_key(arrays, path, (LOAD_KEY, "logical_count"))
+    from .formats import is_foreign_load, load_from_dict  # SGLang dumps, vLLM windows
+
+    if LOAD_KEY not in arrays and is_foreign_load(arrays):
+        data = load_from_dict(arrays, path)
+    else:
+        data = _only_or_key(arrays, path, (LOAD_KEY, "logical_count"))
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(np.ascontiguousarray(data))
     return check_load(data, name=f"load in {path!r}")
