@@ -14,11 +14,17 @@ from eplb_plugin.kernels.map_and_count import (
     map_and_count,
     map_and_count_workspace_size,
 )
+from eplb_plugin.kernels.pack import bytes_per_slot, pack_slots, unpack_slots
+from eplb_plugin.kernels.shuffle_experts import shuffle_experts
 
 __all__ = [
     "HAS_TRITON",
     "backend_for",
+    "bytes_per_slot",
     "make_map_and_count_workspace",
     "map_and_count",
     "map_and_count_workspace_size",
+    "pack_slots",
+    "shuffle_experts",
+    "unpack_slots",
 ]

@@ -545,6 +545,34 @@ def slot_rows(t: torch.Tensor) -> torch.Tensor:
     return flat.view(torch.uint8)
 
 
+WORD_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def word_size(*views: torch.Tensor | None, extra: Sequence[int] = ()) -> int:
+    """Widest word (8, 4, 2 or 1 bytes) dividing every 2-D uint8 view's width, row stride
+    and address, and every number in ``extra`` (byte offsets): copies then move whole words."""
+    for size, _ in WORD_DTYPES:
+        fits = all(n % size == 0 for n in extra)
+        for v in views:
+            if v is None:
+                continue
+            fits = fits and v.shape[1] % size == 0 and v.data_ptr() % size == 0
+            fits = fits and (v.shape[0] <= 1 or v.stride(0) % size == 0)
+        if fits:
+            return size
+    return 1
+
+
+def as_words(view: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """A [rows, width] uint8 view re-read as ``size``-byte integers (same memory)."""
+    if view is None or size == 1:
+        return view
+    dtype = dict(WORD_DTYPES)[size]
+    # a lone row's stride is never used; make it one the dtype view accepts
+    row_stride = view.stride(0) if view.shape[0] > 1 else view.shape[1]
+    return view.as_strided(view.shape, (row_stride, 1), view.storage_offset()).view(dtype)
+
+
 def bytes_per_slot(tensors: Sequence[torch.Tensor]) -> int:
     """Bytes one slot occupies over all ``tensors`` (the stride of ``pack_slots``' layout)."""
     check_slot_tensors(tensors)
@@ -812,6 +840,29 @@ def prepare_shuffle(
     ]
 
 
+def shuffle_groups(
+    tensors: Sequence[torch.Tensor],
+    groups: Sequence[tuple[list[int], ShufflePlan]],
+    staging: torch.Tensor | None,
+):
+    """Yield ``(rows, stages, plan)`` per group with work to do.
+
+    ``rows``: [S, row_bytes] uint8 views of the group's tensors (zero-width ones left out);
+    ``stages``: their [num_staging, row_bytes] uint8 staging areas (or ``None`` each).
+    """
+    for group, plan in groups:
+        rows = [slot_rows(tensors[i]) for i in group]
+        rows = [r for r in rows if r.shape[1]]
+        if not plan.waves or not rows:
+            continue
+        if plan.num_staging:
+            buffer = staging_buffer(rows, plan.num_staging, staging)
+            stages = staging_views(rows, plan.num_staging, buffer)
+        else:
+            stages = [None] * len(rows)
+        yield rows, stages, plan
+
+
 def shuffle_experts(
     tensors: list[torch.Tensor],
     new_to_old: torch.Tensor | Sequence[int],
@@ -820,19 +871,22 @@ def shuffle_experts(
     staging: torch.Tensor | None = None,
 ) -> None:
     """Torch reference of ``eplb_plugin.kernels.shuffle_experts``: one ``copy_`` per row."""
-    for group, plan in prepare_shuffle(tensors, new_to_old, staging_bytes, staging):
-        rows = [slot_rows(tensors[i]) for i in group]
-        if not plan.waves:
-            continue
-        buffer = staging_buffer(rows, plan.num_staging, staging) if plan.num_staging else None
-        stages = staging_views(rows, plan.num_staging, buffer) if buffer is not None else None
-        for r, row in enumerate(rows):
-            if row.shape[1] == 0:
-                continue
+    groups = prepare_shuffle(tensors, new_to_old, staging_bytes, staging)
+    run_shuffle(tensors, groups, staging)
+
+
+def run_shuffle(
+    tensors: Sequence[torch.Tensor],
+    groups: Sequence[tuple[list[int], ShufflePlan]],
+    staging: torch.Tensor | None,
+) -> None:
+    """Execute planned shuffles with torch copies, one slot row at a time."""
+    for rows, stages, plan in shuffle_groups(tensors, groups, staging):
+        for row, stage in zip(rows, stages):
             for wave in plan.waves:
                 for step in wave:
-                    src = stages[r] if step.kind == "unstage" else row
-                    dst = stages[r] if step.kind == "stage" else row
+                    src = stage if step.kind == "unstage" else row
+                    dst = stage if step.kind == "stage" else row
                     for s, d in zip(step.src, step.dst):
                         dst[d].copy_(src[s])
 
