@@ -1,24 +1,51 @@
 """``Balancer``: the controller a serving engine calls once per step.
 
-Public API (other modules code against it; bodies are being filled in):
-
-    maps = BalancerMaps            # device tensors the router reads, updated in place
-    balancer = Balancer(config, layout, expert_tensors, group=None)
-    map_and_count(topk_ids, balancer.maps.log2phy, balancer.maps.logcnt,
-                  balancer.maps.replica_share, balancer.counts, layer, num_valid, ...)
-    report = balancer.step()       # once per engine step, after the forward
+    balancer = Balancer(config, layout, expert_tensors, group=ep_group)
+    # in the router, per MoE layer (or balancer.route(topk_ids, layer, num_valid)):
+    phys = map_and_count(topk_ids, balancer.maps.log2phy, balancer.maps.logcnt,
+                         balancer.maps.replica_share, balancer.counts, layer, num_valid,
+                         dispatch=config.dispatch, phy2log=balancer.maps.phy2log,
+                         slots_per_gpu=balancer.layout.topology.slots_per_gpu)
+    report = balancer.step()       # once per engine step, after the forward, on every rank
     balancer.stats, balancer.layout
     balancer.close()
+
+Timeline, identical on every rank (each rank counts its own ``step()`` calls, so decisions
+need no messages):
+
+- every ``interval`` steps, the plan is *due*: the window's load is summed over ranks (the
+  only per-plan all-reduce) and the policy starts in a background thread (on rank 0 for
+  ``plan_on="rank0"``, on every rank for ``"all"``);
+- ``plan_delay`` steps later it is *collected*: rank 0 broadcasts the new layout (or every
+  rank takes its own deterministic result); if the predicted balancedness gain is below
+  ``min_gain``, nothing moves;
+- from then on, one chunk of ``layers_per_step`` layers per step is staged, voted and
+  committed (``eplb_plugin.executor``); the maps of a chunk's layers switch in place, right
+  after every rank staged it. A failed chunk leaves every rank on the old layout for its
+  layers and abandons the rest of that rebalance; a communication failure or timeout also
+  stops rebalancing for good (the process group is in an unknown state) while serving
+  continues on the layout in force.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from .comm import Communicator, make_communicator
+from .comm.base import CommError, LocalCommunicator
 from .config import EplbConfig
-from .layout import ExpertLayout
+from .executor import ChunkResult, Executor, FaultHook
+from .layout import ExpertLayout, balancedness_of
+from .policies import plan as plan_layout
+from .recorder import LoadRecorder
+from .transfer import TransferPlan, plan_transfer
+
+log = logging.getLogger("eplb_plugin.runtime")
 
 
 @dataclass
@@ -100,20 +127,25 @@ class Balancer:
     Args:
         config: an EplbConfig.
         layout: the ExpertLayout the engine serves with now (host tensors); its topology's
-            ``num_gpus`` must equal the world size.
+            ``num_gpus`` must equal the world size, and ``num_slots - num_experts`` must equal
+            ``config.num_redundant_experts``.
         expert_tensors: ``expert_tensors[layer]`` = this rank's tensors of that MoE layer
             whose dim 0 is the rank's local slots (``slots_per_gpu``): weights, fp8 scales,
             biases. Moved in place.
         group: torch.distributed process group of the EP ranks (default: the world group
             when torch.distributed is initialized, else a single process).
-        rank, world_size: override the group's (tests).
+        rank, world_size: expected rank and size; a ValueError if the group disagrees.
         bytes_per_slot: bytes of one slot over all its tensors (default: measured).
+        communicator: a ready Communicator (overrides ``group`` and ``config.communicator``).
+        fault: test hook passed to the Executor (see ``Executor``).
 
     Attributes:
         maps: BalancerMaps on the experts' device.
         counts: [L, P] int32 device buffer that ``map_and_count`` adds this step's counts to.
         layout: host ExpertLayout in force (per layer, the last committed one).
         stats: BalancerStats.
+        recorder: the LoadRecorder.
+        comm: the Communicator.
     """
 
     def __init__(
@@ -125,9 +157,132 @@ class Balancer:
         rank: int | None = None,
         world_size: int | None = None,
         bytes_per_slot: int | None = None,
+        *,
+        communicator: Communicator | None = None,
+        fault: FaultHook | None = None,
     ) -> None:
-        raise NotImplementedError("Balancer is being implemented (issue 5)")
+        if not isinstance(config, EplbConfig):
+            raise ValueError(f"config must be an EplbConfig, got {type(config).__name__}")
+        if not isinstance(layout, ExpertLayout):
+            raise ValueError(f"layout must be an ExpertLayout, got {type(layout).__name__}")
+        layout.validate()
+        topology = layout.topology
+        redundant = layout.num_slots - layout.num_experts
+        if redundant != config.num_redundant_experts:
+            raise ValueError(
+                f"config.num_redundant_experts={config.num_redundant_experts} but the layout "
+                f"has {layout.num_slots} slots for {layout.num_experts} experts ({redundant})"
+            )
+        if (config.num_nodes, config.num_groups) != (topology.num_nodes, topology.num_groups):
+            raise ValueError(
+                f"config has num_nodes={config.num_nodes}, num_groups={config.num_groups} but "
+                f"the layout's topology has {topology.num_nodes}, {topology.num_groups}"
+            )
+        if len(expert_tensors) != layout.num_layers:
+            raise ValueError(
+                f"expert_tensors has {len(expert_tensors)} layers, the layout {layout.num_layers}"
+            )
+        self.config = config
+        self.comm = communicator or make_communicator(config.communicator, group, config.timeout_s)
+        for name, want, got in (
+            ("rank", rank, self.comm.rank),
+            ("world_size", world_size, self.comm.world_size),
+        ):
+            if want is not None and want != got:
+                raise ValueError(f"{name}={want} but the process group says {got}")
+        if self.comm.world_size != topology.num_gpus:
+            raise ValueError(
+                f"the layout's topology has num_gpus={topology.num_gpus} but there are "
+                f"{self.comm.world_size} EP ranks"
+            )
+        self.topology = topology
+        self.rank = self.comm.rank
+        self.device = expert_tensors[0][0].device if expert_tensors[0] else torch.device("cpu")
+        self.executor = Executor(
+            expert_tensors,
+            topology,
+            self.comm,
+            staging_bytes=config.staging_bytes,
+            bytes_per_slot=bytes_per_slot,
+            fault=fault,
+        )
+        self.bytes_per_slot = self.executor.bytes_per_slot
+        self.layout = layout
+        L, P, E = layout.num_layers, layout.num_slots, layout.num_experts
+        width = P - E + 1  # the most replicas one expert can have
+        self.maps = BalancerMaps(
+            phy2log=torch.empty(L, P, dtype=torch.int64, device=self.device),
+            log2phy=torch.full((L, E, width), -1, dtype=torch.int64, device=self.device),
+            logcnt=torch.empty(L, E, dtype=torch.int64, device=self.device),
+            replica_share=torch.empty(L, P, dtype=torch.float32, device=self.device),
+        )
+        self._write_maps(layout, list(range(L)))
+        self.recorder = LoadRecorder(
+            L, P, E, config.window, layout.phy2log,
+            device=self.device, predictor=config.predictor, ema_decay=config.ema_decay,
+            comm=self.comm,
+        )  # fmt: skip
+        self.counts = self.recorder.counts
+        self.stats = BalancerStats()
+        self.steps = 0
+        self._due = config.interval
+        self._collect_at: int | None = None
+        self._future: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._plan: TransferPlan | None = None
+        self._target: ExpertLayout | None = None
+        self._chunks: list[list[int]] = []
+        self._pending_report: StepReport | None = None
+        self.disabled_reason: str | None = None
+        self._closed = False
 
+    # ------------------------------------------------------------------ routing helper
+    def route(
+        self,
+        topk_ids: torch.Tensor,
+        layer: int,
+        num_valid: torch.Tensor | int | None = None,
+        *,
+        seed: torch.Tensor | int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logical ``topk_ids`` [N, K] -> physical slots [N, K], counting into ``counts``.
+
+        ``map_and_count`` with this balancer's maps and ``config.dispatch``. For ``global``
+        dispatch it first all-reduces the layer's per-expert counts over the ranks (one
+        small collective per layer: every rank must route every layer) and passes the
+        water-filled shares as a static split.
+        """
+        from eplb_plugin.kernels import map_and_count
+
+        if num_valid is None:
+            num_valid = topk_ids.shape[0]
+        m = self.maps
+        dispatch = self.config.dispatch
+        share = m.replica_share
+        if dispatch == "global":
+            from eplb_plugin.kernels.waterfill import waterfill_shares
+
+            ids = topk_ids[:num_valid].reshape(-1).long()
+            ids = ids[ids >= 0]
+            counts = torch.bincount(ids, minlength=self.layout.num_experts).to(torch.float64)
+            self.comm.all_reduce(counts, op="sum")
+            rows = slice(layer, layer + 1)
+            water = waterfill_shares(
+                counts.to(torch.float32, copy=True).unsqueeze(0).to(self.device),
+                m.phy2log[rows], m.log2phy[rows], m.logcnt[rows],
+                self.topology.slots_per_gpu, m.replica_share[rows],
+            )  # fmt: skip
+            share = m.replica_share.clone()
+            share[layer] = water[0]
+            dispatch = "static"
+        return map_and_count(
+            topk_ids, m.log2phy, m.logcnt, share, self.counts, layer, num_valid,
+            dispatch=dispatch, phy2log=m.phy2log, slots_per_gpu=self.topology.slots_per_gpu,
+            seed=seed, out=out,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ the step
     def step(self) -> StepReport | None:
         """Call once per engine step, after the forward pass, on every EP rank.
 
@@ -138,11 +293,215 @@ class Balancer:
         Returns:
             A StepReport when something happened, else None.
         """
-        raise NotImplementedError
+        if self._closed or not self.config.enable:
+            return None
+        start = time.perf_counter()
+        self.steps += 1
+        self.recorder.record()
+        if self.disabled_reason is not None:
+            return None
+        try:
+            report = self._advance()
+        except CommError as exc:
+            report = self._disable(f"rank {self.rank}: {exc}")
+        if report is not None:
+            report.pause_s = time.perf_counter() - start
+            self.stats.longest_pause_s = max(self.stats.longest_pause_s, report.pause_s)
+        return report
+
+    def request_rebalance(self) -> None:
+        """Make the plan due at the next step (call on every rank in the same step)."""
+        if self._future is None and not self._chunks:
+            self._due = self.steps + 1
+
+    def _advance(self) -> StepReport | None:
+        if self._chunks:
+            return self._run_chunk()
+        if self._collect_at is not None and self.steps >= self._collect_at:
+            return self._collect()
+        if self._collect_at is None and self.steps >= self._due:
+            report = self._start_plan()
+            if self.config.plan_delay == 0:
+                return self._collect(report)
+            return report
+        return None
+
+    # ------------------------------------------------------------------ planning
+    def _start_plan(self) -> StepReport:
+        self._due = self.steps + self.config.interval
+        load = self.recorder.logical_load(reduce=True)
+        self._collect_at = self.steps + self.config.plan_delay
+        if self.config.plan_on == "all" or self.rank == 0:
+            if self.config.plan_delay == 0:
+                self._future = Future()
+                self._future.set_result(self._compute_plan(load, self.layout))
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="eplb-plan")
+                self._future = self._pool.submit(self._compute_plan, load, self.layout)
+        return StepReport(step=self.steps, event="planned")
+
+    def _compute_plan(
+        self, load: torch.Tensor, current: ExpertLayout
+    ) -> tuple[ExpertLayout | None, float, float]:
+        """(new layout or None, predicted balancedness now, with the new layout)."""
+        if float(load.sum()) <= 0:
+            return None, 1.0, 1.0
+        new = plan_layout(load.to(torch.float32), self.topology, policy=self.config.policy,
+                          previous=current)  # fmt: skip
+        return new, self.predict(current, load), self.predict(new, load)
+
+    def predict(self, layout: ExpertLayout, load: torch.Tensor) -> float:
+        """Predicted balancedness of ``layout`` under ``load`` [L, E] and the dispatch mode."""
+        if self.config.dispatch == "static":
+            return layout.balancedness(load)
+        from .dispatch import slot_loads
+
+        per_slot = slot_loads(layout, load, self.config.dispatch)
+        return balancedness_of(per_slot.view(layout.num_layers, self.topology.num_gpus, -1).sum(-1))
+
+    def _collect(self, report: StepReport | None = None) -> StepReport:
+        self._collect_at = None
+        future, self._future = self._future, None
+        L, P = self.layout.num_layers, self.layout.num_slots
+        header = torch.zeros(3, dtype=torch.float64)  # act (1) / skip (0) / error (-1), b, a
+        phy2log = torch.empty(L, P, dtype=torch.int64)
+        share = torch.empty(L, P, dtype=torch.float32)
+        if future is not None:
+            try:
+                new, before, after = future.result()
+                gain_ok = new is not None and after - before >= self.config.min_gain
+                differs = new is not None and not (
+                    torch.equal(new.phy2log, self.layout.phy2log)
+                    and torch.equal(new.replica_share, self.layout.replica_share)
+                )
+                header[0] = 1.0 if gain_ok and differs else 0.0
+                header[1], header[2] = before, after
+                if new is not None:
+                    phy2log.copy_(new.phy2log)
+                    share.copy_(new.replica_share)
+            except Exception as exc:  # noqa: BLE001 - a policy error must not stop serving
+                log.error("rank %d: planning failed: %s: %s", self.rank, type(exc).__name__, exc)
+                header[0] = -1.0
+        if self.config.plan_on == "rank0":
+            self.comm.broadcast(header, 0)
+            if header[0] > 0:
+                self.comm.broadcast(phy2log, 0)
+                self.comm.broadcast(share, 0)
+        report = report or StepReport(step=self.steps, event="planned")
+        report.balancedness_before = float(header[1])
+        report.balancedness_after = float(header[2])
+        if header[0] < 0:
+            report.event, report.error = "failed", "planning failed (see the log of the planner)"
+            self.stats.failures += 1
+            return report
+        self.stats.balancedness.append((self.steps, float(header[1]), float(header[2])))
+        if header[0] == 0:
+            report.event = "skipped"
+            self.stats.skipped += 1
+            return report
+        target = ExpertLayout.from_phy2log(
+            phy2log, self.topology, self.layout.num_experts, replica_share=share
+        )
+        self._plan = plan_transfer(self.layout, target, self.topology, self.bytes_per_slot)
+        self._target = target
+        self._chunks = self.executor.chunks(self._plan, self.config.layers_per_step)
+        # layers whose slots stay put take their new shares now: no weights to wait for
+        same = [layer for layer in range(L) if layer not in set(self._plan.layers)]
+        self._switch(same)
+        if not self._chunks:
+            return self._finish_rebalance(report)
+        chunk_report = self._run_chunk()
+        chunk_report.balancedness_before = report.balancedness_before
+        chunk_report.balancedness_after = report.balancedness_after
+        return chunk_report
+
+    # ------------------------------------------------------------------ moving
+    def _run_chunk(self) -> StepReport:
+        layers = self._chunks.pop(0)
+        result: ChunkResult = self.executor.run_chunk(self._plan, layers)
+        self.stats.bytes_moved += result.bytes_sent + result.bytes_received
+        report = StepReport(
+            step=self.steps, event="chunk", bytes_sent=result.bytes_sent,
+            bytes_received=result.bytes_received,
+        )  # fmt: skip
+        if not result.ok:
+            self._chunks = []
+            self._plan = self._target = None
+            self.stats.failures += 1
+            report.event, report.error = "failed", result.error
+            if result.comm_broken:
+                self._disable(result.error or "communication failed")
+            return report
+        self._switch(layers)
+        self.stats.slots_moved += result.slots_changed
+        report.layers = list(layers)
+        if not self._chunks:
+            return self._finish_rebalance(report)
+        return report
+
+    def _finish_rebalance(self, report: StepReport) -> StepReport:
+        self.stats.rebalances += 1
+        self._plan = self._target = None
+        report.event = "done"
+        return report
+
+    def _switch(self, layers: list[int]) -> None:
+        """Put ``layers`` of the target layout in force: host layout, device maps, recorder."""
+        if not layers or self._target is None:
+            return
+        index = torch.tensor(layers, dtype=torch.long)
+        phy2log = self.layout.phy2log.clone()
+        share = self.layout.replica_share.clone()
+        phy2log[index] = self._target.phy2log[index]
+        share[index] = self._target.replica_share[index]
+        self.layout = ExpertLayout.from_phy2log(
+            phy2log, self.topology, self.layout.num_experts, replica_share=share
+        )
+        self._write_maps(self.layout, layers)
+        self.recorder.set_layout(self.layout.phy2log)
+
+    def _write_maps(self, layout: ExpertLayout, layers: list[int]) -> None:
+        """Copy ``layers`` of ``layout`` into the device maps, in place (same storage)."""
+        m = self.maps
+        index = torch.tensor(layers, dtype=torch.long, device=self.device)
+        rows = torch.tensor(layers, dtype=torch.long)
+        width = m.log2phy.shape[2]
+        if layout.log2phy.shape[2] > width:
+            raise ValueError(f"layout needs {layout.log2phy.shape[2]} replicas, maps hold {width}")
+        log2phy = torch.full((len(layers), layout.num_experts, width), -1, dtype=torch.int64)
+        log2phy[:, :, : layout.log2phy.shape[2]] = layout.log2phy[rows]
+        m.phy2log.index_copy_(0, index, layout.phy2log[rows].to(self.device))
+        m.log2phy.index_copy_(0, index, log2phy.to(self.device))
+        m.logcnt.index_copy_(0, index, layout.logcnt[rows].to(self.device))
+        m.replica_share.index_copy_(0, index, layout.replica_share[rows].to(self.device))
+
+    def _disable(self, reason: str) -> StepReport:
+        self.disabled_reason = reason
+        self._chunks = []
+        self._collect_at = None
+        log.error("%s; rebalancing is disabled, serving continues on the layout in force", reason)
+        return StepReport(step=self.steps, event="failed", error=reason)
+
+    # ------------------------------------------------------------------ files, teardown
+    def dump_load(self, path: str) -> torch.Tensor:
+        """Write the recorded window as a load trace (collective; rank 0 writes)."""
+        return self.recorder.dump(path)
+
+    def load_trace(self, path: str) -> int:
+        """Append a load trace to the window (call on every rank)."""
+        return self.recorder.load(path)
 
     def close(self) -> None:
-        """Stop the background planner and release staging memory; idempotent."""
-        raise NotImplementedError
+        """Stop the background planner and release the communicator; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if not isinstance(self.comm, LocalCommunicator):
+            self.comm.close()
 
 
 __all__ = ["Balancer", "BalancerMaps", "BalancerStats", "StepReport"]
