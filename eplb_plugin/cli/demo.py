@@ -1,0 +1,256 @@
+"""``eplb demo``: the whole plugin end to end on a local MoE model, on CPU ranks.
+
+With no arguments: a tiny DeepSeek-V3-architecture model with random weights is built
+locally, sharded over 4 gloo ranks (data-parallel attention, expert parallelism), and decoded
+greedily twice from the same prompts, with routing replayed from a real routing trace: once
+with EPLB off (the logical experts as they are) and once with EPLB on (redundant slots,
+counts recorded, rebalances between steps, weights moved in place). It prints a before/after
+table, checks that both runs generated the same tokens and writes a PNG report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import torch
+
+from ..config import EplbConfig, add_cli_options, cli_dest
+from .common import format_table
+
+# The demo's EPLB settings: a real engine re-plans every few thousand steps; the demo runs
+# tens of steps, so it records a short window and re-plans often. Any --eplb-* option given
+# on the command line overrides these.
+DEMO_EPLB = dict(
+    enable=True, num_redundant_experts=16, window=12, interval=12, plan_delay=1,
+    layers_per_step=1, min_gain=0.005,
+)  # fmt: skip
+
+ROUTINGS = ("trace", "skewed", "model")
+
+
+def bundled_trace() -> pathlib.Path:
+    """``examples/traces/esft_intent.npz`` of the source tree (real DeepSeek-V2-Lite routing)."""
+    return pathlib.Path(__file__).resolve().parents[2] / "examples" / "traces" / "esft_intent.npz"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run EPLB end to end on a local MoE model over CPU ranks",
+        description="Shard a MoE model's experts over N local ranks, decode with EPLB off "
+        "and on, check the tokens are identical, print a before/after table and write a "
+        "PNG report. Without --model a tiny DeepSeek-V3-architecture model with random "
+        "weights is built locally (no download). EPLB is always on in the second run "
+        "(--enable-eplb is implied); the --eplb-* options configure it.",
+    )
+    p.add_argument("--model", help="local checkpoint folder (DeepseekV3, Mixtral, Qwen2-MoE, "
+                   "Qwen3-MoE); default: a tiny random DeepSeek-V3 model")  # fmt: skip
+    p.add_argument("--ranks", type=int, default=4, help="EP ranks (processes; default 4)")
+    p.add_argument("--steps", type=int, default=40, help="tokens generated per sequence")
+    p.add_argument("--prompts", type=int, default=32, help="sequences (default 32)")
+    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default 8)")
+    p.add_argument(
+        "--routing", choices=ROUTINGS, default=None,
+        help="'trace': replay --trace (default for the built-in model); 'skewed': a synthetic "
+        "Zipf trace; 'model': the model's own router (default with --model)",
+    )  # fmt: skip
+    p.add_argument("--trace", help="routing trace .npz (topk_ids [T, L, K], seq_offsets); "
+                   "default: the bundled examples/traces/esft_intent.npz")  # fmt: skip
+    p.add_argument("--report", default="eplb-demo-report.png", help="PNG report path")
+    p.add_argument("--no-report", action="store_true", help="do not write the PNG report")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo ranks; cuda: NCCL, one GPU per rank")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model and prompts")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    add_cli_options(p)
+    p.set_defaults(func=run)
+
+
+def demo_config(args: argparse.Namespace) -> EplbConfig:
+    """The EPLB-on run's config: the demo's defaults, then every --eplb-* option given."""
+    values = dict(DEMO_EPLB)
+    for name in EplbConfig.field_names():
+        value = getattr(args, cli_dest(name), None)
+        if name != "enable" and value is not None:
+            values[name] = value
+    return EplbConfig(**values)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("ranks", "steps", "prompts", "prompt_len"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be positive")
+    if args.prompts < args.ranks:
+        raise ValueError(f"--prompts={args.prompts} must be >= --ranks={args.ranks}")
+    if not args.no_report and not args.report.endswith(".png"):
+        raise ValueError(f"--report {args.report!r} must end with .png")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout={args.timeout} must be positive")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model!r} is not a folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from eplb_plugin.integrations.transformers.engine import EngineSpec, RunSpec, run_engine
+    from eplb_plugin.integrations.transformers.models import check_checkpoint
+
+    _check_args(args)
+    on = demo_config(args)
+    off = EplbConfig(**{**on.to_dict(), "enable": False})
+    routing = args.routing or ("trace" if args.model is None else "model")
+    if args.trace is not None and routing != "trace":
+        raise ValueError(f"--trace is only used with --routing trace, not {routing!r}")
+    say = (lambda *a, **k: None) if args.json else print
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="eplb-demo-") as work:
+        model_path = args.model or _build_tiny(work, args.seed, say)
+        family, config = check_checkpoint(model_path)
+        trace_path = _trace_for(routing, args.trace, work, family, config, args.seed)
+        vocab = int(config.vocab_size)
+        gen = torch.Generator().manual_seed(args.seed)
+        prompts = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=gen)
+        spec = EngineSpec(
+            model_path=model_path, ranks=args.ranks, prompts=prompts, steps=args.steps,
+            runs=[RunSpec("EPLB off", off), RunSpec("EPLB on", on)], trace_path=trace_path,
+            device=args.device, timeout_s=args.timeout,
+        )  # fmt: skip
+        say(
+            f"{family.name}: {family.num_experts(config)} experts, top-{family.top_k(config)}, "
+            f"on {args.ranks} {args.device} ranks; {args.prompts} sequences x {args.steps} "
+            f"tokens; routing: {routing}"
+            + (f" ({os.path.basename(trace_path)})" if trace_path else "")
+        )
+        result_off, result_on = run_engine(spec, progress=not args.json)
+    summary = summarize(result_off, result_on, on, args)
+    summary.update(model=args.model or "tiny DeepSeek-V3 (random weights)", family=family.name,
+                   routing=routing, wall_s=time.perf_counter() - start)  # fmt: skip
+    if not args.no_report:
+        _write_report(args.report, result_off, result_on, summary)
+        summary["report"] = args.report
+    summary["wall_s"] = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+    return 0 if summary["tokens_identical"] else 1
+
+
+def _build_tiny(work: str, seed: int, say) -> str:
+    from eplb_plugin.integrations.transformers.tiny import DEMO_CONFIG, save_tiny_model
+
+    say("building a tiny DeepSeek-V3-architecture model with random weights (no download)")
+    return save_tiny_model("deepseek_v3", os.path.join(work, "model"), seed=seed, **DEMO_CONFIG)
+
+
+def _trace_for(routing, trace, work, family, config, seed) -> str | None:
+    if routing == "model":
+        return None
+    if routing == "trace":
+        path = trace or str(bundled_trace())
+        if not os.path.isfile(path):
+            raise ValueError(f"routing trace {path!r} not found (give --trace or --routing skewed)")
+        return path
+    import numpy as np
+
+    from eplb_plugin.integrations.transformers.routing import synthetic_trace
+
+    num_layers = sum(family.is_moe_layer(config, i) for i in range(config.num_hidden_layers))
+    ids, offsets = synthetic_trace(
+        64, 256, num_layers, family.num_experts(config), family.top_k(config), seed=seed
+    )
+    path = os.path.join(work, "skewed.npz")
+    np.savez(path, topk_ids=ids, seq_offsets=offsets)
+    return path
+
+
+# ---------------------------------------------------------------------- figures
+def first_commit_step(reports: list[dict]) -> int | None:
+    """Engine step from which the first completed rebalance is in force (None: never)."""
+    for report in reports:
+        if report.get("event") == "done":
+            return int(report["step"])
+    return None
+
+
+def summarize(result_off, result_on, config: EplbConfig, args) -> dict:
+    from ..report import load_figures
+
+    start = first_commit_step(result_on.reports)
+    after = start if start is not None and start < result_on.gpu_loads.shape[0] else 0
+    stats = result_on.stats
+    return {
+        "ranks": args.ranks,
+        "steps": args.steps,
+        "sequences": args.prompts,
+        "eplb": config.to_dict(),
+        "tokens_identical": bool(torch.equal(result_off.tokens, result_on.tokens)),
+        "tokens_compared": int(result_off.tokens.numel()),
+        "measured_from_step": after,
+        "off": load_figures(result_off.gpu_loads, after),
+        "on": load_figures(result_on.gpu_loads, after),
+        "rebalances": int(stats.get("rebalances", 0)),
+        "failures": int(stats.get("failures", 0)),
+        "slots_moved": int(stats.get("slots_moved", 0)),
+        "bytes_moved": int(stats.get("bytes_moved", 0)),
+        "longest_pause_s": float(stats.get("longest_pause_s", 0.0)),
+        "decode_s": {"off": result_off.wall_s, "on": result_on.wall_s},
+    }
+
+
+def print_summary(s: dict) -> None:
+    off, on = s["off"], s["on"]
+    rows = [
+        ["balancedness (mean/max GPU load)", off["balancedness"], on["balancedness"]],
+        ["max / mean GPU load", off["max_over_mean"], on["max_over_mean"]],
+        ["rebalances", 0, s["rebalances"]],
+        ["slots moved", 0, s["slots_moved"]],
+        ["bytes moved", 0, _bytes(s["bytes_moved"])],
+        ["longest pause", "-", f"{s['longest_pause_s'] * 1e3:.1f} ms"],
+        ["decode wall time", f"{s['decode_s']['off']:.1f} s", f"{s['decode_s']['on']:.1f} s"],
+    ]
+    print()
+    print(f"measured over engine steps {s['measured_from_step']}..{s['steps'] - 1} "
+          f"(from the first completed rebalance on)")  # fmt: skip
+    print(format_table(["", "EPLB off", "EPLB on"], rows))
+    print("\nload per GPU, share of the mean:")
+    gpu_rows = [[g, a, b] for g, (a, b) in enumerate(zip(off["gpu_share"], on["gpu_share"]))]
+    print(format_table(["GPU", "EPLB off", "EPLB on"], gpu_rows))
+    verdict = "identical" if s["tokens_identical"] else "DIFFERENT"
+    print(f"\ngenerated tokens with EPLB on vs off: {verdict} "
+          f"({s['sequences']} sequences x {s['steps']} tokens)")  # fmt: skip
+    if s.get("failures"):
+        print(f"rebalance chunks abandoned: {s['failures']}")
+    if "report" in s:
+        print(f"report written to {s['report']}")
+    print(f"total wall time {s['wall_s']:.1f} s")
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _write_report(path, result_off, result_on, summary) -> None:
+    from ..report import balancedness_per_step, write_report_png
+
+    done = [int(r["step"]) for r in result_on.reports if r.get("event") == "done"]
+    write_report_png(
+        path,
+        result_off.expert_loads.sum(0),
+        summary["off"]["gpu_share"],
+        summary["on"]["gpu_share"],
+        balancedness_per_step(result_off.gpu_loads),
+        balancedness_per_step(result_on.gpu_loads),
+        done,
+        f"eplb demo: {summary['model']} on {summary['ranks']} ranks, routing {summary['routing']}",
+    )
