@@ -6,7 +6,7 @@ expert ``e`` are numbered in row-major order (occurrence index ``n``), the share
 falls in its interval. Three Triton launches compute it without a host synchronisation:
 
 1. ``_hist_kernel`` (one program per block of ``BLOCK`` entries): per-block token counts
-   per expert.
+   per expert (column sums of one-hot [BLOCK, TILE_E] tiles).
 2. ``_scan_kernel`` (one program per tile of experts): running prefix of the block counts
    over blocks, in place, and the totals ``c[e]``.
 3. ``_map_kernel`` (one program per block): an entry's occurrence index is the prefix over
@@ -92,7 +92,7 @@ if triton is not None:
         num_blocks,
         NUM_VALID_FROM_PTR: tl.constexpr,
         BLOCK: tl.constexpr,
-        E_PAD: tl.constexpr,
+        TILE_E: tl.constexpr,
     ):
         block = tl.program_id(0)
         ids, _, _, _, _, valid = _load_entries(
@@ -108,9 +108,12 @@ if triton is not None:
             NUM_VALID_FROM_PTR,
             BLOCK,
         )
-        hist = tl.histogram(tl.where(valid, ids, 0), E_PAD, mask=valid)
-        experts = tl.arange(0, E_PAD)
-        tl.store(ws_ptr + block * num_experts + experts, hist, mask=experts < num_experts)
+        mine = tl.where(valid, ids, -1)
+        for first_e in range(0, num_experts, TILE_E):
+            experts = first_e + tl.arange(0, TILE_E)
+            hot = mine[:, None] == experts[None, :]
+            count = tl.sum(hot.to(tl.int32), 0)
+            tl.store(ws_ptr + block * num_experts + experts, count, mask=experts < num_experts)
 
     @triton.jit
     def _scan_kernel(
@@ -362,6 +365,9 @@ def _map_and_count_triton(
     seed_ptr = seed if seed_from_ptr else workspace
     seed_value = 0 if seed_from_ptr or seed is None else seed
     e_pad = next_power_of_2(num_experts)
+    # one-hot [BLOCK, TILE_E] tiles: all experts at once in the interpreter (numpy is fast on
+    # big tiles), about 8K elements a program on a GPU
+    tile_e = e_pad if interpreting() else max(16, min(e_pad, 8192 // block))
 
     _hist_kernel[(num_blocks,)](
         topk_ids,
@@ -376,14 +382,14 @@ def _map_and_count_triton(
         num_blocks,
         NUM_VALID_FROM_PTR=nv_from_ptr,
         BLOCK=block,
-        E_PAD=e_pad,
+        TILE_E=tile_e,
     )
-    tile_e = min(e_pad, 128)
-    _scan_kernel[(triton.cdiv(num_experts, tile_e),)](
+    scan_e = min(e_pad, 128)
+    _scan_kernel[(triton.cdiv(num_experts, scan_e),)](
         workspace,
         num_experts,
         num_blocks,
-        TILE_E=tile_e,
+        TILE_E=scan_e,
         TILE_B=min(next_power_of_2(num_blocks), 32),
     )
     if dispatch == "static":
@@ -426,7 +432,7 @@ def _map_and_count_triton(
         NUM_VALID_FROM_PTR=nv_from_ptr,
         SEED_FROM_PTR=seed_from_ptr,
         BLOCK=block,
-        TILE_E=e_pad if interpreting() else max(16, min(e_pad, 8192 // block)),
+        TILE_E=tile_e,
         num_warps=4,
         enable_fp_fusion=False,
     )

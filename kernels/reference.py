@@ -265,11 +265,14 @@ def dither(num_experts: int, seed: torch.Tensor | int | None, device: torch.devi
     Computed in float32 as two products and one sum (the Triton kernel does the same, with
     FMA contraction disabled), so both backends round identically.
     """
+    # torch.full, not torch.tensor: no host-to-device copy, so CUDA-graph capturable
     experts = torch.arange(1, num_experts + 1, device=device, dtype=torch.float32)
-    x = experts * torch.tensor(DITHER_EXPERT, dtype=torch.float32, device=device)
+    x = experts * torch.full((), DITHER_EXPERT, dtype=torch.float32, device=device)
     if seed is not None:
-        seed_f = torch.as_tensor(seed, device=device).to(torch.float32)
-        x = x + seed_f * torch.tensor(DITHER_SEED, dtype=torch.float32, device=device)
+        if not isinstance(seed, torch.Tensor):
+            seed = torch.full((), seed, dtype=torch.int64, device=device)
+        seed_f = seed.to(torch.float32)  # int -> float32 rounding, as the kernel's
+        x = x + seed_f * torch.full((), DITHER_SEED, dtype=torch.float32, device=device)
     return x - torch.floor(x)
 
 
