@@ -23,8 +23,9 @@ one and proves none of this):
 - step 1 writes disjoint workspace rows (one per block), no atomics;
 - step 2 reads and rewrites whole columns of experts, one program per column tile;
 - launches on one stream run in order, so step 3 sees steps 1-2 complete;
-- in step 3 each entry is loaded once, by the thread that later stores its slot, and no
-  entry is loaded again; so ``out`` may alias ``topk_ids``;
+- in step 3 each entry of ``topk_ids`` is loaded exactly once, and the value stored at its
+  position is computed from that loaded id (a data dependency, whichever thread stores it),
+  so the store cannot overtake the load and ``out`` may alias ``topk_ids``;
 - a slot belongs to one expert and each non-empty interval has exactly one first entry, so
   each slot gets at most one ``atomic_add`` per call; atomics (relaxed: nothing in the call
   reads ``counts`` back) keep the sum exact even if a corrupt layout gave one slot to two

@@ -424,9 +424,10 @@ def map_and_count_unchecked(
 ) -> torch.Tensor:
     """The torch path of ``map_and_count`` after ``check_map_and_count`` passed.
 
-    Occurrence indices come from a stable sort by expert; replica choice from one
-    ``searchsorted`` over all experts' interval ends laid end to end. Allocates O(N * K + E * X)
-    temporaries; no host synchronisation.
+    Sorting the entries by expert (stable) lines them up by occurrence index; replica ``j``
+    of expert ``e`` then takes the next ``b_j - b_{j-1}`` entries, so the sorted slot ids are
+    ``repeat_interleave`` of the slots by their token counts. Allocates O(N * K + E * X)
+    temporaries; no host synchronisation (``output_size`` keeps the repeat static).
     """
     num_tokens, top_k = topk_ids.shape
     _, num_experts, width = log2phy.shape
@@ -439,16 +440,14 @@ def map_and_count_unchecked(
     log2phy_l, logcnt_l = log2phy[layer], logcnt[layer]
 
     ids = topk_ids.reshape(-1).to(torch.int64)
-    token = torch.arange(entries, device=device) // top_k
     known = (ids >= 0) & (ids < num_experts)
-    valid = known & (token < num_valid)
+    # entry i belongs to token i // K: valid iff i < num_valid * K (no division needed)
+    valid = known & (torch.arange(entries, device=device) < num_valid * top_k)
     key = torch.where(valid, ids, num_experts)  # padding and -1 sort last, as expert E
-
-    order = torch.sort(key, stable=True).indices
-    sorted_key = key[order]
+    # int32 keys sort about 2.5x faster than int64 on CPU
+    order = torch.sort(key.to(torch.int32), stable=True).indices
     per_key = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     per_key.scatter_add_(0, key, torch.ones_like(key))
-    start = per_key.cumsum(0) - per_key
     expert_counts = per_key[:num_experts]
 
     share = layer_shares(
@@ -464,22 +463,19 @@ def map_and_count_unchecked(
     )
     bounds = replica_bounds(expert_counts, log2phy_l, logcnt_l, share, seed)  # [E, X]
 
-    # tokens per replica: b_j - b_{j-1}; padding columns add 0 to slot 0
+    # tokens per replica: b_j - b_{j-1}; padding columns get 0
     prev = torch.cat([torch.zeros_like(bounds[:, :1]), bounds[:, :-1]], 1)
     in_use = torch.arange(width, device=device).unsqueeze(0) < logcnt_l.unsqueeze(1)
-    per_slot = torch.where(in_use, bounds - prev, 0).to(torch.int32)
-    counts[layer].scatter_add_(0, log2phy_l.clamp(min=0).reshape(-1), per_slot.reshape(-1))
+    per_slot = torch.where(in_use, bounds - prev, 0).reshape(-1)
+    slots = log2phy_l.reshape(-1)
+    counts[layer].scatter_add_(0, slots.clamp(min=0), per_slot.to(torch.int32))
 
-    # Entry at sorted position pos (expert e, occurrence n = pos - start[e]) goes to replica
-    # #{j < logcnt-1 : b_j <= n}. Shifting each expert's ends by start[e] makes one sorted
-    # array over all experts; an unused column holds start[e] + c[e] = start[e + 1], below
-    # every later expert's positions, so subtracting e * X removes the earlier experts'.
-    ends = (bounds + start[:num_experts].unsqueeze(1)).reshape(-1)
-    pos = torch.arange(entries, device=device)
-    expert = sorted_key.clamp(max=num_experts - 1)
-    j = torch.searchsorted(ends, pos, right=True) - expert * width
-    j = torch.where(sorted_key < num_experts, j.clamp(0, width - 1), 0)
-    phys_sorted = log2phy_l[expert, j]
+    # sorted entries: valid ones expert by expert, replica by replica; then the rest
+    filler = torch.full((1,), -1, dtype=slots.dtype, device=device)
+    rest = per_key[num_experts:]  # entries sorted last (padding, -1)
+    phys_sorted = torch.repeat_interleave(
+        torch.cat([slots, filler]), torch.cat([per_slot, rest]), output_size=entries
+    )
     phys = torch.empty_like(ids).scatter_(0, order, phys_sorted)
     # padding rows: replica 0 of their expert; -1 stays -1
     first = log2phy_l[ids.clamp(0, num_experts - 1), 0]
