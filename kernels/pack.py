@@ -56,6 +56,7 @@ if triton is not None:
 
 def _run(
     tensors: Sequence[torch.Tensor],
+    slots: torch.Tensor | Sequence[int],
     values: list[int],
     per_slot: int,
     buffer: torch.Tensor,
@@ -64,7 +65,10 @@ def _run(
     if not values or per_slot == 0:
         return
     device = tensors[0].device
-    slots = torch.tensor(values, dtype=torch.int64).to(device)
+    if isinstance(slots, torch.Tensor) and slots.device == device:
+        slots = slots.to(torch.int64).contiguous()  # already on the device: no copy over
+    else:
+        slots = torch.tensor(values, dtype=torch.int64).to(device)
     table = buffer.view(len(values), per_slot)
     offset = 0
     for t in tensors:
@@ -112,7 +116,7 @@ def pack_slots(
         return reference.pack_slots(tensors, values, out)
     if out is None:
         out = torch.empty(len(values) * per_slot, dtype=torch.uint8, device=tensors[0].device)
-    _run(tensors, values, per_slot, out, unpack=False)
+    _run(tensors, slots, values, per_slot, out, unpack=False)
     return out
 
 
@@ -134,4 +138,4 @@ def unpack_slots(
     if backend_for(tensors[0].device) == "torch":
         reference.unpack_slots(tensors, values, buffer)
         return
-    _run(tensors, values, per_slot, buffer, unpack=True)
+    _run(tensors, slots, values, per_slot, buffer, unpack=True)

@@ -515,6 +515,20 @@ def check_slot_tensors(tensors: object, name: str = "tensors") -> tuple[int, tor
             )
         elif t.device != first.device:
             raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {first.device}")
+        if t.numel():
+            twin = next(
+                (
+                    j
+                    for j in range(i)
+                    if tensors[j].numel() and tensors[j].data_ptr() == t.data_ptr()
+                ),
+                None,
+            )
+            if twin is not None:
+                raise ValueError(
+                    f"{name}[{i}] and {name}[{twin}] start at the same address: the same "
+                    f"memory would be moved twice"
+                )
         if not _rows_contiguous(t):
             raise ValueError(
                 f"{name}[{i}] must have contiguous slot rows (t[s].is_contiguous()), got "

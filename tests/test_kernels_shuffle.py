@@ -175,6 +175,11 @@ def test_empty_and_noop():
     shuffle_experts([zero_width, torch.arange(3.0)], [2, 0, 1])
 
 
+def _twins():
+    t = torch.arange(12.0).view(4, 3)
+    return [t, t.view(4, 3)]
+
+
 @pytest.mark.parametrize(
     "tensors,mapping,kw,match",
     [
@@ -194,6 +199,7 @@ def test_empty_and_noop():
         (lambda: [torch.zeros(4, 3)], [1, 0, 2, 3], {"staging_bytes": 11}, "staging_bytes=11"),
         (lambda: [torch.zeros(4, 3)], [1, 0, 2, 3], {"staging": torch.zeros(12)}, "staging"),
         (lambda: torch.zeros(4, 3), [1, 0, 2, 3], {}, "must be a list"),
+        (lambda: _twins(), [1, 0, 2, 3], {}, "same address"),
         (lambda: [], [], {}, "must not be empty"),
     ],
 )
@@ -206,3 +212,14 @@ def test_bad_input_writes_nothing(tensors, mapping, kw, match):
         for t, b in zip(tensors, before):
             if t.device.type == "cpu":
                 assert torch.equal(t, b)
+
+
+def test_views_into_one_buffer_are_separate_tensors():
+    # w1 and w3 halves of a fused w13 passed separately: interleaved memory, disjoint bytes
+    gen = torch.Generator().manual_seed(7)
+    w13 = random_tensor((6, 8, 5), torch.bfloat16, gen)
+    want = [w13.clone()]
+    mapping = [3, 4, 5, 0, 1, 1]
+    reference.shuffle_experts_naive(want, mapping)
+    shuffle_experts([w13[:, :4], w13[:, 4:]], mapping)
+    assert torch.equal(bits(w13), bits(want[0]))
