@@ -39,6 +39,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape={tuple(t.shape)} dtype={t.dtype} device={t.device}"
 
@@ -185,7 +189,7 @@ def check_map_and_count(
             raise ValueError(f"waterfill_iters must be an int >= 0, got {waterfill_iters!r}")
     num_tokens, top_k = ids.shape
     if isinstance(num_valid, torch.Tensor):
-        if num_valid.dim() != 0 or num_valid.dtype.is_floating_point or num_valid.is_complex():
+        if num_valid.dim() != 0 or not _integer_dtype(num_valid.dtype):
             raise ValueError(
                 f"num_valid must be a 0-dim integer tensor, got {_describe(num_valid)}"
             )
@@ -194,7 +198,7 @@ def check_map_and_count(
     elif not _is_int(num_valid) or not 0 <= num_valid <= num_tokens:
         raise ValueError(f"num_valid must be an int in [0, {num_tokens}], got {num_valid!r}")
     if isinstance(seed, torch.Tensor):
-        if seed.dim() != 0 or seed.dtype.is_floating_point or seed.is_complex():
+        if seed.dim() != 0 or not _integer_dtype(seed.dtype):
             raise ValueError(f"seed must be a 0-dim integer tensor, got {_describe(seed)}")
         if seed.device != device:
             raise ValueError(f"seed must be on {device} like topk_ids, got {seed.device}")

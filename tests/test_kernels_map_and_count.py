@@ -421,6 +421,8 @@ def _call(layout, ids, counts_, **kw):
         (lambda lay, ids, c: dict(logcnt=lay.logcnt.to("meta")), "logcnt must be on"),
         (lambda lay, ids, c: dict(num_valid=torch.tensor(3, device="meta")), "num_valid must be"),
         (lambda lay, ids, c: dict(num_valid=11), "num_valid must be"),
+        (lambda lay, ids, c: dict(num_valid=torch.tensor(True)), "0-dim integer"),
+        (lambda lay, ids, c: dict(seed=torch.tensor([1])), "seed must be a 0-dim"),
         (lambda lay, ids, c: dict(num_valid=torch.tensor(11)), "num_valid must be in"),
         (lambda lay, ids, c: dict(layer=2), "layer must be"),
         (lambda lay, ids, c: dict(dispatch="global"), "dispatch must be"),
