@@ -42,6 +42,7 @@ EXPORT_INDEX = "eplb_export.json"
 LAYOUT_FILE = "layout.safetensors"
 SGLANG_LAYOUT_FILE = "expert_location.json"
 COPY_MODES = ("auto", "read", "safe_open")
+PAGE = 4096
 # Files beside the weights that are copied unchanged (weights in other formats are not).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _PARTIAL = ".eplb-partial-"
@@ -56,9 +57,10 @@ class ExportConfig:
             (a different value is refused: the layout was balanced for that many GPUs).
         max_shard_bytes: split a rank's (or the shared) tensors into files of at most this
             many bytes (a single larger tensor gets a file of its own).
-        copy_mode: ``auto`` (kernel ``copy_file_range``, falling back to ``read``),
-            ``read`` (``pread`` into one reused buffer) or ``safe_open`` (tensors read
-            with safetensors' lazy ``safe_open``, one at a time).
+        copy_mode: ``auto`` (kernel ``copy_file_range`` where source and target offsets
+            agree within a page, ``read`` elsewhere or where the filesystem lacks it),
+            ``read`` (``pread`` into one reused buffer, then ``write``) or ``safe_open``
+            (tensors read with safetensors' lazy ``safe_open``, one at a time).
         chunk_bytes: bytes per copy call (bounds memory in ``read`` mode).
         max_bytes_per_s: throttle, e.g. to spare a disk that is also serving; None = none.
         fsync: fsync every file and folder before the final rename.
@@ -275,15 +277,23 @@ def _pack(prefix: str, rank: int | None, tensors: list[OutTensor], limit: int) -
         groups[-1].append(t)
         size += t.nbytes
     n = len(groups)
+    # whole-page tensors first: with a page-padded header they start page-aligned, which
+    # lets the kernel copy them without touching partial pages (small scales go last)
     return [
-        OutFile(f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors", rank, tuple(g))
+        OutFile(
+            f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors",
+            rank,
+            tuple(sorted(g, key=lambda t: t.nbytes % PAGE != 0)),
+        )  # fmt: skip
         for i, g in enumerate(groups)
     ]
 
 
 # ============================================================================ writing
 def safetensors_header(tensors: tuple[OutTensor, ...], metadata: dict[str, str]) -> bytes:
-    """Length prefix + JSON header (space-padded to 8 bytes) for tensors in this order."""
+    """Length prefix + JSON header for tensors in this order, space-padded so the data
+    starts on a page boundary (JSON allows trailing spaces; safetensors pads the same way,
+    to 8 bytes)."""
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
@@ -291,7 +301,7 @@ def safetensors_header(tensors: tuple[OutTensor, ...], metadata: dict[str, str])
                           "data_offsets": [offset, offset + t.nbytes]}  # fmt: skip
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-(len(raw) + 8) % PAGE)
     return len(raw).to_bytes(8, "little") + raw
 
 
@@ -335,9 +345,12 @@ class _Copier:
 
     def _range(self, src: int, start: int, end: int, out_fd: int) -> None:
         chunk = self.config.chunk_bytes
+        # copy_file_range is fast only when source and target share their offset within a
+        # page (else the kernel copies partial pages); pread + write does not care
+        kernel = self.mode == "auto" and (start - os.lseek(out_fd, 0, os.SEEK_CUR)) % PAGE == 0
         while start < end:
             n = min(chunk, end - start)
-            if self.mode == "auto":
+            if kernel and self.mode == "auto":
                 try:
                     n = os.copy_file_range(src, out_fd, n, start)
                 except OSError:
@@ -499,8 +512,6 @@ def _write_plan(plan: ExportPlan, tmp: str, config: ExportConfig) -> None:
                     copier.tensor(t, fd)
                 if os.fstat(fd).st_size != len(header) + out_file.nbytes:
                     raise RuntimeError(f"{out_file.name}: wrote a wrong number of bytes")
-                if config.fsync:
-                    os.fsync(fd)
             finally:
                 os.close(fd)
     finally:
@@ -512,7 +523,7 @@ def _write_plan(plan: ExportPlan, tmp: str, config: ExportConfig) -> None:
     index = export_index(plan)
     with open(os.path.join(tmp, EXPORT_INDEX), "w", encoding="utf-8") as f:
         json.dump(index, f, separators=(",", ":"))
-    if config.fsync:
+    if config.fsync:  # once at the end: the kernel writes back while later files are copied
         for name in os.listdir(tmp):
             fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
             try:
