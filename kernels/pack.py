@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels._backend import backend_for, tl, triton
-from eplb_plugin.kernels.shuffle_experts import copy_block
+from eplb_plugin.kernels.shuffle_experts import MAX_GRID_Y, copy_block
 
 __all__ = ["bytes_per_slot", "pack_slots", "unpack_slots"]
 
@@ -79,18 +79,19 @@ def _run(
             rows_w = reference.as_words(rows, size)
             table_w = reference.as_words(table, size)
             block = copy_block(width // size)
-            grid = (triton.cdiv(width // size, block), len(values))
-            _pack_kernel[grid](
-                rows_w,
-                rows_w.stride(0),
-                table_w,
-                table_w.stride(0),
-                offset // size,
-                slots,
-                width // size,
-                UNPACK=unpack,
-                BLOCK=block,
-            )
+            for lo in range(0, len(values), MAX_GRID_Y):
+                hi = min(len(values), lo + MAX_GRID_Y)
+                _pack_kernel[(triton.cdiv(width // size, block), hi - lo)](
+                    rows_w,
+                    rows_w.stride(0),
+                    table_w[lo:hi],
+                    table_w.stride(0),
+                    offset // size,
+                    slots[lo:hi],
+                    width // size,
+                    UNPACK=unpack,
+                    BLOCK=block,
+                )
         offset += width
 
 

@@ -27,6 +27,9 @@ from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_o
 
 __all__ = ["shuffle_experts"]
 
+# CUDA caps the second grid dimension at 65535 programs; longer index lists are split.
+MAX_GRID_Y = 65535
+
 if triton is not None:
 
     @triton.jit
@@ -70,10 +73,19 @@ def launch_copy_rows(
     if count == 0 or width == 0:
         return
     block = copy_block(width)
-    grid = (triton.cdiv(width, block), count)
-    _copy_rows_kernel[grid](
-        src, src.stride(0), dst, dst.stride(0), src_index, dst_index, width, BLOCK=block
-    )
+    for lo in range(0, count, MAX_GRID_Y):
+        hi = min(count, lo + MAX_GRID_Y)
+        grid = (triton.cdiv(width, block), hi - lo)
+        _copy_rows_kernel[grid](
+            src,
+            src.stride(0),
+            dst,
+            dst.stride(0),
+            src_index[lo:hi],
+            dst_index[lo:hi],
+            width,
+            BLOCK=block,
+        )
 
 
 def shuffle_experts(

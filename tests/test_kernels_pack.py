@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from eplb_plugin.kernels import reference
@@ -109,3 +111,17 @@ def test_bad_input_writes_nothing(call, match):
         call(tensors)
     for t, b in zip(tensors, before):
         assert torch.equal(bits(t), b)
+
+
+def test_long_slot_lists_are_split_across_launches(monkeypatch):
+    # CUDA limits grid dim 1 to 65535 programs; shrink the limit to exercise the split
+    pack_module = importlib.import_module("eplb_plugin.kernels.pack")
+    monkeypatch.setattr(pack_module, "MAX_GRID_Y", 2)
+    gen = torch.Generator().manual_seed(11)
+    tensors = layer_tensors(6, gen)
+    slots = [5, 1, 4, 0, 2]
+    buffer = pack_slots(tensors, slots)
+    assert torch.equal(buffer, expected_buffer(tensors, slots))
+    fresh = layer_tensors(6, gen)
+    unpack_slots(fresh, slots, buffer)
+    assert torch.equal(pack_slots(fresh, slots), buffer)

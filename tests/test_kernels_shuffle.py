@@ -3,6 +3,7 @@ a full-copy oracle, bit for bit, over dtypes, odd shapes, cycles, duplicates and
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -223,3 +224,16 @@ def test_views_into_one_buffer_are_separate_tensors():
     reference.shuffle_experts_naive(want, mapping)
     shuffle_experts([w13[:, :4], w13[:, 4:]], mapping)
     assert torch.equal(bits(w13), bits(want[0]))
+
+
+def test_long_steps_are_split_across_launches(monkeypatch):
+    module = importlib.import_module("eplb_plugin.kernels.shuffle_experts")
+    monkeypatch.setattr(module, "MAX_GRID_Y", 2)
+    gen = torch.Generator().manual_seed(12)
+    tensors = expert_tensors(9, gen)
+    mapping = [8, 7, 6, 5, 4, 3, 2, 1, 0]  # 4 swaps, staged 4 rows at once
+    want = [t.clone() for t in tensors]
+    reference.shuffle_experts_naive(want, mapping)
+    shuffle_experts(tensors, mapping, staging_bytes=1 << 16)
+    for got, exp in zip(tensors, want):
+        assert torch.equal(bits(got), bits(exp))
