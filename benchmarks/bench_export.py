@@ -127,13 +127,17 @@ def main() -> int:
                 shutil.rmtree(out)
                 print(f"  rep {rep} {label:>9}: {nbytes / seconds / 2**20:8.1f} MiB/s "
                       f"({seconds:.2f} s)", flush=True)  # fmt: skip
-        base = statistics.median(results["copy"])
-        print("\nmedian throughput (MiB/s) and ratio to plain copy:")
-        print(f"{'method':>16} {'MiB/s':>9} {'ratio':>7}")
-        print(f"{'copy':>16} {base / 2**20:9.1f} {1.0:7.2f}")
+        # the median is the figure; the best run shows what a quiet disk gives (shared hosts)
+        base, base_best = statistics.median(results["copy"]), max(results["copy"])
+        print("\nthroughput (MiB/s) and ratio to plain copy, median and best of", args.repeats)
+        print(f"{'method':>16} {'median':>9} {'ratio':>7} {'best':>9} {'ratio':>7}")
+        print(f"{'copy':>16} {base / 2**20:9.1f} {1.0:7.2f} {base_best / 2**20:9.1f} {1.0:7.2f}")
         for m in modes:
-            med = statistics.median(results[m])
-            print(f"{'export ' + m:>16} {med / 2**20:9.1f} {med / base:7.2f}")
+            med, best = statistics.median(results[m]), max(results[m])
+            print(
+                f"{'export ' + m:>16} {med / 2**20:9.1f} {med / base:7.2f} "
+                f"{best / 2**20:9.1f} {best / base_best:7.2f}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
