@@ -4,6 +4,7 @@ The core needs only torch; engine glue lives in ``eplb_plugin.integrations`` and
 kernels in ``eplb_plugin.kernels``.
 """
 
+from .dispatch import slot_loads
 from .layout import ExpertLayout, Topology, balancedness_of
 from .policies import available_policies, plan, rebalance_experts, register_policy
 
@@ -17,4 +18,5 @@ __all__ = [
     "plan",
     "rebalance_experts",
     "register_policy",
+    "slot_loads",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,182 @@ def write_load(path: str | os.PathLike, load: torch.Tensor) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------------- routing traces
+# Routing trace: ``.npz`` with ``topk_ids`` int [T, L, K] (logical expert ids each token chose
+# at each MoE layer, tokens in arrival order; negative ids are dropped entries) and optional
+# ``seq_offsets`` int [num_seqs + 1] (tokens of sequence i are rows seq_offsets[i]:[i + 1]).
+TOPK_KEY = "topk_ids"
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """A routing trace in memory.
+
+    Attributes:
+        topk_ids: [T, L, K] int64 logical expert ids (negative = no expert).
+        seq_offsets: [num_seqs + 1] int64, or None when the file has none.
+    """
+
+    topk_ids: torch.Tensor
+    seq_offsets: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.topk_ids.shape[1]
+
+    def num_experts(self) -> int:
+        """Largest expert id + 1 (a lower bound on the model's E)."""
+        return int(self.topk_ids.max()) + 1 if self.topk_ids.numel() else 0
+
+
+def is_routing_trace(path: str | os.PathLike) -> bool:
+    """True if ``path`` is an ``.npz`` holding ``topk_ids``."""
+    path = os.fspath(path)
+    if Path(path).suffix.lower() != ".npz" or not os.path.isfile(path):
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return TOPK_KEY in npz.files
+    except Exception:  # a corrupt file is reported by the reader that is actually used
+        return False
+
+
+def read_routing_trace(path: str | os.PathLike) -> RoutingTrace:
+    """Read a routing trace (``.npz`` with ``topk_ids`` [T, L, K] and optional ``seq_offsets``).
+
+    Raises:
+        ValueError for a missing or foreign file, a bad shape or dtype, or bad offsets.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"routing trace {path!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if TOPK_KEY not in npz.files:
+                raise ValueError(
+                    f"routing trace {path!r} holds {sorted(npz.files)}; expected {TOPK_KEY!r}"
+                )
+            ids = npz[TOPK_KEY]
+            offsets = npz["seq_offsets"] if "seq_offsets" in npz.files else None
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"cannot read routing trace {path!r}: {exc}") from exc
+    if ids.ndim != 3 or 0 in ids.shape:
+        raise ValueError(f"topk_ids in {path!r} must be [tokens, layers, k], got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"topk_ids in {path!r} must be integers, got dtype {ids.dtype}")
+    seq = None
+    if offsets is not None:
+        offsets = np.asarray(offsets).astype(np.int64)
+        if (
+            offsets.ndim != 1
+            or offsets.size < 1
+            or offsets[0] != 0
+            or offsets[-1] != ids.shape[0]
+            or (np.diff(offsets) < 0).any()
+        ):
+            raise ValueError(
+                f"seq_offsets in {path!r} must rise from 0 to {ids.shape[0]} (the token count)"
+            )
+        seq = torch.from_numpy(offsets)
+    return RoutingTrace(torch.from_numpy(ids.astype(np.int64)), seq)
+
+
+def steps_from_routing_trace(
+    topk_ids: torch.Tensor, batch_tokens: int, num_ranks: int, num_experts: int | None = None
+) -> torch.Tensor:
+    """Cut a routing trace into steps and count each rank's tokens per expert.
+
+    Tokens are taken in arrival order, ``batch_tokens`` per step (a final partial step is
+    dropped), and dealt round-robin to ranks within a step: token ``i`` of a step goes to
+    rank ``i % num_ranks``, as a data-parallel attention front end spreads a batch.
+
+    Args:
+        topk_ids: [T, L, K] int logical expert ids; negative ids are not counted.
+        batch_tokens: tokens per step (B).
+        num_ranks: EP ranks (R).
+        num_experts: E (default: largest id + 1).
+    Returns:
+        [steps, R, L, E] float32 counts.
+    """
+    ids = torch.as_tensor(topk_ids)
+    if ids.dim() != 3:
+        raise ValueError(f"topk_ids must be [tokens, layers, k], got shape {tuple(ids.shape)}")
+    for name, value in (("batch_tokens", batch_tokens), ("num_ranks", num_ranks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    tokens, layers, _ = ids.shape
+    num_steps = tokens // batch_tokens
+    if num_steps == 0:
+        raise ValueError(
+            f"batch_tokens={batch_tokens} is more than the trace's {tokens} tokens: no step"
+        )
+    top = int(ids.max()) + 1
+    if num_experts is None:
+        num_experts = top
+    elif top > num_experts:
+        raise ValueError(f"topk_ids holds expert id {top - 1} >= num_experts={num_experts}")
+    ids = ids[: num_steps * batch_tokens].numpy().astype(np.int64)
+    step = np.arange(num_steps * batch_tokens) // batch_tokens
+    rank = np.arange(num_steps * batch_tokens) % batch_tokens % num_ranks
+    row = (step * num_ranks + rank)[:, None, None] * layers + np.arange(layers)[None, :, None]
+    flat = row * num_experts + ids
+    counts = np.bincount(flat[ids >= 0], minlength=num_steps * num_ranks * layers * num_experts)
+    shape = (num_steps, num_ranks, layers, num_experts)
+    return torch.from_numpy(counts.astype(np.float32)).view(shape)
+
+
+def synthetic_routing_trace(
+    num_tokens: int,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    seq_tokens: float = 512.0,
+    skew: float = 0.6,
+    shift: float = 0.8,
+    seed: int = 0,
+) -> RoutingTrace:
+    """A routing trace whose expert popularity shifts between sequences, for tests and checks.
+
+    Per layer each expert has a persistent log-popularity ``N(0, skew^2)``; every sequence
+    adds its own offset ``N(0, shift^2)`` per expert (its topic). Sequence lengths are
+    exponential with mean ``seq_tokens``. Each token picks ``top_k`` distinct experts by
+    Gumbel top-k sampling of the popularity, i.e. a Plackett-Luce draw as a softmax router
+    with noisy logits makes.
+
+    Returns:
+        RoutingTrace with ``topk_ids`` [num_tokens, num_layers, top_k] int64 and offsets.
+    """
+    for name, value in (
+        ("num_tokens", num_tokens), ("num_layers", num_layers),
+        ("num_experts", num_experts), ("top_k", top_k),
+    ):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if top_k > num_experts:
+        raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+    if seq_tokens <= 0 or skew < 0 or shift < 0:
+        raise ValueError(
+            f"need seq_tokens > 0, skew >= 0, shift >= 0; got {seq_tokens}, {skew}, {shift}"
+        )
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < num_tokens:
+        lengths.append(max(1, int(rng.exponential(seq_tokens))))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    offsets[-1] = num_tokens
+    base = rng.normal(0.0, skew, size=(num_layers, num_experts))
+    ids = np.empty((num_tokens, num_layers, top_k), dtype=np.int64)
+    for start, stop in zip(offsets[:-1], offsets[1:]):
+        topic = base + rng.normal(0.0, shift, size=(num_layers, num_experts))
+        gumbel = rng.gumbel(size=(stop - start, num_layers, num_experts))
+        ids[start:stop] = np.argsort(-(topic + gumbel), axis=-1)[..., :top_k]
+    return RoutingTrace(torch.from_numpy(ids), torch.from_numpy(offsets.astype(np.int64)))

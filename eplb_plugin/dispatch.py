@@ -1,0 +1,110 @@
+"""Dispatch model: the tokens each physical slot receives in one step.
+
+A *dispatch mode* picks, for every token routed to a logical expert, which of the expert's
+replicas serves it (``docs/dispatch.md``). :func:`slot_loads` is the exact aggregate of what
+the device op ``eplb_plugin.kernels.map_and_count`` does token by token (up to rounding to
+whole tokens), so the simulator and the policies can reason about a mode without running it.
+
+- ``static``: each expert's tokens split by ``layout.replica_share``;
+- ``local``: each rank water-fills its own tokens (no communication);
+- ``global``: every rank uses the split water-filled on the step's all-rank counts (one small
+  all-reduce of [E] counts per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eplb_plugin.kernels.waterfill import waterfill_shares
+
+from .layout import ExpertLayout
+
+DISPATCH_MODES = ("static", "local", "global")
+# Water-fill sweeps of the device op's default; the model must use the same number.
+WATERFILL_ITERS = 8
+
+
+def check_dispatch(dispatch: object) -> str:
+    """Return ``dispatch`` if it names a mode, else raise ValueError."""
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_MODES)}, got {dispatch!r}")
+    return dispatch  # type: ignore[return-value]
+
+
+def dispatch_shares(
+    layout: ExpertLayout, counts: torch.Tensor, iters: int = WATERFILL_ITERS
+) -> torch.Tensor:
+    """Water-filled replica shares of ``layout`` for one or several count matrices.
+
+    Args:
+        layout: the layout in service.
+        counts: [L, E] or [R, L, E] float tokens per logical expert (R ranks, each
+            water-filled on its own counts).
+    Returns:
+        [L, P] or [R, L, P] float32 shares.
+    """
+    counts = counts.to(torch.float32)
+    lead = counts.shape[:-2]
+    rows = counts.reshape(-1, layout.num_experts)
+    reps = rows.shape[0] // layout.num_layers
+
+    def tile(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat((reps,) + (1,) * (t.dim() - 1))
+
+    share = waterfill_shares(
+        rows, tile(layout.phy2log), tile(layout.log2phy), tile(layout.logcnt),
+        layout.topology.slots_per_gpu, tile(layout.replica_share), iters,
+    )  # fmt: skip
+    return share.view(*lead, layout.num_layers, layout.num_slots)
+
+
+def _check_rank_counts(layout: ExpertLayout, rank_counts: object) -> torch.Tensor:
+    counts = torch.as_tensor(rank_counts)
+    if counts.dim() == 2:
+        counts = counts.unsqueeze(0)
+    if counts.dim() != 3 or counts.shape[1:] != (layout.num_layers, layout.num_experts):
+        raise ValueError(
+            f"rank_counts must be [ranks, {layout.num_layers}, {layout.num_experts}], "
+            f"got shape {tuple(counts.shape)}"
+        )
+    if counts.dtype == torch.bool or counts.is_complex():
+        raise ValueError(f"rank_counts must hold real numbers, got dtype {counts.dtype}")
+    counts = counts.detach().to(torch.float64).cpu()
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError("rank_counts must be finite and non-negative")
+    return counts
+
+
+def slot_loads(
+    layout: ExpertLayout,
+    rank_counts: object,
+    dispatch: str = "static",
+    iters: int = WATERFILL_ITERS,
+) -> torch.Tensor:
+    """Tokens each physical slot receives in one step.
+
+    Args:
+        layout: the layout in service.
+        rank_counts: [R, L, E] logical tokens routed by each of the R EP ranks this step
+            ([L, E] is read as one rank).
+        dispatch: ``static``, ``local`` or ``global``.
+        iters: water-fill sweeps (``local``/``global``), as the device op uses.
+    Returns:
+        [L, P] float64: ``sum_r rank_counts[r, l, phy2log[l, p]] * share_r[l, p]``.
+    """
+    check_dispatch(dispatch)
+    counts = _check_rank_counts(layout, rank_counts)
+    index = layout.phy2log.unsqueeze(0).expand(counts.shape[0], -1, -1)
+    per_rank = counts.gather(2, index)  # [R, L, P]
+    if dispatch == "static":
+        share = layout.replica_share.double()
+    elif dispatch == "global":
+        share = dispatch_shares(layout, counts.sum(0), iters).double()
+    else:
+        share = dispatch_shares(layout, counts, iters).double()
+    return (per_rank * share).sum(0)
+
+
+def gpu_loads_of(layout: ExpertLayout, loads: torch.Tensor) -> torch.Tensor:
+    """[..., L, P] slot loads -> [..., L, G] load per GPU."""
+    return loads.unflatten(-1, (layout.topology.num_gpus, layout.topology.slots_per_gpu)).sum(-1)

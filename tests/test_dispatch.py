@@ -1,0 +1,111 @@
+"""slot_loads: the dispatch model, and its agreement with the device op map_and_count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from eplb_plugin.kernels.waterfill import waterfill_shares
+
+from eplb_plugin import ExpertLayout, Topology, plan, slot_loads
+from eplb_plugin.dispatch import dispatch_shares, gpu_loads_of
+from eplb_plugin.traces import steps_from_routing_trace, synthetic_routing_trace
+
+
+def _case(seed: int = 0, ranks: int = 4) -> tuple[ExpertLayout, torch.Tensor, torch.Tensor]:
+    """A layout planned on one step, and (topk_ids [T, L, K], rank_counts [R, L, E]) of the next."""
+    trace = synthetic_routing_trace(512, 3, 16, 2, seq_tokens=128, seed=seed)
+    steps = steps_from_routing_trace(trace.topk_ids, 256, ranks, 16)
+    layout = plan(steps[0].sum(0), Topology(24, 1, 1, 6), policy="deepseek")
+    return layout, trace.topk_ids[256:512], steps[1]
+
+
+def test_static_is_replica_share_split() -> None:
+    layout, _, counts = _case()
+    loads = slot_loads(layout, counts, "static")
+    expected = counts.sum(0).double().gather(1, layout.phy2log) * layout.replica_share.double()
+    assert loads.dtype == torch.float64 and loads.shape == layout.phy2log.shape
+    assert torch.allclose(loads, expected)
+
+
+@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+def test_conserves_tokens_and_keeps_singles(dispatch: str) -> None:
+    layout, _, counts = _case(1)
+    loads = slot_loads(layout, counts, dispatch)
+    per_expert = torch.zeros(layout.num_layers, layout.num_experts, dtype=torch.float64)
+    per_expert.scatter_add_(1, layout.phy2log, loads)
+    assert torch.allclose(per_expert, counts.sum(0).double(), atol=1e-3)
+    single = layout.logcnt.gather(1, layout.phy2log) == 1
+    full = counts.sum(0).double().gather(1, layout.phy2log)
+    assert torch.allclose(loads[single], full[single], atol=1e-4)
+
+
+def test_global_balances_at_least_as_well_as_local_and_static() -> None:
+    peaks = {}
+    for dispatch in ("static", "local", "global"):
+        total = 0.0
+        for seed in range(4):
+            layout, _, counts = _case(seed)
+            total += float(
+                gpu_loads_of(layout, slot_loads(layout, counts, dispatch)).amax(-1).sum()
+            )
+        peaks[dispatch] = total
+    assert peaks["global"] <= peaks["local"] <= peaks["static"]
+    assert peaks["global"] < peaks["static"]
+
+
+def test_local_water_fills_each_rank_on_its_own_counts() -> None:
+    layout, _, counts = _case(2)
+    loads = slot_loads(layout, counts, "local")
+    expected = torch.zeros_like(loads)
+    for rank in range(counts.shape[0]):
+        share = waterfill_shares(
+            counts[rank], layout.phy2log, layout.log2phy, layout.logcnt,
+            layout.topology.slots_per_gpu, layout.replica_share, 8,
+        )  # fmt: skip
+        expected += counts[rank].double().gather(1, layout.phy2log) * share.double()
+    assert torch.allclose(loads, expected)
+    # one rank: local == global
+    one = counts.sum(0, keepdim=True)
+    assert torch.allclose(slot_loads(layout, one, "local"), slot_loads(layout, one, "global"))
+
+
+def test_dispatch_shares_batches_ranks() -> None:
+    layout, _, counts = _case(3)
+    batched = dispatch_shares(layout, counts)
+    assert batched.shape == (counts.shape[0], layout.num_layers, layout.num_slots)
+    for rank in range(counts.shape[0]):
+        assert torch.equal(batched[rank], dispatch_shares(layout, counts[rank]))
+
+
+@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+def test_matches_device_op_within_one_token(dispatch: str) -> None:
+    from eplb_plugin.kernels.map_and_count import map_and_count
+
+    ranks = 4
+    layout, topk_ids, counts = _case(4, ranks)
+    model = slot_loads(layout, counts, dispatch)
+    device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    share = layout.replica_share
+    if dispatch == "global":
+        share = dispatch_shares(layout, counts.sum(0))
+    for layer in range(layout.num_layers):
+        for rank in range(ranks):
+            ids = topk_ids[rank::ranks, layer].contiguous()  # round-robin dealing
+            map_and_count(
+                ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
+                dispatch="local" if dispatch == "local" else "static",
+                phy2log=layout.phy2log, slots_per_gpu=layout.topology.slots_per_gpu,
+                seed=rank,
+            )  # fmt: skip
+    assert (device.double() - model).abs().max() <= ranks + 1e-6
+    assert torch.equal(device.sum(1).double(), model.sum(1).round())
+
+
+def test_bad_input() -> None:
+    layout, _, counts = _case()
+    with pytest.raises(ValueError, match="dispatch"):
+        slot_loads(layout, counts, "random")
+    with pytest.raises(ValueError, match="rank_counts"):
+        slot_loads(layout, counts[:, :, :5], "static")
+    with pytest.raises(ValueError, match="non-negative"):
+        slot_loads(layout, -counts, "global")
