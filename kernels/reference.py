@@ -28,6 +28,10 @@ DISPATCH_MODES = ("static", "local")
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Alignment of each tensor's area inside a staging buffer (bytes): lets copies use wide words.
 STAGING_ALIGN = 16
+# Rows up to this size are cut further when spare staging allows (Triton path only): an
+# estimate, not a measurement here -- a launch costs ~5 us, and on an H100-class GPU (~3 TB/s)
+# two extra copies of a 1 MiB row cost about the same, so larger rows gain nothing.
+CUT_ROW_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,7 +667,9 @@ class ShufflePlan:
         return sum(len(step.dst) for wave in self.waves for step in wave)
 
 
-def plan_shuffle(new_to_old: Sequence[int], max_staging: int = 1) -> ShufflePlan:
+def plan_shuffle(
+    new_to_old: Sequence[int], max_staging: int = 1, extra_cuts: bool = True
+) -> ShufflePlan:
     """Order the copies of an in-place shuffle using at most ``max_staging`` staging rows.
 
     ``new_to_old[s]`` is the old slot whose content slot ``s`` gets (-1: left as is). Slots
@@ -671,7 +677,9 @@ def plan_shuffle(new_to_old: Sequence[int], max_staging: int = 1) -> ShufflePlan
     leaves first (a slot is overwritten once nobody still has to read it), one wave per
     level. Each remaining cycle is cut at ``r`` points whose rows are staged; the pieces
     between cuts then shift one row per wave, all pieces in parallel, the last row of each
-    piece reading the staged copy. Cycles share the staging rows, longest pieces cut first.
+    piece reading the staged copy. Up to ``max_staging`` cycles are cut at once; with
+    ``extra_cuts`` the rows left over cut the longest pieces again (fewer waves, but two more
+    row copies per cut), otherwise every cycle is cut once (fewest copies).
     """
     if not _is_int(max_staging) or max_staging < 1:
         raise ValueError(f"max_staging must be an int >= 1, got {max_staging!r}")
@@ -711,7 +719,7 @@ def plan_shuffle(new_to_old: Sequence[int], max_staging: int = 1) -> ShufflePlan
     while cycles:
         batch, cycles = cycles[:max_staging], cycles[max_staging:]
         cuts = [1] * len(batch)
-        for _ in range(max_staging - len(batch)):
+        for _ in range(max_staging - len(batch) if extra_cuts else 0):
             longest = max(range(len(batch)), key=lambda i: -(-len(batch[i]) // cuts[i]))
             if -(-len(batch[longest]) // cuts[longest]) <= 1:
                 break
@@ -830,10 +838,14 @@ def prepare_shuffle(
     new_to_old: torch.Tensor | Sequence[int],
     staging_bytes: int | None,
     staging: torch.Tensor | None,
+    parallel: bool = False,
 ) -> list[tuple[list[int], ShufflePlan]]:
     """Check the arguments and plan a shuffle: ``[(tensor indices, plan)]`` per group.
 
-    Reads ``new_to_old`` on the host (one synchronisation when it lives on a GPU).
+    ``parallel``: the executor runs a wave's copies at once (the Triton path), so spare
+    staging rows may cut cycles further, when rows are small enough that saving a step of
+    launches is worth two more row copies (``CUT_ROW_BYTES``). Reads ``new_to_old`` on the
+    host (one synchronisation when it lives on a GPU).
     """
     num_slots, device = check_slot_tensors(tensors)
     mapping = index_list("new_to_old", new_to_old, num_slots, device, allow_minus_one=True)
@@ -851,10 +863,11 @@ def prepare_shuffle(
             )
         staging_bytes = staging.numel()
     row_bytes = [_row_bytes(t) for t in tensors]
-    return [
-        (group, plan_shuffle(mapping, rows))
-        for group, rows in staging_groups(row_bytes, staging_bytes)
-    ]
+    plans = []
+    for group, rows in staging_groups(row_bytes, staging_bytes):
+        small = max(row_bytes[i] for i in group) <= CUT_ROW_BYTES
+        plans.append((group, plan_shuffle(mapping, rows, extra_cuts=parallel and small)))
+    return plans
 
 
 def shuffle_groups(

@@ -105,19 +105,23 @@ def shuffle_experts(
         new_to_old: [S] int64 (CPU or the tensors' device; read on the host) or list:
             old slot whose content slot ``s`` gets; repeats replicate, -1 leaves ``s`` as is.
         staging_bytes: bound on the extra memory for cycles. Default: one slot row per
-            tensor. More lets several cycle rows be staged at once (fewer steps); less than a
-            row of every tensor shuffles the tensors one by one.
+            tensor. More stages several cycles at once (fewer steps) and, on the Triton path
+            with rows up to ``reference.CUT_ROW_BYTES``, cuts long cycles in more places;
+            less than a row of every tensor shuffles the tensors one by one.
         staging: optional preallocated uint8 [bytes] buffer used for staging (its size is the
             budget); otherwise one is allocated per call when the mapping has cycles.
 
     Bit exact. Arguments are checked before anything is written. One host read of
-    ``new_to_old``; ``ceil(plan steps) x len(tensors)`` kernel launches on the Triton path.
+    ``new_to_old``; ``plan steps x len(tensors)`` kernel launches on the Triton path.
     """
-    groups = reference.prepare_shuffle(tensors, new_to_old, staging_bytes, staging)
-    if backend_for(tensors[0].device) == "torch":
+    _, device = reference.check_slot_tensors(tensors)
+    triton_path = backend_for(device) == "triton"
+    groups = reference.prepare_shuffle(
+        tensors, new_to_old, staging_bytes, staging, parallel=triton_path
+    )
+    if not triton_path:
         reference.run_shuffle(tensors, groups, staging)
         return
-    device = tensors[0].device
     for rows, stages, plan in reference.shuffle_groups(tensors, groups, staging):
         steps = [step for wave in plan.waves for step in wave]
         flat = [i for step in steps for i in step.src + step.dst]

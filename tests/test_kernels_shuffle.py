@@ -84,13 +84,14 @@ def apply_plan(plan: reference.ShufflePlan, labels: list[int]) -> list[int]:
     return labels
 
 
+@pytest.mark.parametrize("extra_cuts", [True, False])
 @pytest.mark.parametrize("max_staging", [1, 2, 3, 64])
-def test_plan_realises_the_mapping(max_staging):
+def test_plan_realises_the_mapping(max_staging, extra_cuts):
     rng = random.Random(max_staging)
     for _ in range(300):
         n = rng.randrange(0, 24)
         mapping = random_mapping(n, rng, p_dup=rng.random() * 0.4)
-        plan = reference.plan_shuffle(mapping, max_staging)
+        plan = reference.plan_shuffle(mapping, max_staging, extra_cuts)
         want = [s if m < 0 else m for s, m in enumerate(mapping)]
         assert apply_plan(plan, list(range(n))) == want
         assert plan.num_staging <= max_staging
@@ -105,6 +106,10 @@ def test_plan_staging_and_step_counts():
     assert one.num_staging == 1 and len(one.waves) == 1 + 8
     wide = reference.plan_shuffle(cycle, 8)
     assert wide.num_staging == 8 and len(wide.waves) == 2
+    uncut = reference.plan_shuffle(cycle, 8, extra_cuts=False)
+    assert uncut.num_staging == 1 and uncut.num_copies == 8 + 1
+    two = reference.plan_shuffle([1, 0, 3, 2, 5, 6, 4], 8, extra_cuts=False)
+    assert two.num_staging == 3 and len(two.waves) == 1 + 3  # all cycles at once
     # pure replication and fixed points need no staging at all
     fan = reference.plan_shuffle([0, 0, 0, 3, -1], 1)
     assert fan.num_staging == 0 and len(fan.waves) == 1
