@@ -63,7 +63,7 @@ def write_report_png(
         expert_loads: [L, E] tokens per logical expert over the run (EPLB off).
         gpu_before, gpu_after: [G] share of the mean load per GPU without / with EPLB.
         balancedness_off, balancedness_on: per-step balancedness of each run.
-        rebalance_steps: steps at which a rebalance finished committing.
+        rebalance_steps: first step served by each completed rebalance.
         title: figure title.
     """
     import matplotlib
@@ -97,12 +97,14 @@ def write_report_png(
     bars.set_xlabel("GPU (EP rank)")
     bars.set_ylabel("load / mean load")
     bars.set_title("GPU loads before and after")
-    bars.legend(loc="upper right")
+    bars.set_ylim(0, max(1.35, max(gpu_before + gpu_after) * 1.2))
+    bars.legend(loc="upper center", ncol=2)
 
     line = fig.add_subplot(grid[1, 1])
     line.plot(range(len(balancedness_off)), balancedness_off, label="EPLB off", color="#c44e52")
     line.plot(range(len(balancedness_on)), balancedness_on, label="EPLB on", color="#4c72b0")
-    for i, step in enumerate(rebalance_steps):
+    shown = [s for s in rebalance_steps if s < len(balancedness_on)]
+    for i, step in enumerate(shown):
         line.axvline(step, color="gray", linestyle=":", label="rebalance" if i == 0 else None)
     line.set_ylim(0, 1.05)
     line.set_xlabel("engine step")

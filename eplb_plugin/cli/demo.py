@@ -25,9 +25,12 @@ from .common import format_table
 # The demo's EPLB settings: a real engine re-plans every few thousand steps; the demo runs
 # tens of steps, so it records a short window and re-plans often. Any --eplb-* option given
 # on the command line overrides these.
+# Dispatch "global" splits each replicated expert's tokens by the step's real load (one
+# all-reduce of [E] counts per layer): decode batches are small, so per-step noise is as large
+# as the imbalance a placement alone can remove.
 DEMO_EPLB = dict(
     enable=True, num_redundant_experts=16, window=12, interval=12, plan_delay=1,
-    layers_per_step=1, min_gain=0.005,
+    layers_per_step=1, min_gain=0.005, dispatch="global",
 )  # fmt: skip
 
 ROUTINGS = ("trace", "skewed", "model")
@@ -52,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "Qwen3-MoE); default: a tiny random DeepSeek-V3 model")  # fmt: skip
     p.add_argument("--ranks", type=int, default=4, help="EP ranks (processes; default 4)")
     p.add_argument("--steps", type=int, default=40, help="tokens generated per sequence")
-    p.add_argument("--prompts", type=int, default=32, help="sequences (default 32)")
+    p.add_argument("--prompts", type=int, default=128, help="sequences (default 128)")
     p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default 8)")
     p.add_argument(
         "--routing", choices=ROUTINGS, default=None,
@@ -126,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
             f"on {args.ranks} {args.device} ranks; {args.prompts} sequences x {args.steps} "
             f"tokens; routing: {routing}"
             + (f" ({os.path.basename(trace_path)})" if trace_path else "")
+        )
+        say(
+            f"EPLB on: {on.num_redundant_experts} redundant slots, dispatch {on.dispatch}, "
+            f"window {on.window}, re-plan every {on.interval} steps, policy {on.policy}"
         )
         result_off, result_on = run_engine(spec, progress=not args.json)
     summary = summarize(result_off, result_on, on, args)

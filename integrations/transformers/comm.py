@@ -74,7 +74,15 @@ class TorchAllToAll:
         self.slots_per_rank = slots_per_rank
 
     def dispatch(self, hidden: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor):
-        """hidden [N, H], slot [N, K] int64, weight [N, K] -> (x [M, H], ids [M, K], w [M, K], handle)."""
+        """Send tokens to the ranks holding their slots.
+
+        Args:
+            hidden: [N, H] this rank's tokens.
+            slot: [N, K] int64 physical slots.
+            weight: [N, K] top-k weights.
+        Returns:
+            (x [M, H], local ids [M, K] int64, weights [M, K], handle) of the received rows.
+        """
         token, ids, w, send = route_to_ranks(slot, weight, self.slots_per_rank, self.world_size)
         send_t = torch.tensor(send, dtype=torch.int64, device=hidden.device)
         recv_t = torch.empty_like(send_t)
@@ -94,9 +102,7 @@ class TorchAllToAll:
 
     def _exchange(self, x: torch.Tensor, total: int, out_splits: list[int], in_splits: list[int]):
         out = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_to_all_single(
-            out, x.contiguous(), out_splits, in_splits, group=self.group
-        )
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
         return out
 
 

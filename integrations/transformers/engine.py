@@ -19,7 +19,7 @@ import queue as queue_mod
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,8 +35,9 @@ class RunSpec:
         name: label of the run (e.g. ``"eplb-off"``).
         eplb: the EplbConfig of the run.
         record_logits: return the last-position logits of every step ([B, steps, V]).
-        fail_rebalance_at: inject a failure into the first rebalance transfer at or after
-            this engine step (tests; the Balancer must abandon it and keep serving).
+        fail_rebalance_at: make the last rank fail while packing the first rebalance
+            chunk at or after this engine step (tests: every rank must abandon the chunk,
+            keep its old layout for it and keep serving correctly).
         layout: initial layout (default: identity); its topology fixes the slots.
     """
 
@@ -213,7 +214,7 @@ def validate_spec(spec: EngineSpec) -> None:
         if not isinstance(run.eplb, EplbConfig):
             raise ValueError(f"run {run.name!r}: eplb must be an EplbConfig")
         if run.layout is None:
-            ep_topology(run.eplb, num_experts, spec.ranks, family.num_groups(config))
+            ep_topology(run.eplb, num_experts, spec.ranks)
             continue
         if run.layout.topology.num_gpus != spec.ranks or run.layout.num_experts != num_experts:
             raise ValueError(
@@ -265,12 +266,16 @@ def _run_one(rank, spec: EngineSpec, run: RunSpec, index: int, model, events) ->
     from .patch import apply_eplb
 
     world = spec.ranks
-    handle = apply_eplb(model, run.eplb, layout=run.layout, comm=spec.comm)
+    clock = [0]  # engine step being finished, read by the fault hook
+    fault = _injected_fault(run.fail_rebalance_at, rank == world - 1, clock)
+    options = {"fault": fault} if fault is not None else None
+    handle = apply_eplb(
+        model, run.eplb, layout=run.layout, comm=spec.comm, balancer_options=options
+    )
     routing = attach_routing(spec.trace_path, model)
     seq_ids = torch.arange(rank, spec.prompts.shape[0], world)
     prompts = spec.prompts[seq_ids].to(handle.counts.device)
     gpu_loads, expert_loads, layouts, reports = [], [], [], []
-    injector = _FailureInjector(handle, run.fail_rebalance_at)
 
     def after_forward(step: int) -> None:
         counts = handle.counts.to(torch.float64).clone()
@@ -281,9 +286,8 @@ def _run_one(rank, spec: EngineSpec, run: RunSpec, index: int, model, events) ->
         gpu_loads.append(counts.view(num_layers, world, -1).sum(-1).cpu())
         logical = torch.zeros(num_layers, handle.layout.num_experts, dtype=torch.float64)
         expert_loads.append(logical.scatter_add_(1, phy2log.cpu(), counts.cpu()))
-        injector.before_step(step)
+        clock[0] = step
         report = handle.step()
-        injector.after_step(report)
         if report is not None:
             reports.append(_as_dict(report))
         if rank == 0:
@@ -317,22 +321,18 @@ def _run_one(rank, spec: EngineSpec, run: RunSpec, index: int, model, events) ->
     )  # fmt: skip
 
 
-class _FailureInjector:
-    """Makes one rebalance transfer fail on this rank (tests of the failure path)."""
+def _injected_fault(at_step: int | None, on_this_rank: bool, clock: list[int]):
+    """Balancer fault hook raising once, at the first ``pack`` at or after ``at_step``."""
+    if at_step is None or not on_this_rank:
+        return None
+    fired = []
 
-    def __init__(self, handle, at_step: int | None):
-        self.handle = handle
-        self.at_step = at_step
-        self.armed = False
-        self.fired = False
+    def fault(point: str, index: int) -> None:
+        if point == "pack" and not fired and clock[0] >= at_step:
+            fired.append(index)
+            raise RuntimeError(f"injected rebalance failure (layer {index})")
 
-    def before_step(self, step: int) -> None:
-        if self.at_step is None or self.fired or step < self.at_step:
-            return
-        self.armed = True
-
-    def after_step(self, report) -> None:
-        pass
+    return fault
 
 
 def _cpu(t):

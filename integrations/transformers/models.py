@@ -80,9 +80,7 @@ class MoEFamily:
 FAMILIES: dict[str, MoEFamily] = {
     f.name: f
     for f in (
-        MoEFamily(
-            "deepseek_v3", shared=("shared_experts",), num_groups_field="n_group"
-        ),
+        MoEFamily("deepseek_v3", shared=("shared_experts",), num_groups_field="n_group"),
         MoEFamily(
             "mixtral",
             disk_block="block_sparse_moe",
@@ -178,7 +176,9 @@ def check_checkpoint(path: str) -> tuple[MoEFamily, object]:
     config = transformers.AutoConfig.from_pretrained(path)
     missing = missing_expert_tensors(checkpoint_keys(path), family, config)
     if missing:
-        shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
+        shown = ", ".join(missing[:4]) + (
+            f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""
+        )
         raise ValueError(f"checkpoint {path!r} is missing expert tensors: {shown}")
     return family, config
 
@@ -200,5 +200,3 @@ def missing_expert_tensors(keys: set[str], family: MoEFamily, config) -> list[st
                 if name not in keys:
                     missing.append(name)
     return missing
-
-

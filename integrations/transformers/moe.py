@@ -12,7 +12,7 @@ transformers experts module re-laid to ``slots_per_rank`` experts) and, per call
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +33,7 @@ class EPRuntime:
         seed: dither seed base of the dispatch (combined with rank and step).
         group: torch.distributed group of the EP ranks (None: default group).
         step: engine steps completed (advanced by the caller).
-        routing: optional override of the router's choices (trace-driven routing).
+        balancer: the Balancer when EPLB is on (routing then goes through its ``route``).
     """
 
     rank: int
@@ -46,8 +46,7 @@ class EPRuntime:
     seed: int = 0
     group: object = None
     step: int = 0
-    routing: object = None
-    calls: list[int] = field(default_factory=list)
+    balancer: object = None
 
     def map_slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids [N, K] int64 logical -> [N, K] int64 physical slots; adds to ``counts``."""
@@ -91,7 +90,10 @@ class EPExperts(torch.nn.Module):
 
 
 def shard_experts(
-    experts: torch.nn.Module, param_names: tuple[str, ...], phy2log: torch.Tensor, rank: int,
+    experts: torch.nn.Module,
+    param_names: tuple[str, ...],
+    phy2log: torch.Tensor,
+    rank: int,
     slots_per_rank: int,
 ) -> list[torch.Tensor]:
     """Re-lay a fused experts module into this rank's physical slots, in place.

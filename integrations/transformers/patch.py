@@ -98,13 +98,11 @@ def _rank_and_size(group, rank: int | None, world_size: int | None) -> tuple[int
     return 0, 1
 
 
-def ep_topology(
-    config: EplbConfig, num_experts: int, world_size: int, model_groups: int = 1
-) -> Topology:
+def ep_topology(config: EplbConfig, num_experts: int, world_size: int) -> Topology:
     """The slot topology of an EP deployment; ValueError when slots do not divide over ranks.
 
     EPLB off serves the logical experts as they are (P = E); on, P = E + num_redundant_experts.
-    ``config.num_groups`` (when not the default 1) overrides the model's own expert groups.
+    Expert groups and nodes come from ``config`` (``--eplb-num-groups``, ``--eplb-num-nodes``).
     """
     slots = num_experts + (config.num_redundant_experts if config.enable else 0)
     if slots % world_size:
@@ -112,10 +110,9 @@ def ep_topology(
             f"EP size {world_size} does not divide the {slots} physical slots "
             f"({num_experts} experts + {slots - num_experts} redundant)"
         )
-    groups = config.num_groups if config.num_groups != 1 else model_groups
-    if num_experts % groups:
-        groups = 1
-    return Topology(slots, groups, config.num_nodes, world_size)
+    topology = Topology(slots, config.num_groups, config.num_nodes, world_size)
+    topology.check_experts(num_experts)
+    return topology
 
 
 def apply_eplb(
@@ -127,6 +124,7 @@ def apply_eplb(
     rank: int | None = None,
     world_size: int | None = None,
     comm: str = "auto",
+    balancer_options: dict | None = None,
 ) -> EplbModel:
     """Shard ``model``'s routed experts over the EP ranks of ``group`` and hook routing.
 
@@ -141,6 +139,7 @@ def apply_eplb(
             round-robin when EPLB is on); its topology then fixes the slots.
         rank, world_size: override the group's (single-process tests).
         comm: token exchange backend, ``"auto"``, ``"torch"`` or ``"deepep"``.
+        balancer_options: extra keyword arguments of the Balancer (e.g. its ``fault`` hook).
     Returns:
         An EplbModel handle; call its ``step()`` after every forward on every rank.
     """
@@ -154,7 +153,7 @@ def apply_eplb(
     num_experts = family.num_experts(model.config)
     num_layers = len(blocks)
     if layout is None:
-        topology = ep_topology(config, num_experts, world_size, family.num_groups(model.config))
+        topology = ep_topology(config, num_experts, world_size)
         layout = ExpertLayout.identity(num_layers, num_experts, topology)
     else:
         topology = layout.topology
@@ -183,7 +182,13 @@ def apply_eplb(
         from eplb_plugin.balancer import Balancer
 
         balancer = Balancer(
-            config, layout, expert_tensors, group=group, rank=rank, world_size=world_size
+            config,
+            layout,
+            expert_tensors,
+            group=group,
+            rank=rank,
+            world_size=world_size,
+            **(balancer_options or {}),
         )
         maps, counts = balancer.maps, balancer.counts
     else:
@@ -194,11 +199,10 @@ def apply_eplb(
     runtime = EPRuntime(
         rank=rank, world_size=world_size, slots_per_rank=slots, maps=maps, counts=counts,
         comm=communicator, dispatch=config.dispatch, seed=config.seed, group=group,
+        balancer=balancer,
     )  # fmt: skip
     routers = []
     for layer, (_, block) in enumerate(blocks):
         setattr(block, family.experts, EPExperts(locals_[layer], layer, runtime))
         routers.append(getattr(block, family.router))
-    return EplbModel(
-        model, family, [i for i, _ in blocks], runtime, balancer, layout, routers
-    )
+    return EplbModel(model, family, [i for i, _ in blocks], runtime, balancer, layout, routers)

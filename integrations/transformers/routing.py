@@ -31,17 +31,18 @@ def map_and_count_layer(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Te
     water-fills the shares from them; every rank then splits its own tokens by the same
     shares (docs/dispatch.md). ``static`` and ``local`` need no communication.
     """
-    import importlib
+    from eplb_plugin.kernels import map_and_count
 
-    kernel = importlib.import_module("eplb_plugin.kernels.map_and_count").map_and_count
+    # the dither differs per rank and step so rounding errors do not pile onto one replica
+    seed = (runtime.seed * 7919 + runtime.step * runtime.world_size + runtime.rank) % (1 << 20)
+    if runtime.balancer is not None:
+        return runtime.balancer.route(topk_ids, layer, seed=seed)
     maps = runtime.maps
     dispatch, share = runtime.dispatch, maps.replica_share
     if dispatch == "global":
         share = _global_shares(runtime, layer, topk_ids)
         dispatch = "static"
-    # the dither differs per rank and step so rounding errors do not pile onto one replica
-    seed = (runtime.seed * 7919 + runtime.step * runtime.world_size + runtime.rank) % (1 << 20)
-    return kernel(
+    return map_and_count(
         topk_ids, maps.log2phy, maps.logcnt, share, runtime.counts, layer, topk_ids.shape[0],
         dispatch=dispatch, phy2log=maps.phy2log, slots_per_gpu=runtime.slots_per_rank,
         seed=seed, validate=False,
@@ -51,7 +52,6 @@ def map_and_count_layer(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Te
 def _global_shares(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
     """[L, P] float32 shares whose row ``layer`` is water-filled from all ranks' counts."""
     import torch.distributed as dist
-
     from eplb_plugin.kernels.waterfill import waterfill_shares
 
     maps = runtime.maps
@@ -89,12 +89,18 @@ class TraceRouting:
         topk_ids = torch.as_tensor(np.asarray(topk_ids)).to(torch.int64)
         seq_offsets = torch.as_tensor(np.asarray(seq_offsets)).to(torch.int64)
         if topk_ids.dim() != 3:
-            raise ValueError(f"trace topk_ids must be [tokens, layers, k], got {tuple(topk_ids.shape)}")
+            raise ValueError(
+                f"trace topk_ids must be [tokens, layers, k], got {tuple(topk_ids.shape)}"
+            )
         if top_k > topk_ids.shape[2]:
             raise ValueError(
                 f"model top_k={top_k} exceeds the trace's {topk_ids.shape[2]} experts per token"
             )
-        if seq_offsets.dim() != 1 or seq_offsets.numel() < 2 or int(seq_offsets[-1]) > len(topk_ids):
+        if (
+            seq_offsets.dim() != 1
+            or seq_offsets.numel() < 2
+            or int(seq_offsets[-1]) > len(topk_ids)
+        ):
             raise ValueError("trace seq_offsets must be [num_seqs + 1] within the token count")
         lengths = seq_offsets[1:] - seq_offsets[:-1]
         if int(lengths.min()) <= 0:
@@ -122,7 +128,7 @@ class TraceRouting:
         return self.ids.shape[1]
 
     def set_batch(self, seq_ids: torch.Tensor, start: int, length: int) -> None:
-        """Select the choices of the next forward: ``seq_ids`` [B] int64, positions start..+length."""
+        """Choose the next forward's tokens: ``seq_ids`` [B] int64 at positions start..+length."""
         trace_seq = seq_ids.to(torch.int64) % len(self.lengths)
         pos = torch.arange(start, start + length, dtype=torch.int64)
         rows = self.seq_offsets[trace_seq].unsqueeze(1) + pos.unsqueeze(0) % self.lengths[
@@ -153,8 +159,13 @@ class TraceRouting:
 
 
 def synthetic_trace(
-    num_seqs: int, seq_len: int, num_layers: int, num_experts: int, top_k: int,
-    skew: float = 1.2, seed: int = 0,
+    num_seqs: int,
+    seq_len: int,
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    skew: float = 1.2,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A skewed routing trace: per layer a Zipf(``skew``) popularity over a random expert order.
 
@@ -171,9 +182,9 @@ def synthetic_trace(
     out = torch.empty(tokens, num_layers, top_k, dtype=torch.int64)
     for layer in range(num_layers):
         order = torch.randperm(num_experts, generator=gen)
-        gumbel = -torch.empty(tokens, num_experts, dtype=torch.float64).exponential_(
-            generator=gen
-        ).log()
+        gumbel = (
+            -torch.empty(tokens, num_experts, dtype=torch.float64).exponential_(generator=gen).log()
+        )
         picks = (logp.unsqueeze(0) + gumbel).topk(top_k, dim=1).indices  # without replacement
         out[:, layer] = order[picks]
     offsets = np.arange(0, tokens + 1, seq_len, dtype=np.int64)

@@ -1,0 +1,113 @@
+"""Reference EP engine on several gloo ranks: sharded experts give the unsharded model's output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from eplb_plugin.integrations.transformers import engine as engine_mod  # noqa: E402
+from eplb_plugin.integrations.transformers.engine import (  # noqa: E402
+    EngineSpec,
+    RunSpec,
+    attach_routing,
+    greedy_decode,
+    load_model,
+    run_engine,
+)
+from eplb_plugin.integrations.transformers.models import FAMILIES  # noqa: E402
+from eplb_plugin.integrations.transformers.routing import synthetic_trace  # noqa: E402
+from eplb_plugin.integrations.transformers.tiny import save_tiny_model  # noqa: E402
+
+from eplb_plugin.config import EplbConfig  # noqa: E402
+from eplb_plugin.layout import ExpertLayout, Topology  # noqa: E402
+
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: save_tiny_model(name, str(root / name), seed=7) for name in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def skewed_trace(tmp_path_factory):
+    """A skewed trace over 16 experts, top-4: hot experts make rebalancing worthwhile."""
+    import numpy as np
+
+    ids, offsets = synthetic_trace(16, 64, 3, 16, 4, skew=1.5, seed=3)
+    path = tmp_path_factory.mktemp("trace") / "skewed.npz"
+    np.savez(path, topk_ids=ids, seq_offsets=offsets)
+    return str(path)
+
+
+def prompts(num, length=5, seed=0):
+    return torch.randint(0, 128, (num, length), generator=torch.Generator().manual_seed(seed))
+
+
+def unsharded(path, toks, steps, trace=None):
+    model = load_model(path)
+    routing = attach_routing(trace, model)
+    return greedy_decode(model, toks, steps, routing=routing, record_logits=True)
+
+
+def replicated_layout(num_layers, num_experts, num_slots, ranks, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(num_layers):
+        extra = torch.randint(0, num_experts, (num_slots - num_experts,), generator=gen)
+        rows.append(
+            torch.cat([torch.arange(num_experts), extra])[torch.randperm(num_slots, generator=gen)]
+        )
+    return ExpertLayout.from_phy2log(
+        torch.stack(rows), Topology(num_slots, 1, 1, ranks), num_experts
+    )
+
+
+@pytest.mark.parametrize(
+    "family,ranks,dispatch",
+    [("mixtral", 2, "static"), ("qwen2_moe", 2, "local"), ("qwen3_moe", 4, "global"),
+     ("deepseek_v3", 4, "static")],
+)  # fmt: skip
+def test_static_replicated_layout_matches_unsharded(checkpoints, family, ranks, dispatch):
+    """Slots with replicas sharded over ranks, tokens exchanged: same logits and tokens."""
+    path = checkpoints[family]
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    fam = FAMILIES[family]
+    num_experts = fam.num_experts(config)
+    num_layers = sum(fam.is_moe_layer(config, i) for i in range(config.num_hidden_layers))
+    layout = replicated_layout(num_layers, num_experts, num_experts + ranks, ranks, seed=ranks)
+    toks = prompts(2 * ranks + 1)
+    run = RunSpec("replicated", EplbConfig(enable=False, dispatch=dispatch), True, layout=layout)
+    spec = EngineSpec(path, ranks, toks, 5, [run], timeout_s=TIMEOUT)
+    (result,) = run_engine(spec, progress=False)
+    ref_tokens, ref_logits = unsharded(path, toks, 5)
+    assert torch.equal(result.tokens, ref_tokens)
+    torch.testing.assert_close(result.logits, ref_logits, atol=1e-5, rtol=0)
+    # per step every (token, k) entry is served by one GPU
+    k = fam.top_k(config)
+    entries = torch.tensor([toks.numel()] + [toks.shape[0]] * 4, dtype=torch.float64) * k
+    assert torch.equal(result.gpu_loads.sum(-1), entries[:, None].expand(-1, num_layers))
+    assert torch.equal(result.expert_loads.sum(-1), result.gpu_loads.sum(-1))
+
+
+def test_bad_input_fails_before_any_process_starts(checkpoints, monkeypatch, tmp_path):
+    def no_processes(mp):
+        raise AssertionError("a process was about to start")
+
+    monkeypatch.setattr(engine_mod, "_context", no_processes)
+    path = checkpoints["qwen3_moe"]  # 8 experts
+    on = EplbConfig(enable=True, num_redundant_experts=2)
+    with pytest.raises(ValueError, match="EP size 4 does not divide the 10 physical slots"):
+        run_engine(EngineSpec(path, 4, prompts(4), 2, [RunSpec("on", on)]), progress=False)
+    with pytest.raises(ValueError, match="cannot fill ranks=4"):
+        run_engine(EngineSpec(path, 4, prompts(3), 2, [RunSpec("off", EplbConfig(enable=False))]))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="model_type='gpt2' .* is not supported"):
+        run_engine(EngineSpec(str(tmp_path), 2, prompts(2), 2, [RunSpec("off", on)]))
+    with pytest.raises(ValueError, match="trace file .* does not exist"):
+        run_engine(EngineSpec(path, 2, prompts(2), 2, [RunSpec("off", on)], trace_path="/nope.npz"))
