@@ -539,8 +539,9 @@ def check_slot_tensors(tensors: object, name: str = "tensors") -> tuple[int, tor
                 )
         if not _rows_contiguous(t):
             raise ValueError(
-                f"{name}[{i}] must have contiguous slot rows (t[s].is_contiguous()), got "
-                f"shape={tuple(t.shape)} stride={t.stride()}; pass .contiguous() and copy back"
+                f"{name}[{i}] must have contiguous, non-overlapping slot rows "
+                f"(t[s].is_contiguous()), got shape={tuple(t.shape)} stride={t.stride()}; "
+                f"pass .contiguous() and copy back"
             )
     return first.shape[0], first.device
 
