@@ -196,7 +196,7 @@ def _twins():
             {},
             "is on meta",
         ),
-        (lambda: [torch.zeros(3, 4).t()], [0, 1, 2, 3], {}, "contiguous slot rows"),
+        (lambda: [torch.zeros(3, 4).t()], [0, 1, 2, 3], {}, "non-overlapping slot rows"),
         (lambda: [torch.zeros(1, 3).expand(4, 3)], [0, 1, 2, 3], {}, "contiguous"),
         (lambda: [torch.zeros(4, 3)], [0, 1, 2], {}, "new_to_old has 3 entries"),
         (lambda: [torch.zeros(4, 3)], [0, 1, 2, 4], {}, r"new_to_old\[3\] = 4"),
