@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,3 +315,114 @@ def test_convert_load_and_layout(tmp_path, capsys):
                  "--ep-size", "5"]) == 2  # fmt: skip
     assert "not divisible by ep_size=5" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------ against SGLang itself
+# SGLang cannot be installed with its dependencies here, but `pip install --no-deps sglang`
+# (plus torch) imports its expert-location module. The helper below runs in such a venv and
+# loads our files through SGLang's own `compute_initial_expert_location_metadata`, with its
+# global server config replaced by plain namespaces.
+SGLANG_PYTHON = os.environ.get(
+    "EPLB_SGLANG_PYTHON", str(Path(__file__).resolve().parent.parent / ".venv-sglang/bin/python")
+)
+SGLANG_HELPER = r'''
+"""Run inside a venv with sglang: load files with SGLang's own expert-location code."""
+import json
+import sys
+import warnings
+from types import SimpleNamespace
+
+warnings.filterwarnings("ignore")
+import torch  # noqa: E402
+import sglang.srt.eplb.expert_location as el  # noqa: E402
+
+results = []
+for args in json.loads(sys.argv[1]):
+    moe = SimpleNamespace(
+        init_expert_location=None, ep_num_redundant_experts=args["redundant"],
+        ep_dispatch_algorithm="dynamic", moe_a2a_backend="none", ep_join_mode=None,
+        eplb_algorithm=args.get("algorithm", "deepseek"),
+    )
+    el.get_exec = lambda moe=moe: SimpleNamespace(moe=moe)
+    el.get_parallel = lambda args=args: SimpleNamespace(
+        ep_size=args["ep_size"], elastic_ep_initial_size=None, nnodes=args.get("nnodes", 1),
+        tp_size=args["ep_size"],
+    )
+    el.get_device = lambda: SimpleNamespace(device="cpu")
+    config = el.ModelConfigForExpertLocation(
+        num_layers=args["num_layers"], num_logical_experts=args["num_experts"],
+        num_groups=args.get("num_groups"),
+    )
+    el.ModelConfigForExpertLocation.from_model_config = staticmethod(lambda mc, c=config: c)
+    out = {}
+    for key, path in args["files"].items():
+        moe.init_expert_location = path
+        meta = el.compute_initial_expert_location_metadata(model_config=None, moe_ep_rank=0)
+        out[key] = {
+            "phy2log": meta.physical_to_logical_map.tolist(),
+            "log2all": meta.logical_to_all_physical_map.tolist(),
+            "num_valid": meta.logical_to_all_physical_map_num_valid.tolist(),
+        }
+    results.append(out)
+print(json.dumps(results))
+'''
+
+
+def _sglang_load(tmp_path, jobs: list[dict]) -> list[dict]:
+    script = tmp_path / "sgl_load.py"
+    script.write_text(SGLANG_HELPER)
+    done = subprocess.run(
+        [SGLANG_PYTHON, str(script), json.dumps(jobs)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(
+    not os.path.isfile(SGLANG_PYTHON), reason="needs a venv with `pip install --no-deps sglang`"
+)
+def test_sglang_loads_our_layouts_and_dumps(tmp_path):
+    layers, experts, redundant, ep_size = 5, 16, 8, 4
+    cases, jobs = [], []
+    for hierarchical in (False, True):
+        groups, nodes = (4, 2) if hierarchical else (1, 1)
+        g = torch.Generator().manual_seed(11 + hierarchical)
+        count = torch.randint(0, 1000, (6, layers, experts), generator=g, dtype=torch.int64)
+        topology = Topology(experts + redundant, groups, nodes, ep_size)
+        layout = plan(count.float(), topology, policy="deepseek")
+        folder = tmp_path / f"h{int(hierarchical)}"
+        folder.mkdir()
+        write_sglang_layout(folder / "loc.pt", layout)
+        write_sglang_layout(folder / "loc.json", layout)
+        write_sglang_dump(folder / "dump.pt", count)
+        cases.append((folder, layout))
+        jobs.append(
+            dict(
+                files={k: str(folder / k) for k in ("loc.pt", "loc.json", "dump.pt")},
+                redundant=redundant,
+                ep_size=ep_size,
+                num_layers=layers,
+                num_experts=experts,
+                num_groups=groups if hierarchical else None,
+                nnodes=nodes,
+                algorithm="deepseek_hierarchical" if hierarchical else "deepseek",
+            )  # fmt: skip
+        )
+    for (folder, layout), got in zip(cases, _sglang_load(tmp_path, jobs)):
+        width = layout.log2phy.shape[-1]
+        for key in ("loc.pt", "loc.json"):
+            assert torch.equal(torch.tensor(got[key]["phy2log"]), layout.phy2log)
+            log2all = torch.tensor(got[key]["log2all"])  # SGLang pads to P with -1
+            assert (log2all[..., width:] == -1).all()
+            # a phy2log file carries no replica order: both sides list slots in slot order
+            ours = read_sglang_layout(folder / key, ep_size=ep_size)
+            assert torch.equal(log2all[..., :width], ours.log2phy)
+            big = layout.num_slots
+            assert torch.equal(
+                log2all[..., :width].masked_fill(log2all[..., :width] < 0, big).sort(-1).values,
+                layout.log2phy.masked_fill(layout.log2phy < 0, big).sort(-1).values,
+            )
+            assert torch.equal(torch.tensor(got[key]["num_valid"]), layout.logcnt)
+        # our dump through SGLang's start-up planner (its copy of DeepSeek's algorithm)
+        # gives the layout our own DeepSeek policy plans from the same counts
+        assert torch.equal(torch.tensor(got["dump.pt"]["phy2log"]), layout.phy2log)
