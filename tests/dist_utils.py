@@ -103,7 +103,10 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", __name__])
+        # the package and its kernels (Triton) too: imported once, not once per rank
+        _CTX.set_forkserver_preload(
+            ["torch", "torch.distributed", "eplb_plugin", "eplb_plugin.kernels", __name__]
+        )
     return _CTX
 
 
