@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from eplb_plugin.config import EplbConfig  # noqa: E402
 from eplb_plugin.integrations.transformers import apply_eplb, check_checkpoint  # noqa: E402
 from eplb_plugin.integrations.transformers.comm import route_to_ranks  # noqa: E402
 from eplb_plugin.integrations.transformers.engine import (  # noqa: E402
@@ -31,8 +32,6 @@ from eplb_plugin.integrations.transformers.tiny import (  # noqa: E402
     build_tiny_model,
     save_tiny_model,
 )
-
-from eplb_plugin.config import EplbConfig  # noqa: E402
 from eplb_plugin.layout import ExpertLayout, Topology  # noqa: E402
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -189,3 +188,8 @@ def test_synthetic_trace_is_skewed_and_distinct_per_token():
     assert (t.sort(-1).values.diff(dim=-1) > 0).all()  # distinct experts per token
     load = torch.bincount(t[:, 0].reshape(-1), minlength=16).float()
     assert load.max() > 3 * load.mean()
+    # with phases the hot expert of a layer changes along the sequences
+    ids, _ = synthetic_trace(4, 32, 1, 16, 2, skew=2.0, seed=1, phases=2)
+    t = torch.as_tensor(ids.astype("int64")).view(4, 2, 16, 2)  # seqs, phase, pos, k
+    hot = [torch.bincount(t[:, p].reshape(-1), minlength=16).argmax() for p in range(2)]
+    assert hot[0] != hot[1]

@@ -101,7 +101,12 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from eplb_plugin.integrations.transformers.engine import EngineSpec, RunSpec, run_engine
+    from eplb_plugin.integrations.transformers.engine import (
+        EngineSpec,
+        RunSpec,
+        run_engine,
+        validate_spec,
+    )
     from eplb_plugin.integrations.transformers.models import check_checkpoint
 
     _check_args(args)
@@ -123,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
             model_path=model_path, ranks=args.ranks, prompts=prompts, steps=args.steps,
             runs=[RunSpec("EPLB off", off), RunSpec("EPLB on", on)], trace_path=trace_path,
             device=args.device, timeout_s=args.timeout,
+            kernels=os.environ.get("EPLB_KERNELS") or None,
         )  # fmt: skip
+        validate_spec(spec)
         say(
             f"{family.name}: {family.num_experts(config)} experts, top-{family.top_k(config)}, "
             f"on {args.ranks} {args.device} ranks; {args.prompts} sequences x {args.steps} "

@@ -63,6 +63,7 @@ class EngineSpec:
         threads: torch intra-op threads per rank.
         timeout_s: wall-clock limit of the whole launch.
         comm: token exchange backend (``"auto"``, ``"torch"``, ``"deepep"``).
+        kernels: ``EPLB_KERNELS`` for the ranks (``"torch"`` or ``"triton"``; None: inherit).
     """
 
     model_path: str
@@ -75,6 +76,7 @@ class EngineSpec:
     threads: int = 1
     timeout_s: float = 600.0
     comm: str = "auto"
+    kernels: str | None = None
 
 
 @dataclass
@@ -205,6 +207,8 @@ def validate_spec(spec: EngineSpec) -> None:
         )
     if not spec.runs:
         raise ValueError("runs is empty: nothing to do")
+    if spec.kernels not in (None, "torch", "triton"):
+        raise ValueError(f"kernels={spec.kernels!r} must be None, 'torch' or 'triton'")
     family, config = check_checkpoint(spec.model_path)
     vocab = int(config.vocab_size)
     if int(prompts.min()) < 0 or int(prompts.max()) >= vocab:
@@ -233,6 +237,8 @@ def _worker(rank: int, spec: EngineSpec, work: str, events) -> None:
     import torch.distributed as dist
 
     try:
+        if spec.kernels is not None:
+            os.environ["EPLB_KERNELS"] = spec.kernels  # read by the kernel ops at call time
         torch.set_num_threads(spec.threads)
         backend = "nccl" if spec.device == "cuda" else "gloo"
         device = f"cuda:{rank}" if spec.device == "cuda" else "cpu"

@@ -52,6 +52,7 @@ def map_and_count_layer(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Te
 def _global_shares(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
     """[L, P] float32 shares whose row ``layer`` is water-filled from all ranks' counts."""
     import torch.distributed as dist
+
     from eplb_plugin.kernels.waterfill import waterfill_shares
 
     maps = runtime.maps
@@ -166,8 +167,13 @@ def synthetic_trace(
     top_k: int,
     skew: float = 1.2,
     seed: int = 0,
+    phases: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A skewed routing trace: per layer a Zipf(``skew``) popularity over a random expert order.
+
+    With ``phases > 1`` the order is redrawn ``phases`` times along each sequence (positions
+    ``[i * seq_len / phases, (i + 1) * seq_len / phases)`` share one), so the hot experts
+    shift as decoding proceeds.
 
     Returns:
         topk_ids [num_seqs * seq_len, num_layers, top_k] int16 (distinct ids per token),
@@ -175,17 +181,20 @@ def synthetic_trace(
     """
     if top_k > num_experts:
         raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+    if phases < 1 or phases > seq_len:
+        raise ValueError(f"phases={phases} must lie in [1, seq_len={seq_len}]")
     gen = torch.Generator().manual_seed(seed)
     tokens = num_seqs * seq_len
     ranks = torch.arange(1, num_experts + 1, dtype=torch.float64)
     logp = -skew * ranks.log()
+    phase = (torch.arange(seq_len) * phases // seq_len).repeat(num_seqs)  # [tokens]
     out = torch.empty(tokens, num_layers, top_k, dtype=torch.int64)
     for layer in range(num_layers):
-        order = torch.randperm(num_experts, generator=gen)
+        orders = torch.stack([torch.randperm(num_experts, generator=gen) for _ in range(phases)])
         gumbel = (
             -torch.empty(tokens, num_experts, dtype=torch.float64).exponential_(generator=gen).log()
         )
         picks = (logp.unsqueeze(0) + gumbel).topk(top_k, dim=1).indices  # without replacement
-        out[:, layer] = order[picks]
+        out[:, layer] = orders[phase.unsqueeze(1), picks]
     offsets = np.arange(0, tokens + 1, seq_len, dtype=np.int64)
     return out.numpy().astype(np.int16), offsets
