@@ -315,6 +315,9 @@ class Balancer:
             self._due = self.steps + 1
 
     def _advance(self) -> StepReport | None:
+        busy = bool(self._chunks) or self._collect_at is not None
+        while busy and self.steps >= self._due:  # a plan falling due mid-rebalance is skipped
+            self._due += self.config.interval
         if self._chunks:
             return self._run_chunk()
         if self._collect_at is not None and self.steps >= self._collect_at:

@@ -1,0 +1,231 @@
+"""Balancer: the per-step timeline, in-place maps, skips and failures, and end to end on 4
+gloo ranks (routing through map_and_count, planning, broadcast, chunked moves, a failed
+chunk, the load trace)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from dist_utils import run_ranks
+from test_executor import FAKES, make_tensors, topology_for, wrong_slots
+
+from eplb_plugin.balancer import Balancer
+from eplb_plugin.config import EplbConfig
+from eplb_plugin.layout import ExpertLayout, Topology
+from eplb_plugin.policies import register_policy
+
+LAYERS = 3
+
+
+def single_rank(config: EplbConfig, experts: int = 6, slots: int = 9):
+    topo = Topology(slots, num_gpus=1)
+    layout = ExpertLayout.identity(LAYERS, experts, topo)
+    tensors = make_tensors(layout.phy2log, 0, slots)
+    return Balancer(config, layout, tensors), tensors
+
+
+def skewed_ids(gen: torch.Generator, experts: int, tokens: int = 16, top_k: int = 2):
+    probs = 1.0 / torch.arange(1, experts + 1, dtype=torch.float) ** 1.5
+    return torch.multinomial(probs, tokens * top_k, replacement=True, generator=gen).view(
+        tokens, top_k
+    )
+
+
+def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
+    config = EplbConfig(
+        num_redundant_experts=3, window=4, interval=4, plan_delay=2, layers_per_step=1,
+        min_gain=0.0, staging_bytes=1 << 16,
+    )  # fmt: skip
+    bal, tensors = single_rank(config)
+    ptrs = [t.data_ptr() for t in vars(bal.maps).values()]
+    gen = torch.Generator().manual_seed(0)
+    events = {}
+    for _ in range(10):
+        for layer in range(LAYERS):
+            ids = skewed_ids(gen, 6)
+            phys = bal.route(ids, layer)
+            assert torch.equal(bal.maps.phy2log[layer][phys], ids)
+        report = bal.step()
+        if report is not None:
+            events[report.step] = (report.event, report.layers)
+    # due at 4, collected at 6 (chunk 1), then one layer per step
+    assert events == {4: ("planned", []), 6: ("chunk", [0]), 7: ("chunk", [1]), 8: ("done", [2])}
+    assert bal.stats.rebalances == 1 and bal.stats.slots_moved > 0
+    assert [t.data_ptr() for t in vars(bal.maps).values()] == ptrs  # CUDA-graph safe
+    assert not wrong_slots(tensors, bal.layout.phy2log, 0)
+    m, lay = bal.maps, bal.layout
+    assert torch.equal(m.phy2log, lay.phy2log) and torch.equal(m.logcnt, lay.logcnt)
+    assert torch.equal(m.log2phy[:, :, : lay.log2phy.shape[2]], lay.log2phy)
+    assert bool((m.log2phy[:, :, lay.log2phy.shape[2] :] == -1).all())
+    # the heaviest expert got the redundant slots
+    assert int(lay.logcnt[0, 0]) > 1
+
+
+def test_all_layers_in_one_step_and_synchronous_plan():
+    config = EplbConfig(
+        num_redundant_experts=3, window=3, interval=3, plan_delay=0, layers_per_step=0,
+        min_gain=0.0,
+    )  # fmt: skip
+    bal, tensors = single_rank(config)
+    gen = torch.Generator().manual_seed(1)
+    reports = []
+    for _ in range(3):
+        for layer in range(LAYERS):
+            bal.route(skewed_ids(gen, 6), layer)
+        reports.append(bal.step())
+    assert reports[:2] == [None, None]
+    assert reports[2].event == "done" and reports[2].layers == [0, 1, 2]
+    assert not wrong_slots(tensors, bal.layout.phy2log, 0)
+
+
+def test_gain_below_threshold_is_skipped_and_disabled_does_nothing():
+    bal, tensors = single_rank(
+        EplbConfig(num_redundant_experts=3, window=2, interval=2, plan_delay=0, min_gain=0.5)
+    )
+    gen = torch.Generator().manual_seed(2)
+    before = bal.layout.phy2log.clone()
+    for _ in range(4):
+        for layer in range(LAYERS):
+            bal.route(skewed_ids(gen, 6), layer)
+        bal.step()
+    assert bal.stats.skipped == 2 and bal.stats.rebalances == 0
+    assert torch.equal(bal.layout.phy2log, before)
+    off, _ = single_rank(EplbConfig(enable=False, num_redundant_experts=3, interval=1))
+    assert all(off.step() is None for _ in range(3)) and off.recorder.steps == 0
+
+
+def test_a_failing_policy_is_reported_and_serving_continues():
+    def broken(weight, topology, previous=None, **options):
+        raise RuntimeError("policy bug")
+
+    register_policy("test-broken", broken, replace=True)
+    config = EplbConfig(
+        num_redundant_experts=3, window=2, interval=2, plan_delay=1, policy="test-broken"
+    )
+    bal, _ = single_rank(config)
+    gen = torch.Generator().manual_seed(3)
+    events = []
+    for _ in range(6):
+        for layer in range(LAYERS):
+            bal.route(skewed_ids(gen, 6), layer)
+        report = bal.step()
+        events.append(report and report.event)
+    assert events == [None, "planned", "failed", "planned", "failed", "planned"]
+    assert bal.disabled_reason is None and bal.stats.failures == 2
+
+
+def test_bad_construction():
+    topo = Topology(9, num_gpus=1)
+    layout = ExpertLayout.identity(LAYERS, 6, topo)
+    tensors = make_tensors(layout.phy2log, 0, 9)
+    with pytest.raises(ValueError, match="num_redundant_experts"):
+        Balancer(EplbConfig(num_redundant_experts=2), layout, tensors)
+    with pytest.raises(ValueError, match="staging_bytes"):
+        Balancer(EplbConfig(num_redundant_experts=3, staging_bytes=64), layout, tensors)
+    with pytest.raises(ValueError, match="expert_tensors"):
+        Balancer(EplbConfig(num_redundant_experts=3), layout, tensors[:2])
+    with pytest.raises(ValueError, match="world_size"):
+        Balancer(EplbConfig(num_redundant_experts=3), layout, tensors, world_size=2)
+    other = ExpertLayout.identity(LAYERS, 6, Topology(9, num_nodes=1, num_gpus=3))
+    with pytest.raises(ValueError, match="num_gpus"):
+        Balancer(EplbConfig(num_redundant_experts=3), other, make_tensors(other.phy2log, 0, 3))
+
+
+# ------------------------------------------------------------------ 4 ranks, end to end
+def _serve(rank: int, world_size: int, plan_on: str, dispatch: str, communicator: str, trace):
+    comm = None
+    if communicator == "deepep":
+        sys.path.insert(0, FAKES)
+        from eplb_plugin.comm.deepep import DeepEPCommunicator
+
+        comm = DeepEPCommunicator(timeout_s=60, row_bytes=64)
+    topo = topology_for(world_size)
+    experts = topo.num_replicas - 2
+    layout = ExpertLayout.identity(LAYERS, experts, topo)
+    tensors = make_tensors(layout.phy2log, rank, topo.slots_per_gpu)
+    config = EplbConfig(
+        num_redundant_experts=2, num_nodes=topo.num_nodes, window=6, interval=6,
+        plan_delay=1, layers_per_step=1, min_gain=0.01, plan_on=plan_on, dispatch=dispatch,
+        staging_bytes=1 << 16, timeout_s=60,
+    )  # fmt: skip
+    failed_once = []
+
+    def fault(point: str, index: int) -> None:
+        if rank == 1 and point == "pack" and not failed_once:
+            failed_once.append(index)
+            raise RuntimeError("injected")
+
+    bal = Balancer(config, layout, tensors, communicator=comm, fault=fault)
+    gen = torch.Generator().manual_seed(100 + rank)
+    events = []
+    maps_ok = True
+    for step in range(1, 19):
+        for layer in range(LAYERS):
+            ids = skewed_ids(gen, experts)
+            phys = bal.route(ids, layer, seed=step)
+            maps_ok &= bool(torch.equal(bal.maps.phy2log[layer][phys], ids))
+        if step == 18 and trace:
+            dumped = bal.dump_load(trace)
+        report = bal.step()
+        events.append((report.event, report.layers) if report else None)
+    bal.close()
+    return {
+        "events": events,
+        "phy2log": bal.layout.phy2log,
+        "wrong": wrong_slots(tensors, bal.layout.phy2log, rank),
+        "maps_ok": maps_ok,
+        "balancedness": bal.stats.balancedness,
+        "dumped": dumped if trace else None,
+        "disabled": bal.disabled_reason,
+    }
+
+
+@pytest.mark.parametrize(
+    "plan_on,dispatch,communicator",
+    [("rank0", "static", "torch"), ("all", "global", "deepep")],
+)
+def test_four_ranks_end_to_end(tmp_path, plan_on, dispatch, communicator):
+    trace = str(tmp_path / "load.npz") if plan_on == "rank0" else None
+    results = run_ranks(
+        _serve, 4, plan_on, dispatch, communicator, trace,
+        timeout=180, env={"EPLB_KERNELS": "torch"},
+    )  # fmt: skip
+    first = results[0]
+    for rank, r in enumerate(results):
+        assert r["disabled"] is None
+        assert r["events"] == first["events"], f"rank {rank} diverged"
+        assert torch.equal(r["phy2log"], first["phy2log"])
+        assert r["wrong"] == [] and r["maps_ok"]
+    events = {i + 1: e for i, e in enumerate(first["events"]) if e}
+    # plan due at 6, collected at 7: the first chunk fails on rank 1 (injected), every rank
+    # keeps its layout; due again at 12, collected at 13: one layer per step after that
+    assert events[6] == ("planned", []) and events[7] == ("failed", [])
+    assert events[12] == ("planned", [])
+    assert [events[s] for s in (13, 14, 15)] == [("chunk", [0]), ("chunk", [1]), ("done", [2])]
+    for _, before, after in first["balancedness"]:
+        assert after >= before + 0.01
+    identity = ExpertLayout.identity(LAYERS, 10, Topology(12, num_nodes=2, num_gpus=4))
+    assert not torch.equal(first["phy2log"], identity.phy2log)
+    if trace:
+        from eplb_plugin.traces import read_load
+
+        written = read_load(trace)
+        assert written.shape == (6, LAYERS, 10) and torch.equal(written, first["dumped"])
+        # dumped before step 18 is recorded: the window holds steps 12-17 of all 4 ranks,
+        # each routing 16 tokens x top-2 per layer
+        assert float(written.sum()) == 4 * 6 * LAYERS * 16 * 2
+
+
+def test_dist_utils_reports_rank_exceptions():
+    from dist_utils import RankError
+
+    with pytest.raises(RankError, match="boom"):
+        run_ranks(_raise_on_rank_one, 2, timeout=60)
+
+
+def _raise_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("boom")
+    return rank
