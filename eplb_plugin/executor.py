@@ -45,15 +45,8 @@ def kernel_ops():
 
     Imported on first use so that importing the runtime never imports Triton.
     """
-    try:
-        from eplb_plugin.kernels import bytes_per_slot, pack_slots, shuffle_experts, unpack_slots
-    except ImportError:  # the kernels package exports them once issue 4 lands its ops
-        from eplb_plugin.kernels.reference import (
-            bytes_per_slot,
-            pack_slots,
-            shuffle_experts,
-            unpack_slots,
-        )
+    from eplb_plugin.kernels import bytes_per_slot, pack_slots, shuffle_experts, unpack_slots
+
     return shuffle_experts, pack_slots, unpack_slots, bytes_per_slot
 
 
