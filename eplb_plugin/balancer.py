@@ -43,7 +43,7 @@ from .executor import ChunkResult, Executor, FaultHook
 from .layout import ExpertLayout, balancedness_of
 from .policies import plan as plan_layout
 from .recorder import LoadRecorder
-from .transfer import TransferPlan, plan_transfer
+from .transfer import TransferPlan, align_slots, plan_transfer
 
 log = logging.getLogger("eplb_plugin.runtime")
 
@@ -352,6 +352,7 @@ class Balancer:
             return None, 1.0, 1.0
         new = plan_layout(load.to(torch.float32), self.topology, policy=self.config.policy,
                           previous=current)  # fmt: skip
+        new = align_slots(current, new)  # experts staying on a GPU keep their slot
         return new, self.predict(current, load), self.predict(new, load)
 
     def predict(self, layout: ExpertLayout, load: torch.Tensor) -> float:

@@ -304,6 +304,46 @@ def _pick_sender(
     )
 
 
+def align_slots(old: ExpertLayout, new: ExpertLayout) -> ExpertLayout:
+    """``new`` with each GPU's slots reordered so that experts staying on a GPU keep their slot.
+
+    Which of a GPU's slots holds which of its experts does not matter to serving (the maps
+    say where each expert is), so this changes no GPU's set of experts, no load and no
+    balancedness, only how many slots must be rewritten. Replica shares move with their slot.
+
+    Args:
+        old: the layout in force.
+        new: the planned layout (same topology and shape).
+    Returns:
+        A validated ExpertLayout.
+    """
+    if old.phy2log.shape != new.phy2log.shape or old.topology != new.topology:
+        raise ValueError(
+            f"cannot align layouts of shapes {tuple(old.phy2log.shape)} and "
+            f"{tuple(new.phy2log.shape)} (topologies {old.topology} / {new.topology})"
+        )
+    S = new.topology.slots_per_gpu
+    old_rows, new_rows = old.phy2log.tolist(), new.phy2log.tolist()
+    order = []
+    for old_row, new_row in zip(old_rows, new_rows):
+        row_order = []
+        for start in range(0, len(new_row), S):
+            waiting: dict[int, list[int]] = {}
+            for j in range(start, start + S):
+                waiting.setdefault(new_row[j], []).append(j)
+            picked = [
+                waiting[e].pop(0) if waiting.get(e) else -1 for e in old_row[start : start + S]
+            ]
+            rest = iter(sorted(j for js in waiting.values() for j in js))
+            row_order.extend(p if p >= 0 else next(rest) for p in picked)
+        order.append(row_order)
+    index = torch.tensor(order, dtype=torch.int64)
+    return ExpertLayout.from_phy2log(
+        new.phy2log.gather(1, index), new.topology, new.num_experts,
+        replica_share=new.replica_share.gather(1, index),
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------- chunks and rounds
 def min_staging_bytes(topology: Topology, bytes_per_slot: int) -> int:
     """Smallest staging budget that can move any layer: a full rank of received slots + 1."""
@@ -385,6 +425,7 @@ def plan_rounds(plan: TransferPlan, layers: list[int], staging_bytes: int) -> li
 
 __all__ = [
     "LayerActions",
+    "align_slots",
     "Transfer",
     "TransferPlan",
     "chunk_layers",

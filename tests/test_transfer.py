@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eplb_plugin.layout import Topology
+from eplb_plugin.layout import ExpertLayout, Topology
+from eplb_plugin.policies import plan
 from eplb_plugin.transfer import (
+    align_slots,
     chunk_layers,
     min_staging_bytes,
     plan_rounds,
@@ -189,3 +191,31 @@ def test_bad_input():
         plan_transfer(old, old, Topology(num_replicas=8, num_gpus=2), 1)
     with pytest.raises(ValueError, match="phy2log"):
         plan_transfer(old.float(), old, topo, 1)
+
+
+def test_align_slots_keeps_gpu_sets_and_rewrites_fewer_slots():
+    gen = torch.Generator().manual_seed(11)
+    topo = Topology(num_replicas=24, num_groups=4, num_nodes=2, num_gpus=4)
+    load_a = torch.rand(5, 20, generator=gen) ** 3 * 100
+    load_b = load_a * (0.5 + torch.rand(5, 20, generator=gen))
+    old, new = plan(load_a, topo), plan(load_b, topo)
+    aligned = align_slots(old, new)
+    per_gpu = lambda lay: lay.phy2log.view(5, 4, 6).sort(-1).values  # noqa: E731
+    assert torch.equal(per_gpu(aligned), per_gpu(new))
+    assert aligned.balancedness(load_b) == pytest.approx(new.balancedness(load_b))
+    changed = lambda lay: int((lay.phy2log != old.phy2log).sum())  # noqa: E731
+    assert changed(aligned) < changed(new)
+    # only experts that leave a GPU (or arrive on it) cost a slot write
+    for layer in range(5):
+        for g in range(4):
+            o = old.phy2log[layer, g * 6 : (g + 1) * 6].tolist()
+            a = aligned.phy2log[layer, g * 6 : (g + 1) * 6].tolist()
+            kept = sum(min(o.count(e), a.count(e)) for e in set(o))
+            assert sum(x == y for x, y in zip(o, a)) == kept
+
+
+def test_align_slots_undoes_a_permutation_within_each_gpu():
+    topo = Topology(num_replicas=8, num_gpus=2)
+    old = ExpertLayout.from_phy2log(torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1]]), topo, 6)
+    shuffled = ExpertLayout.from_phy2log(torch.tensor([[3, 2, 0, 1, 1, 0, 5, 4]]), topo, 6)
+    assert align_slots(old, shuffled).equals(old)
