@@ -8,7 +8,9 @@ shard per layer), then times, alternating and repeated:
 - ``export[mode]``: ``export_checkpoint`` with a planned layout (with redundant slots, so
   more bytes are written than read) for each copy mode, fsync on.
 
-Throughput = bytes written / wall time; ratio = export throughput / copy throughput.
+Throughput = bytes written / wall time; ratio = export throughput / copy throughput. Runs
+rotate their order and start after ``os.sync()`` so one method's writeback does not slow
+the next.
 Page cache: the source is read warm (it was just written) in both cases: the figures
 compare the write paths, not cold reads.
 
@@ -113,9 +115,13 @@ def main() -> int:
         )
         modes = [m for m in args.modes.split(",") if m]
         results: dict[str, list[float]] = {"copy": [], **{m: [] for m in modes}}
+        labels = ["copy", *modes]
         for rep in range(args.repeats):
-            for label in ["copy", *modes]:
+            # rotate the order so no method always follows the same one, and start each run
+            # with no writeback of an earlier run's files still going on
+            for label in labels[rep % len(labels) :] + labels[: rep % len(labels)]:
                 out = os.path.join(work, f"out-{label}-{rep}")
+                os.sync()
                 start = time.perf_counter()
                 if label == "copy":
                     nbytes = plain_copy(src, out)
