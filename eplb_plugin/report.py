@@ -60,7 +60,7 @@ def write_report_png(
 
     Args:
         path: output .png file (written to a temp file, then renamed).
-        expert_loads: [L, E] tokens per logical expert over the run (EPLB off).
+        expert_loads: [L, E] tokens per logical expert over the run (the same in both runs).
         gpu_before, gpu_after: [G] share of the mean load per GPU without / with EPLB.
         balancedness_off, balancedness_on: per-step balancedness of each run.
         rebalance_steps: first step served by each completed rebalance.
@@ -81,7 +81,7 @@ def write_report_png(
     loads = expert_loads.to(torch.float64)
     share = loads / loads.mean(1, keepdim=True).clamp(min=1e-300)
     image = heat.imshow(share.numpy(), aspect="auto", cmap="magma", interpolation="nearest")
-    heat.set_title("expert load per MoE layer (tokens / layer mean), EPLB off")
+    heat.set_title("expert load per MoE layer over the run (tokens / layer mean)")
     heat.set_xlabel("logical expert")
     heat.set_ylabel("MoE layer")
     heat.set_yticks(range(loads.shape[0]))

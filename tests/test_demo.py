@@ -80,3 +80,16 @@ def test_demo_refuses_unsupported_checkpoint(tmp_path, monkeypatch, capsys):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert main(["demo", "--model", str(tmp_path)]) == 2
     assert "model_type='llama'" in capsys.readouterr().err
+
+
+def test_demo_on_a_local_checkpoint_with_its_own_router(tmp_path, capsys, torch_kernels):
+    from eplb_plugin.integrations.transformers.tiny import save_tiny_model
+
+    path = save_tiny_model("qwen3_moe", str(tmp_path / "qwen3"), seed=4)
+    code = main(["demo", "--model", path, *SMALL, *FAST_EPLB, "--no-report", "--json",
+                 "--eplb-num-redundant-experts", "4"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["family"] == "qwen3_moe" and out["routing"] == "model"
+    assert out["model"] == path and out["tokens_identical"] is True
+    assert len(out["on"]["gpu_share"]) == 2
