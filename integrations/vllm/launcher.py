@@ -153,7 +153,7 @@ def run_vllm(argv: list[str], env: Mapping[str, str]) -> int:
     The plugin is registered here too, so that the API server process and any process
     vLLM forks carry the patches even before vLLM loads its plugins.
     """
-    from .patches import check_version
+    from .patches import check_version, cli_version_workaround
     from .plugin import register
 
     if ENV_CONFIG in env or ENV_POLICY in env:
@@ -163,6 +163,7 @@ def run_vllm(argv: list[str], env: Mapping[str, str]) -> int:
         os.environ.pop(key, None)
     os.environ.update(env)
     register()
+    cli_version_workaround()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     saved = sys.argv

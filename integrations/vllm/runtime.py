@@ -231,17 +231,26 @@ class VllmEplb:
         return report
 
     def _log(self, report: dict) -> None:
+        head = f"eplb-plugin: rank {self.ep_rank} step {report.get('step')}:"
         event = report.get("event")
+        before, after = report.get("balancedness_before"), report.get("balancedness_after")
+        predicted = f"predicted balancedness {_fmt(before)} -> {_fmt(after)}"
         if event == "failed":
-            logger.error("eplb-plugin: rank %d step %d: rebalance chunk failed (layers %s): %s",
-                         self.ep_rank, report.get("step"), report.get("layers"),
-                         report.get("error"))  # fmt: skip
-        elif event in ("done", "skipped", "planned"):
+            logger.error("%s rebalance failed, serving continues on the layout in force: %s",
+                         head, report.get("error"))  # fmt: skip
+        elif event == "skipped":
+            logger.info("%s plan not acted on (%s)", head, predicted)
+        elif event in ("chunk", "done"):
+            moved = report.get("bytes_sent", 0) + report.get("bytes_received", 0)
+            what = "rebalance done" if event == "done" else "rebalance chunk committed"
+            extra = f", {predicted}" if before is not None else ""
+            pause = report.get("pause_s") or 0.0
             logger.info(
-                "eplb-plugin: rank %d step %d: %s (balancedness %s -> %s, pause %.3f s)",
-                self.ep_rank, report.get("step"), event, _fmt(report.get("balancedness_before")),
-                _fmt(report.get("balancedness_after")), report.get("pause_s") or 0.0,
+                "%s %s: layers %s, %d bytes over the network, pause %.3f s%s",
+                head, what, report.get("layers"), moved, pause, extra,
             )  # fmt: skip
+        elif event == "planned":
+            logger.debug("%s load snapshot taken, planning", head)
 
     # ------------------------------------------------------------------ inspection
     def summary(self) -> dict:
