@@ -158,6 +158,10 @@ def test_eplb_rebalances_keep_logits_exact(checkpoints, skewed_trace, family, ra
         assert torch.equal(result.tokens, ref_tokens), result.name
         torch.testing.assert_close(result.logits, ref_logits, atol=1e-5, rtol=0)
     on = results[0]
+    # every step's counts (recorded, then cleared by the Balancer) hold that step's entries
+    entries = torch.tensor([toks.numel()] + [toks.shape[0]] * (steps - 1), dtype=torch.float64)
+    per_layer = (entries * fam.top_k(config))[:, None].expand_as(on.gpu_loads[..., 0])
+    assert torch.equal(on.gpu_loads.sum(-1), per_layer)
     assert on.stats["rebalances"] >= 2 and on.stats["failures"] == 0
     assert on.stats["slots_moved"] > 0 and on.stats["bytes_moved"] > 0
     # the layout in force changed during the run, and more than once

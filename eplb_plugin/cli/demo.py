@@ -98,6 +98,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--timeout={args.timeout} must be positive")
     if args.model is not None and not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a folder")
+    if not args.no_report:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(
+                "the PNG report needs matplotlib (pip install 'eplb-plugin[plot]'); "
+                "or pass --no-report"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,9 +115,10 @@ def run(args: argparse.Namespace) -> int:
         run_engine,
         validate_spec,
     )
-    from eplb_plugin.integrations.transformers.models import check_checkpoint
+    from eplb_plugin.integrations.transformers.models import check_checkpoint, require_transformers
 
     _check_args(args)
+    require_transformers()
     on = demo_config(args)
     off = EplbConfig(**{**on.to_dict(), "enable": False})
     routing = args.routing or ("trace" if args.model is None else "model")

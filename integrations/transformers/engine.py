@@ -384,6 +384,7 @@ def run_engine(spec: EngineSpec, progress: bool = True) -> list[RunResult]:
         ]
         total = spec.steps * len(spec.runs)
         bar = tqdm(total=total, disable=not progress, desc="decode", unit="step", leave=False)
+        bar.set_postfix_str(f"starting {spec.ranks} ranks")
         deadline = time.monotonic() + spec.timeout_s
         done: set[int] = set()
         try:

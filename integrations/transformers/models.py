@@ -92,6 +92,26 @@ FAMILIES: dict[str, MoEFamily] = {
 }
 
 
+def require_transformers() -> str:
+    """The installed transformers version; ValueError unless 5.x or newer is importable.
+
+    The fused experts layout and the router returning ``(logits, weights, indices)`` that
+    the tables describe appeared in transformers 5.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ValueError("the transformers integration needs `pip install 'transformers>=5'`")
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ValueError(
+            f"transformers {transformers.__version__} is installed; the integration needs >= 5"
+        )
+    return transformers.__version__
+
+
 def supported_families() -> list[str]:
     return sorted(FAMILIES)
 
@@ -163,6 +183,7 @@ def check_checkpoint(path: str) -> tuple[MoEFamily, object]:
     Raises ValueError when the family is unsupported or an MoE layer lacks expert tensors
     (``from_pretrained`` would otherwise fill them with random values and only warn).
     """
+    require_transformers()
     import transformers
 
     raw = read_config(path)
