@@ -1,0 +1,503 @@
+"""Every contact with SGLang internals, in one module, for SGLang >=0.5.23,<0.6.
+
+Written against SGLang 0.5.23 (facts in docs/sglang.md). :func:`check_version` refuses any
+other version, and :func:`check_targets` checks that each function patched here still has
+the signature it was written for, so a changed SGLang fails with a clear message instead of
+a wrong patch. What is touched:
+
+Policy swap (SGLang's own EPLB stays on):
+
+- ``sglang.srt.eplb.eplb_algorithms.rebalance_experts`` (replaced; the original answers the
+  algorithms the swap does not take). SGLang's ``ExpertLocationMetadata.init_by_eplb`` looks
+  it up on the module at call time, for its EPLB manager and for ``--init-expert-location``
+  files holding ``logical_count``.
+
+Plugin balancer (SGLang's own EPLB off):
+
+- ``ExpertLocationDispatchInfo.init_new`` (classmethod, wrapped) and
+  ``topk_ids_logical_to_physical`` (wrapped, also where the top-k module imported it by name)
+  in ``sglang.srt.eplb.expert_location_dispatch``: the dispatch hook;
+- ``set_global_expert_distribution_recorder`` in ``sglang.srt.eplb.expert_distribution``
+  (wrapped, also where imported by name): a recorder SGLang installs after the balancer is
+  attached (elastic EP re-creates it) is wrapped in the counting shim too;
+- ``ModelRunner.initialize`` (wrapped: attach the runtime once the model and SGLang's
+  expert-location metadata exist, before CUDA graphs are captured) and ``ModelRunner.forward``
+  (wrapped: begin/end of a pass, then one Balancer step, where SGLang steps its own EPLB
+  manager) in ``sglang.srt.model_executor.model_runner``.
+
+Modules are patched when they are imported (a post-import hook), not by importing them here:
+the plugin runs in SGLang processes that never load a model.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.machinery
+import inspect
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("sglang.eplb_plugin")
+
+SUPPORTED_MIN = (0, 5, 23)
+SUPPORTED_BELOW = (0, 6, 0)
+SUPPORTED_RANGE = ">=0.5.23,<0.6"
+
+ALGORITHMS_MODULE = "sglang.srt.eplb.eplb_algorithms"
+DISPATCH_MODULE = "sglang.srt.eplb.expert_location_dispatch"
+DISTRIBUTION_MODULE = "sglang.srt.eplb.expert_distribution"
+LOCATION_MODULE = "sglang.srt.eplb.expert_location"
+RUNNER_MODULE = "sglang.srt.model_executor.model_runner"
+
+# (module, attribute path, leading parameter names the patch relies on)
+TARGETS = (
+    (ALGORITHMS_MODULE, "rebalance_experts",
+     ("tokens_per_expert", "num_physical_experts", "num_local_physical_experts", "num_groups",
+      "num_nodes", "algorithm")),
+    (DISPATCH_MODULE, "ExpertLocationDispatchInfo.init_new", ("cls", "layer_id", "is_draft")),
+    (DISPATCH_MODULE, "topk_ids_logical_to_physical", ("topk_ids", "info", "log2phy_prob")),
+    (DISTRIBUTION_MODULE, "set_global_expert_distribution_recorder", ("value",)),
+    (RUNNER_MODULE, "ModelRunner.initialize", ("self",)),
+    (RUNNER_MODULE, "ModelRunner.forward", ("self", "forward_batch")),
+)  # fmt: skip
+
+# The attribute a patched function carries (the original is its ``__wrapped__``).
+_MARK = "__eplb_plugin_patch__"
+# The attribute of a ModelRunner that holds its runtime (SglangEplb).
+RUNTIME_ATTR = "_eplb_plugin_runtime"
+
+# The target model runner's runtime of this process (draft runners get none).
+_STATE: dict[str, Any] = {"runtime": None}
+
+
+# ---------------------------------------------------------------------- version
+def parse_version(version: str) -> tuple[int, int, int]:
+    """``"0.5.23"``, ``"0.5.23.post1"``, ``"0.5.24rc0+cu13"`` -> (0, 5, 23) / ... / (0, 5, 24)."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = ""
+        for ch in piece:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            raise ValueError(f"cannot read SGLang version {version!r}")
+        parts.append(int(digits))
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+def version_supported(version: str) -> bool:
+    return SUPPORTED_MIN <= parse_version(version) < SUPPORTED_BELOW
+
+
+def installed_version() -> str:
+    """The installed SGLang's version; ValueError when SGLang is not installed."""
+    import importlib.metadata as metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError as exc:
+        raise ValueError(
+            f"SGLang is not installed in this environment (the SGLang integration needs "
+            f"sglang{SUPPORTED_RANGE})"
+        ) from exc
+
+
+def check_version(version: str | None = None) -> str:
+    """Return the SGLang version, or raise ValueError when the patches were not written for it."""
+    version = installed_version() if version is None else version
+    if not version_supported(version):
+        raise ValueError(
+            f"eplb-plugin's SGLang integration patches SGLang internals and was written for "
+            f"SGLang {SUPPORTED_RANGE}; this environment has SGLang {version}. Install a "
+            "supported SGLang or an eplb-plugin release made for this one."
+        )
+    return version
+
+
+def check_signature(fn: Callable, expected: tuple[str, ...], where: str) -> None:
+    """ValueError unless ``fn``'s leading parameters are ``expected`` (names, in order)."""
+    fn = inspect.unwrap(fn, stop=lambda f: not getattr(f, _MARK, False))
+    params = list(inspect.signature(fn).parameters)
+    if tuple(params[: len(expected)]) != tuple(expected):
+        raise ValueError(
+            f"SGLang's {where} takes ({', '.join(params)}); eplb-plugin's patch was written for "
+            f"({', '.join(expected)}, ...): this SGLang is not one the integration supports"
+        )
+
+
+def resolve(module: Any, path: str) -> tuple[Any, str, Any]:
+    """(owner, attribute name, raw attribute) of ``path`` (``"Cls.method"`` or ``"fn"``)."""
+    owner = module
+    *parents, name = path.split(".")
+    for parent in parents:
+        owner = getattr(owner, parent)
+    raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    return owner, name, raw
+
+
+def check_targets(modules: tuple[str, ...] | None = None) -> None:
+    """Check the signature of every target in the already imported ``modules`` (default:
+    every target module that is imported now)."""
+    for module_name, path, expected in TARGETS:
+        if modules is not None and module_name not in modules:
+            continue
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        try:
+            _, _, raw = resolve(module, path)
+        except (AttributeError, KeyError) as exc:
+            raise ValueError(
+                f"SGLang's {module_name} has no {path}: this SGLang is not one the "
+                "integration supports"
+            ) from exc
+        fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+        check_signature(fn, expected, f"{module_name}.{path}")
+
+
+# ---------------------------------------------------------------------- patching
+def _patched(raw: Any) -> bool:
+    fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
+    return bool(getattr(fn, _MARK, False))
+
+
+def _set(module: Any, path: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace ``module.path`` by ``make(original)`` (idempotent), keeping classmethods
+    classmethods, and rebind modules that imported the original by name."""
+    owner, name, raw = resolve(module, path)
+    if _patched(raw):
+        return
+    is_classmethod = isinstance(raw, classmethod)
+    original = raw.__func__ if is_classmethod else raw
+    new = make(original)
+    functools.update_wrapper(new, original)
+    new.__wrapped__ = original
+    setattr(new, _MARK, True)
+    setattr(owner, name, classmethod(new) if is_classmethod else new)
+    if not is_classmethod and owner is module:
+        _rebind(original, new)
+
+
+def _unset(module: Any, path: str) -> None:
+    owner, name, raw = resolve(module, path)
+    if not _patched(raw):
+        return
+    is_classmethod = isinstance(raw, classmethod)
+    fn = raw.__func__ if is_classmethod else raw
+    original = fn.__wrapped__
+    setattr(owner, name, classmethod(original) if is_classmethod else original)
+    if not is_classmethod and owner is module:
+        _rebind(fn, original)
+
+
+def _rebind(old: Any, new: Any) -> None:
+    """Point SGLang modules' ``from X import name`` bindings of ``old`` at ``new``."""
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is None or not mod_name.startswith("sglang"):
+            continue
+        for attr, value in list(vars(mod).items()):
+            if value is old:
+                setattr(mod, attr, new)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the real loader, then the patch function on the fresh module."""
+
+    def __init__(self, loader: importlib.abc.Loader, patch: Callable[[Any], None]):
+        self._loader = loader
+        self._patch = patch
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        self._patch(module)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Wraps the loader of the modules in ``_PENDING`` so they are patched when imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        patch = _PENDING.get(fullname)
+        if patch is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _PatchingLoader(spec.loader, patch)
+        return spec
+
+
+_PENDING: dict[str, Callable[[Any], None]] = {}
+_FINDER = _PostImportFinder()
+
+
+def _when_imported(name: str, patch: Callable[[Any], None]) -> None:
+    """Run ``patch(module)`` now if module ``name`` is imported, else right after its import."""
+    _PENDING[name] = patch
+    module = sys.modules.get(name)
+    if module is not None:
+        patch(module)
+    elif _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+
+
+# ---------------------------------------------------------------------- policy swap
+def swap_policy(policy: str, algorithms: tuple[str, ...] | None = None) -> None:
+    """Make ``eplb_algorithms.rebalance_experts`` plan with eplb-plugin ``policy``."""
+    from .policy import DEFAULT_ALGORITHMS, make_rebalance_experts
+
+    names = tuple(algorithms or DEFAULT_ALGORITHMS)
+
+    def patch(module: Any) -> None:
+        check_targets((ALGORITHMS_MODULE,))
+        _unset(module, "rebalance_experts")
+        _set(module, "rebalance_experts",
+             lambda orig: make_rebalance_experts(orig, policy, names, current_phy2log))  # fmt: skip
+
+    _when_imported(ALGORITHMS_MODULE, patch)
+
+
+def restore_policy() -> None:
+    """Undo :func:`swap_policy` (SGLang's own algorithms answer again)."""
+    _PENDING.pop(ALGORITHMS_MODULE, None)
+    module = sys.modules.get(ALGORITHMS_MODULE)
+    if module is not None:
+        _unset(module, "rebalance_experts")
+
+
+def current_phy2log() -> Any:
+    """SGLang's ``physical_to_logical_map`` in service ([L, P] on CPU), or None."""
+    module = sys.modules.get(LOCATION_MODULE)
+    if module is None:
+        return None
+    try:
+        metadata = module.get_global_expert_location_metadata()
+    except Exception:  # noqa: BLE001 - no published runtime context: nothing in service
+        return None
+    return None if metadata is None else metadata.physical_to_logical_map_cpu
+
+
+# ---------------------------------------------------------------------- plugin balancer
+def current_runtime() -> Any:
+    return _STATE["runtime"]
+
+
+def install() -> None:
+    """Patch the dispatch, recorder and model-runner hooks (now or at import); idempotent."""
+    _when_imported(DISPATCH_MODULE, _patch_dispatch)
+    _when_imported(DISTRIBUTION_MODULE, _patch_distribution)
+    _when_imported(RUNNER_MODULE, _patch_runner)
+
+
+def uninstall() -> None:
+    """Undo :func:`install` on the modules imported so far (tests; runners keep runtimes)."""
+    for name, paths in (
+        (DISPATCH_MODULE, ("ExpertLocationDispatchInfo.init_new", "topk_ids_logical_to_physical")),
+        (DISTRIBUTION_MODULE, ("set_global_expert_distribution_recorder",)),
+        (RUNNER_MODULE, ("ModelRunner.initialize", "ModelRunner.forward")),
+    ):
+        _PENDING.pop(name, None)
+        module = sys.modules.get(name)
+        if module is not None:
+            for path in paths:
+                _unset(module, path)
+
+
+def _patch_dispatch(module: Any) -> None:
+    check_targets((DISPATCH_MODULE,))
+    info_cls = module.ExpertLocationDispatchInfo
+
+    def wrap_init_new(orig: Callable) -> Callable:
+        def init_new(cls, layer_id, *args, is_draft: bool = False, **kwargs):
+            runtime = current_runtime()
+            if runtime is not None and not is_draft:
+                info = runtime.dispatch_info(layer_id, info_cls)
+                if info is not None:
+                    return info
+            return orig(cls, layer_id, *args, is_draft=is_draft, **kwargs)
+
+        return init_new
+
+    def wrap_map(orig: Callable) -> Callable:
+        from .runtime import route
+
+        def topk_ids_logical_to_physical(topk_ids, info, *args, **kwargs):
+            layer_route = getattr(info, "eplb_plugin", None)
+            if layer_route is not None:
+                return route(topk_ids, layer_route)
+            return orig(topk_ids, info, *args, **kwargs)
+
+        return topk_ids_logical_to_physical
+
+    _set(module, "ExpertLocationDispatchInfo.init_new", wrap_init_new)
+    _set(module, "topk_ids_logical_to_physical", wrap_map)
+
+
+def _patch_distribution(module: Any) -> None:
+    check_targets((DISTRIBUTION_MODULE,))
+
+    def wrap_set(orig: Callable) -> Callable:
+        def set_global_expert_distribution_recorder(value, *args, **kwargs):
+            return orig(shim(value), *args, **kwargs)
+
+        return set_global_expert_distribution_recorder
+
+    _set(module, "set_global_expert_distribution_recorder", wrap_set)
+
+
+def shim(recorder: Any) -> Any:
+    """``recorder`` wrapped in the counting shim of this process's runtime (if any)."""
+    from .runtime import RecorderShim
+
+    runtime = current_runtime()
+    if runtime is None or recorder is None or isinstance(recorder, RecorderShim):
+        return recorder
+    return RecorderShim(recorder, runtime)
+
+
+def _patch_runner(module: Any) -> None:
+    check_targets((RUNNER_MODULE,))
+
+    def wrap_initialize(orig: Callable) -> Callable:
+        def initialize(self, *args, **kwargs):
+            result = orig(self, *args, **kwargs)
+            attach(self)
+            return result
+
+        return initialize
+
+    def wrap_forward(orig: Callable) -> Callable:
+        def forward(self, forward_batch, *args, **kwargs):
+            runtime = getattr(self, RUNTIME_ATTR, None)
+            if runtime is None:
+                return orig(self, forward_batch, *args, **kwargs)
+            runtime.begin_forward(num_tokens(forward_batch))
+            try:
+                output = orig(self, forward_batch, *args, **kwargs)
+            finally:
+                runtime.end_forward()
+            runtime.step()
+            return output
+
+        return forward
+
+    _set(module, "ModelRunner.initialize", wrap_initialize)
+    _set(module, "ModelRunner.forward", wrap_forward)
+
+
+def attach(runner: Any) -> Any:
+    """Give ``runner`` (an SGLang ModelRunner whose model just loaded) the plugin balancer.
+
+    Does nothing for draft runners, when the plugin balancer is off in this process, or when
+    the model has no expert-location support (no metadata / no routed expert weights).
+    """
+    from .plugin import active_config
+    from .runtime import SglangEplb, count_source
+
+    config = active_config()
+    existing = getattr(runner, RUNTIME_ATTR, None)
+    if config is None or existing is not None or getattr(runner, "is_draft_worker", False):
+        return existing
+    location = sys.modules[LOCATION_MODULE]
+    metadata = location.get_global_expert_location_metadata()
+    weights = getattr(getattr(runner, "model", None), "routed_experts_weights_of_layer", None)
+    if metadata is None or not weights:
+        logger.warning(
+            "eplb-plugin: the model has no expert-location metadata or routed expert weights "
+            "(SGLang's get_model_config_for_expert_location); balancer not attached"
+        )
+        return None
+    from sglang.srt.runtime_context import get_exec, get_parallel
+
+    moe = get_exec().moe
+    source = count_source(
+        moe.moe_a2a_backend, moe.deepep_mode, moe.expert_distribution_recorder_mode
+    )
+    ep_rank = int(get_parallel().moe_ep_rank)
+    model_config = runner.model_config
+    expert_config = location.ModelConfigForExpertLocation.from_model_config(model_config)
+    layer_ids = sorted(int(k) for k in weights)
+    runtime = SglangEplb(
+        config, metadata.physical_to_logical_map_cpu, metadata.num_logical_experts, layer_ids,
+        [list(weights[k]) for k in layer_ids], ep_rank, metadata.ep_size,
+        num_groups=getattr(expert_config, "num_groups", None),
+        rank_invariant=moe.moe_a2a_backend in (None, "none"), source=source,
+        group=ep_group(),
+        on_layout=lambda full, ids: refresh_metadata(model_config, full, ids, ep_rank),
+    )  # fmt: skip
+    setattr(runner, RUNTIME_ATTR, runtime)
+    _STATE["runtime"] = runtime
+    distribution = sys.modules.get(DISTRIBUTION_MODULE)
+    if distribution is not None:
+        # the recorder SGLang installed before the model loaded gets the counting shim
+        distribution.set_global_expert_distribution_recorder(
+            distribution.get_global_expert_distribution_recorder()
+        )
+    logger.info(
+        "eplb-plugin: balancer attached on EP rank %d/%d: %d MoE layers, %d experts on %d "
+        "physical slots (%d per rank), dispatch %s, policy %s, counts from %s",
+        ep_rank, metadata.ep_size, len(layer_ids), metadata.num_logical_experts,
+        runtime.topology.num_replicas, runtime.slots_per_gpu, runtime.dispatch, config.policy,
+        source,
+    )  # fmt: skip
+    return runtime
+
+
+def ep_group() -> Any:
+    """The torch.distributed group of SGLang's MoE EP ranks, or None (the world group)."""
+    try:
+        from sglang.srt.distributed.parallel_state import get_moe_ep_group
+
+        return get_moe_ep_group().device_group
+    except Exception:  # noqa: BLE001 - groups not built (single process): the world group
+        return None
+
+
+def refresh_metadata(model_config: Any, phy2log: Any, layer_ids: list[int], ep_rank: int) -> None:
+    """Rebuild SGLang's expert-location metadata for ``layer_ids`` from ``phy2log``
+    ([num_model_layers, P]) in place, with SGLang's own ``init_by_mapping`` and ``update``."""
+    location = sys.modules[LOCATION_MODULE]
+    current = location.get_global_expert_location_metadata()
+    new = location.ExpertLocationMetadata.init_by_mapping(
+        model_config, phy2log, moe_ep_rank=ep_rank
+    )
+    current.update(new, update_layer_ids=list(layer_ids))
+
+
+def num_tokens(forward_batch: Any) -> int:
+    """Tokens this rank routes in a pass: 0 for SGLang's idle (DP-attention) batches."""
+    mode = getattr(forward_batch, "forward_mode", None)
+    is_idle = getattr(mode, "is_idle", None)
+    if callable(is_idle) and is_idle():
+        return 0
+    input_ids = getattr(forward_batch, "input_ids", None)
+    if input_ids is not None and hasattr(input_ids, "shape"):
+        return int(input_ids.shape[0])
+    return int(getattr(forward_batch, "batch_size", 0) or 0)
+
+
+__all__ = [
+    "RUNTIME_ATTR",
+    "attach",
+    "refresh_metadata",
+    "SUPPORTED_RANGE",
+    "TARGETS",
+    "check_signature",
+    "check_targets",
+    "check_version",
+    "current_runtime",
+    "install",
+    "num_tokens",
+    "restore_policy",
+    "swap_policy",
+    "uninstall",
+    "version_supported",
+]
