@@ -132,16 +132,29 @@ class DeepEPAllToAll:
 
     name = "deepep"
 
-    def __init__(self, group: dist.ProcessGroup, world_size: int, slots_per_rank: int, hidden: int):
-        import deep_ep  # noqa: PLC0415 - optional, CUDA only
+    def __init__(
+        self, group: dist.ProcessGroup, world_size: int, slots_per_rank: int, hidden_bytes: int
+    ):
+        from deep_ep import Buffer  # optional, CUDA only
 
         self.world_size = world_size
         self.slots_per_rank = slots_per_rank
         self.num_slots = slots_per_rank * world_size
-        num_nvl_bytes = max(int(1e9), hidden * 2 * 4096 * world_size)
-        self.buffer = deep_ep.Buffer(group, num_nvl_bytes, 0)
+        # DeepEP's own sizing rule: the larger of the dispatch and combine hints
+        nvl, rdma = 0, 0
+        for config in (
+            Buffer.get_dispatch_config(world_size),
+            Buffer.get_combine_config(world_size),
+        ):
+            nvl = max(nvl, config.get_nvl_buffer_size_hint(hidden_bytes, world_size))
+            rdma = max(rdma, config.get_rdma_buffer_size_hint(hidden_bytes, world_size))
+        self.buffer = Buffer(group, nvl, rdma)
 
     def dispatch(self, hidden: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor):
+        """Same contract as ``TorchAllToAll.dispatch``; rows travel in bf16 (DeepEP's
+        normal-mode dtype), so float32 activations are rounded on the way."""
+        self.dtype = hidden.dtype
+        hidden = hidden.to(torch.bfloat16)
         per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(
             slot, self.num_slots
         )
@@ -158,11 +171,11 @@ class DeepEPAllToAll:
         sentinel = recv_idx < 0
         recv_idx = torch.where(sentinel, self.slots_per_rank, recv_idx)
         recv_w = torch.where(sentinel, torch.zeros_like(recv_w), recv_w).to(weight.dtype)
-        return recv_x, recv_idx, recv_w, handle
+        return recv_x.to(self.dtype), recv_idx, recv_w, handle
 
     def combine(self, out: torch.Tensor, handle) -> torch.Tensor:
-        combined, _, _ = self.buffer.combine(out, handle)
-        return combined
+        combined, _, _ = self.buffer.combine(out.to(torch.bfloat16), handle)
+        return combined.to(self.dtype)
 
 
 def make_communicator(
@@ -175,6 +188,9 @@ def make_communicator(
 ):
     """``backend``: "torch", "deepep", or "auto" (DeepEP when on CUDA and importable).
 
+    An explicit "deepep" is taken on any device (DeepEP itself refuses what it cannot run;
+    the tests use a CPU stand-in of ``deep_ep``).
+
     A single rank without an initialized process group exchanges nothing (``LocalExchange``).
     """
     if backend not in ("auto", "torch", "deepep"):
@@ -186,11 +202,10 @@ def make_communicator(
     if backend == "auto":
         backend = "deepep" if device.type == "cuda" and _deep_ep_available() else "torch"
     if backend == "deepep":
-        if device.type != "cuda":
-            raise ValueError(f"comm backend='deepep' needs CUDA tensors, got device={device}")
         if group is None:
             group = dist.group.WORLD
-        return DeepEPAllToAll(group, world_size, slots_per_rank, hidden)
+        # float32 activations at most: 4 bytes per hidden element
+        return DeepEPAllToAll(group, world_size, slots_per_rank, hidden * 4)
     return TorchAllToAll(group, world_size, slots_per_rank)
 
 
