@@ -410,6 +410,7 @@ class Balancer:
         self._plan = plan_transfer(self.layout, target, self.topology, self.bytes_per_slot)
         self._target = target
         self._chunks = self.executor.chunks(self._plan, self.config.layers_per_step)
+        self.executor.reserve(self._plan, self._chunks)  # one arena for the whole rebalance
         # layers whose slots stay put take their new shares now: no weights to wait for
         same = [layer for layer in range(L) if layer not in set(self._plan.layers)]
         self._switch(same)
@@ -432,6 +433,7 @@ class Balancer:
         if not result.ok:
             self._chunks = []
             self._plan = self._target = None
+            self.executor.release()
             self.stats.failures += 1
             report.event, report.error = "failed", result.error
             if result.comm_broken:
@@ -447,6 +449,7 @@ class Balancer:
     def _finish_rebalance(self, report: StepReport) -> StepReport:
         self.stats.rebalances += 1
         self._plan = self._target = None
+        self.executor.release()
         report.event = "done"
         return report
 
@@ -483,6 +486,7 @@ class Balancer:
     def _disable(self, reason: str) -> StepReport:
         self.disabled_reason = reason
         self._chunks = []
+        self.executor.release()
         self._collect_at = None
         log.error("%s; rebalancing is disabled, serving continues on the layout in force", reason)
         return StepReport(step=self.steps, event="failed", error=reason)

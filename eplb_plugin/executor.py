@@ -159,6 +159,7 @@ class Executor:
         self.staging_bytes = staging_bytes
         self.fault = fault
         self.device = expert_tensors[0][0].device
+        self._arena: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ planning
     def chunks(self, plan: TransferPlan, layers_per_step: int) -> list[list[int]]:
@@ -167,19 +168,42 @@ class Executor:
             plan, layers_per_step, self.staging_bytes - self.reserve_bytes + plan.bytes_per_slot
         )
 
+    def _sizes(self, plan: TransferPlan, layers: list[int]):
+        """(rounds, bytes received per round, bytes sent per round, arena bytes) on this rank."""
+        r, bps = self.rank, plan.bytes_per_slot
+        rounds = plan_rounds(plan, layers, self.staging_bytes - self.reserve_bytes + bps)
+        recv_sizes = [bps * sum(1 for t in rnd if t.dst_rank == r) for rnd in rounds]
+        send_sizes = [bps * sum(1 for t in rnd if t.src_rank == r) for rnd in rounds]
+        arena = sum(recv_sizes) + max(max(send_sizes, default=0), self.reserve_bytes)
+        return rounds, recv_sizes, send_sizes, arena
+
+    def reserve(self, plan: TransferPlan, chunks: list[list[int]]) -> int:
+        """Allocate one arena for all ``chunks`` of ``plan`` (the largest any chunk needs).
+
+        Optional: without it each chunk allocates its own. Reusing one arena over the chunks
+        of a rebalance saves an allocation per chunk (on the CPU, fresh pages fault on first
+        touch). Returns its size in bytes; :meth:`release` frees it.
+        """
+        size = max((self._sizes(plan, chunk)[3] for chunk in chunks), default=0)
+        self._arena = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return size
+
+    def release(self) -> None:
+        """Free the arena of :meth:`reserve` (idempotent)."""
+        self._arena = None
+
     # ------------------------------------------------------------------ one chunk
     def run_chunk(self, plan: TransferPlan, layers: list[int]) -> ChunkResult:
         """Stage, vote and commit ``layers`` of ``plan`` on this rank (collective)."""
         start = time.perf_counter()
         r, bps = self.rank, plan.bytes_per_slot
-        budget = self.staging_bytes - self.reserve_bytes + bps
-        rounds = plan_rounds(plan, layers, budget)
-        recv_sizes = [bps * sum(1 for t in rnd if t.dst_rank == r) for rnd in rounds]
-        send_sizes = [bps * sum(1 for t in rnd if t.src_rank == r) for rnd in rounds]
+        rounds, recv_sizes, send_sizes, arena_bytes = self._sizes(plan, layers)
         received = sum(recv_sizes)
-        arena_bytes = received + max(max(send_sizes, default=0), self.reserve_bytes)
         result = ChunkResult(layers=list(layers), ok=False, arena_bytes=arena_bytes)
-        arena = torch.empty(arena_bytes, dtype=torch.uint8, device=self.device)
+        if self._arena is not None and self._arena.numel() >= arena_bytes:
+            arena = self._arena[:arena_bytes]
+        else:
+            arena = torch.empty(arena_bytes, dtype=torch.uint8, device=self.device)
         scratch = arena[received:]
         error: str | None = None
         segments: list[tuple[int, list[Transfer]]] = []  # (arena offset, transfers) per source
