@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `eplb --help` lists them.
-SUBCOMMANDS = ("plan", "export", "verify", "convert", "demo", "vllm", "sglang")
+SUBCOMMANDS = ("plan", "simulate", "export", "verify", "convert", "demo", "vllm", "sglang")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ import torch
 
 from ..layout import ExpertLayout, Topology
 from .deepseek import deepseek_policy
+from .default import default_policy
 
 PolicyFn = Callable[..., ExpertLayout]
 
@@ -135,8 +136,7 @@ def rebalance_experts(
 
 
 register_policy("deepseek", deepseek_policy)
-# Until a better policy is registered under "default", it is DeepSeek's.
-register_policy("default", deepseek_policy)
+register_policy("default", default_policy)
 
 __all__ = [
     "available_policies",

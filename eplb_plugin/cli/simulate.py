@@ -1,0 +1,322 @@
+"""``eplb simulate``: replay a trace through policies and dispatch modes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+
+import torch
+
+from ..dispatch import DISPATCH_MODES
+from ..layout import Topology
+from ..policies import available_policies
+from ..simulate import (
+    DSV2_LITE_EXPERT_BYTES,
+    PREDICTORS,
+    ReplayResult,
+    SimConfig,
+    compare,
+    num_scored_steps,
+    replay,
+)
+from ..traces import is_routing_trace, read_load, read_routing_trace, steps_from_routing_trace
+from .common import add_topology_options, format_table, topology_from_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="replay a routing or load trace through policies and dispatch modes",
+        description="Replay a trace: cut it into steps of --batch-tokens tokens (dealt "
+        "round-robin to the GPUs' ranks), re-plan every --interval steps from the "
+        "predictor, serve each step with the layout in service and the dispatch mode, and "
+        "report the realized balancedness (mean over steps of the mean over layers of mean "
+        "/ max GPU load), slots and bytes moved per rebalance, and plan time.",
+    )
+    p.add_argument(
+        "--trace",
+        required=True,
+        help="routing trace (.npz with topk_ids [T, L, K]) or load trace ([steps, L, E] in "
+        ".pt/.npy/.npz/.safetensors; each rank is then given an equal share of each step)",
+    )
+    add_topology_options(p)
+    p.add_argument("--experts", type=int, help="logical experts E (default: largest id + 1)")
+    p.add_argument("--batch-tokens", type=int, default=256, help="tokens per step (default 256)")
+    p.add_argument("--interval", type=int, default=4, help="steps between re-plans (default 4)")
+    p.add_argument("--window", type=int, default=4, help="past steps each plan sees (default 4)")
+    p.add_argument("--predictor", choices=PREDICTORS, default="window", help="default window")
+    p.add_argument("--ema-decay", type=float, default=0.8, help="ema weight per step (0.8)")
+    p.add_argument(
+        "--policy",
+        default="default",
+        help=f"policy, or a comma-separated list ({', '.join(available_policies())})",
+    )
+    p.add_argument(
+        "--dispatch",
+        default="global",
+        help=f"dispatch mode, or a comma-separated list ({', '.join(DISPATCH_MODES)}); "
+        "default global",
+    )
+    p.add_argument(
+        "--phase",
+        choices=("prefill", "decode"),
+        help="deployment phase preset of the default policy: prefill = hierarchical "
+        "placement (groups kept within nodes), decode = global placement",
+    )
+    p.add_argument(
+        "--migrate",
+        action="store_true",
+        help="migration-aware planning: pass the layout in service to the policy",
+    )
+    p.add_argument(
+        "--max-moved",
+        type=float,
+        default=0.25,
+        help="with --migrate: largest fraction of slots one rebalance may move (0.25)",
+    )
+    p.add_argument(
+        "--migration-cost",
+        type=float,
+        default=0.0,
+        help="with --migrate: balancedness points a layer must gain per layer-full of "
+        "slots it moves (0)",
+    )
+    p.add_argument(
+        "--bytes-per-slot",
+        type=int,
+        default=DSV2_LITE_EXPERT_BYTES,
+        help=f"bytes of one expert's weights (default {DSV2_LITE_EXPERT_BYTES}: a "
+        "DeepSeek-V2-Lite expert in bf16)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run the vLLM/SGLang baseline (deepseek, window sum, static uniform) and "
+        "an oracle (deepseek on each step's own counts); report the share of the gap closed",
+    )
+    p.add_argument("--plot", help="write a PNG of balancedness over steps here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _split(value: str, name: str, allowed: list[str] | tuple[str, ...]) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"--{name} is empty")
+    for item in items:
+        if item not in allowed:
+            raise ValueError(f"--{name} {item!r} is not one of {', '.join(allowed)}")
+    return items
+
+
+def load_rank_counts(args: argparse.Namespace, topology: Topology) -> torch.Tensor:
+    """[S, R, L, E] per-step, per-rank counts from a routing or a load trace."""
+    if is_routing_trace(args.trace):
+        trace = read_routing_trace(args.trace)
+        return steps_from_routing_trace(
+            trace.topk_ids, args.batch_tokens, topology.num_gpus, args.experts
+        )
+    load = read_load(args.trace)
+    if load.dim() != 3:
+        raise ValueError(
+            f"--trace {args.trace!r}: a load trace must be [steps, layers, experts], got "
+            f"shape {tuple(load.shape)}"
+        )
+    if args.experts is not None and load.shape[2] != args.experts:
+        raise ValueError(f"--experts {args.experts} but the load trace has {load.shape[2]}")
+    ranks = topology.num_gpus
+    return (load / ranks).unsqueeze(1).expand(-1, ranks, -1, -1).contiguous()
+
+
+def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
+    policies = _split(args.policy, "policy", available_policies())
+    modes = _split(args.dispatch, "dispatch", DISPATCH_MODES)
+    configs = []
+    for policy in policies:
+        options: dict = {}
+        if policy == "default":
+            if args.phase:
+                options["phase"] = args.phase
+            if args.migrate:
+                options.update(max_moved=args.max_moved, migration_cost=args.migration_cost)
+        for mode in modes:
+            configs.append(
+                SimConfig(
+                    policy=policy,
+                    dispatch=mode,
+                    interval=args.interval,
+                    window=args.window,
+                    predictor=args.predictor,
+                    ema_decay=args.ema_decay,
+                    migrate=args.migrate,
+                    bytes_per_slot=args.bytes_per_slot,
+                    policy_options=dict(options),
+                )  # fmt: skip
+            )
+    return configs
+
+
+def run(args: argparse.Namespace) -> int:
+    # the replay runs many small tensor ops: extra intra-op threads only add overhead
+    torch.set_num_threads(1)
+    topology = topology_from_args(args)
+    configs = configs_from_args(args)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        raise ValueError(f"--plot {args.plot!r} must end with .png")
+    if args.plot:
+        _check_writable(args.plot)
+    rank_counts = load_rank_counts(args, topology)
+    topology.check_experts(rank_counts.shape[-1])
+    scored = num_scored_steps(rank_counts.shape[0], configs[0])
+    if scored == 0:
+        raise ValueError(
+            f"the trace has {rank_counts.shape[0]} steps of {args.batch_tokens} tokens; "
+            f"--window {args.window} leaves none to score"
+        )
+    runs = len(configs) + (2 if args.compare else 0)
+    progress = _progress(scored * runs, disable=args.no_progress)
+    try:
+        if args.compare:
+            outcome = compare(rank_counts, topology, configs, progress.update)
+            results = [outcome["baseline"], outcome["oracle"], *outcome["results"]]
+            gaps = [0.0, 1.0, *outcome["gap_closed"]]
+        else:
+            results = [replay(rank_counts, topology, c, progress.update) for c in configs]
+            gaps = None
+    finally:
+        progress.close()
+    summary = _summary(args, topology, rank_counts, results, gaps)
+    if args.plot:
+        write_plot(args.plot, results, summary["title"], args.interval)
+        summary["plot"] = args.plot
+    if args.json:
+        summary["per_step"] = {r.label: r.balancedness.tolist() for r in results}
+        summary["steps"] = results[0].steps
+        print(json.dumps(summary, indent=2))
+        return 0
+    _print(summary, args)
+    return 0
+
+
+def _progress(total: int, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="simulate", unit="step", disable=disable, leave=False)
+
+
+def _summary(
+    args: argparse.Namespace,
+    topology: Topology,
+    rank_counts: torch.Tensor,
+    results: list[ReplayResult],
+    gaps: list[float] | None,
+) -> dict:
+    steps, ranks, layers, experts = rank_counts.shape
+    rows = []
+    for i, result in enumerate(results):
+        row = result.summary()
+        if gaps is not None:
+            row["gap_closed"] = None if math.isnan(gaps[i]) else gaps[i]
+        rows.append(row)
+    title = (
+        f"{os.path.basename(args.trace)}: {layers} layers x {experts} experts -> "
+        f"{topology.num_replicas} slots on {topology.num_gpus} GPUs, B={args.batch_tokens}, "
+        f"N={args.interval}, W={args.window}, {args.predictor}"
+    )
+    return {
+        "title": title,
+        "trace": args.trace,
+        "topology": topology.to_dict(),
+        "steps": steps,
+        "scored_steps": num_scored_steps(steps, SimConfig(window=args.window)),
+        "batch_tokens": args.batch_tokens,
+        "interval": args.interval,
+        "window": args.window,
+        "predictor": args.predictor,
+        "bytes_per_slot": args.bytes_per_slot,
+        "results": rows,
+    }
+
+
+def _print(summary: dict, args: argparse.Namespace) -> None:
+    print(summary["title"])
+    print(f"{summary['scored_steps']} of {summary['steps']} steps scored (the first window fills)")
+    header = ["policy/dispatch", "balancedness"]
+    compare_mode = "gap_closed" in summary["results"][0]
+    if compare_mode:
+        header.append("gap closed")
+    header += ["slots moved/rebal", "% slots", "GB moved/rebal", "plan ms (median)"]
+    rows = []
+    for r in summary["results"]:
+        row: list[object] = [r["label"], r["balancedness"]]
+        if compare_mode:
+            gap = r["gap_closed"]
+            row.append("n/a" if gap is None else f"{100 * gap:.1f}%")
+        oracle = r["label"].startswith("oracle")
+        row += [
+            "-" if oracle else f"{r['slots_moved_per_rebalance']:.1f}",
+            "-" if oracle else f"{100 * r['slots_moved_fraction']:.1f}",
+            "-" if oracle else f"{r['bytes_moved_per_rebalance'] / 1e9:.2f}",
+            f"{r['plan_ms_median']:.1f}",
+        ]
+        rows.append(row)
+    print(format_table(header, rows))
+    print(
+        "slots moved: per rebalance after the first (the first replaces the starting layout); "
+        f"bytes at {args.bytes_per_slot} per slot"
+    )
+    if args.plot:
+        print(f"plot written to {args.plot}")
+
+
+def _check_writable(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--plot {path!r}: folder {folder!r} does not exist")
+
+
+def write_plot(path: str, results: list[ReplayResult], title: str, interval: int = 1) -> None:
+    """Balancedness over steps, one line per result, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
+    styles = {"baseline": ("#888888", "--"), "oracle": ("#222222", ":")}
+    for result in results:
+        key = next((k for k in styles if result.label.startswith(k)), None)
+        color, line = styles.get(key, (None, "-"))
+        mean = result.mean
+        ax.plot(
+            result.steps, result.balancedness.numpy(), line, color=color, linewidth=1.6,
+            label=f"{result.label}  (mean {mean:.3f})",
+        )  # fmt: skip
+    if results:
+        # re-plans happen every `interval` steps from the first scored step
+        steps = results[0].steps
+        for step in steps[:: max(interval, 1)]:
+            ax.axvline(step, color="#cccccc", linewidth=0.6, zorder=0)
+    ax.set_xlabel("step (grey lines: re-plans)")
+    ax.set_ylabel("balancedness (mean / max GPU load)")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(top=1.0)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)

@@ -1,0 +1,267 @@
+"""Replay simulator: what a policy and a dispatch mode realize on a real, shifting load.
+
+The trace is a sequence of steps of per-rank counts ``[S, R, L, E]`` (see
+:func:`eplb_plugin.traces.steps_from_routing_trace`). Every ``interval`` steps a new layout
+is planned from the ``window`` steps before it (as an engine re-plans from its recorder);
+each step is served by the layout then in service and the chosen dispatch mode, and scored
+by its realized balancedness: the mean over layers of mean GPU load / max GPU load.
+
+Two references frame every result (``compare``):
+
+- the vLLM/SGLang **baseline**: DeepSeek's policy on the window sum, static uniform split;
+- an **oracle**: DeepSeek's policy planned on each step's own counts (knows the future).
+
+``gap_closed = (b - baseline) / (oracle - baseline)`` says how much of the loss to shifting
+loads a configuration wins back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads
+from .layout import ExpertLayout, Topology
+from .policies import get_policy, plan
+
+PREDICTORS = ("window", "ema")
+# DeepSeek-V2-Lite routed expert in bf16: gate, up (2048 x 1408) and down (1408 x 2048).
+DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
+
+
+@dataclass
+class SimConfig:
+    """How the replay re-plans and serves.
+
+    Attributes:
+        policy: registered policy name.
+        dispatch: ``static``, ``local`` or ``global``.
+        interval: steps between re-plans (N).
+        window: past steps each plan sees (W).
+        predictor: ``window`` (the window's sum) or ``ema`` (exponential moving average of
+            all past steps, ``ema_decay`` per step, scaled to a window's worth of steps).
+        ema_decay: weight kept per step by the ``ema`` predictor, in (0, 1).
+        migrate: pass the layout in service as ``previous=`` (migration-aware planning).
+        bytes_per_slot: bytes of one expert's weights, to report bytes moved.
+        policy_options: extra keyword options for the policy.
+        waterfill_iters: water-fill sweeps of ``local``/``global`` dispatch.
+    """
+
+    policy: str = "default"
+    dispatch: str = "static"
+    interval: int = 4
+    window: int = 4
+    predictor: str = "window"
+    ema_decay: float = 0.8
+    migrate: bool = False
+    bytes_per_slot: int = DSV2_LITE_EXPERT_BYTES
+    policy_options: dict = field(default_factory=dict)
+    waterfill_iters: int = WATERFILL_ITERS
+
+    def __post_init__(self) -> None:
+        get_policy(self.policy)
+        check_dispatch(self.dispatch)
+        for name in ("interval", "window", "waterfill_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if not isinstance(self.ema_decay, (int, float)) or not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay!r}")
+        if isinstance(self.bytes_per_slot, bool) or not isinstance(self.bytes_per_slot, int):
+            raise ValueError(f"bytes_per_slot must be an integer, got {self.bytes_per_slot!r}")
+        if self.bytes_per_slot < 0:
+            raise ValueError(f"bytes_per_slot must be >= 0, got {self.bytes_per_slot}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy}/{self.dispatch}" + ("+migrate" if self.migrate else "")
+
+
+@dataclass
+class ReplayResult:
+    """What one configuration realized.
+
+    Attributes:
+        label: ``policy/dispatch``.
+        steps: indices of the scored steps.
+        balancedness: [scored steps] float64 realized balancedness per step.
+        slots_moved: slots whose expert changed at each rebalance after the first.
+        plan_ms: wall time of each plan, milliseconds.
+    """
+
+    label: str
+    steps: list[int]
+    balancedness: torch.Tensor
+    slots_moved: list[int]
+    plan_ms: list[float]
+    num_slots: int = 0
+    bytes_per_slot: int = 0
+
+    @property
+    def mean(self) -> float:
+        return float(self.balancedness.mean()) if self.balancedness.numel() else math.nan
+
+    def summary(self) -> dict:
+        moved = self.slots_moved
+        mean_moved = sum(moved) / len(moved) if moved else 0.0
+        times = sorted(self.plan_ms)
+        return {
+            "label": self.label,
+            "balancedness": self.mean,
+            "rebalances": len(self.plan_ms),
+            "slots_moved_per_rebalance": mean_moved,
+            "slots_moved_fraction": mean_moved / self.num_slots if self.num_slots else 0.0,
+            "max_slots_moved_fraction": max(moved) / self.num_slots if moved else 0.0,
+            "bytes_moved_per_rebalance": mean_moved * self.bytes_per_slot,
+            "plan_ms_median": times[len(times) // 2] if times else 0.0,
+            "plan_ms_mean": sum(times) / len(times) if times else 0.0,
+        }
+
+
+def step_balancedness(gpu_loads: torch.Tensor) -> torch.Tensor:
+    """[..., L, G] GPU loads -> [...] mean over layers of mean/max (idle layers count 1)."""
+    loads = gpu_loads.to(torch.float64)
+    peak = loads.amax(-1)
+    ratio = torch.where(peak > 0, loads.mean(-1) / peak.clamp(min=1e-300), torch.ones_like(peak))
+    return ratio.mean(-1)
+
+
+def first_scored_step(config: SimConfig) -> int:
+    """Steps before this one only fill the first window; scoring starts here."""
+    return config.window
+
+
+def predict(history: torch.Tensor, config: SimConfig) -> torch.Tensor:
+    """The load a plan is made from.
+
+    Args:
+        history: [s, L, E] all-rank counts of the steps so far (s >= 1).
+    Returns:
+        ``window``: [W', L, E] float32, the last W steps (``plan`` sums them, and policies
+        that model the step-to-step variation use them one by one);
+        ``ema``: [L, E] float32, the exponential moving average of all steps so far
+        (``ema_decay`` per step), scaled to W steps.
+    """
+    if config.predictor == "window":
+        return history[-config.window :]
+    age = torch.arange(history.shape[0] - 1, -1, -1, dtype=torch.float64)
+    weights = config.ema_decay**age
+    weights = weights / weights.sum() * min(config.window, history.shape[0])
+    return (history.double() * weights.view(-1, 1, 1)).sum(0).to(torch.float32)
+
+
+def replay(
+    rank_counts: torch.Tensor,
+    topology: Topology,
+    config: SimConfig,
+    progress: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """Replay one configuration.
+
+    Args:
+        rank_counts: [S, R, L, E] per-step, per-rank logical counts.
+        topology: the deployment.
+        config: policy, dispatch mode, cadence.
+        progress: called with 1 after each simulated step.
+    """
+    totals = rank_counts.sum(1)  # [S, L, E]
+    start = first_scored_step(config)
+    layout: ExpertLayout | None = None
+    scores, moved, times = [], [], []
+    for step in range(start, rank_counts.shape[0]):
+        if (step - start) % config.interval == 0:
+            load = predict(totals[:step], config)
+            previous = layout if config.migrate else None
+            tic = time.perf_counter()
+            new = plan(
+                load, topology, config.policy, previous=previous,
+                dispatch=config.dispatch, **config.policy_options,
+            )  # fmt: skip
+            times.append((time.perf_counter() - tic) * 1e3)
+            if layout is not None:
+                moved.append(int(new.diff(layout).sum()))
+            layout = new
+        loads = slot_loads(layout, rank_counts[step], config.dispatch, config.waterfill_iters)
+        scores.append(float(step_balancedness(gpu_loads_of(layout, loads))))
+        if progress is not None:
+            progress(1)
+    return ReplayResult(
+        config.label, list(range(start, rank_counts.shape[0])),
+        torch.tensor(scores, dtype=torch.float64), moved, times,
+        rank_counts.shape[2] * topology.num_replicas, config.bytes_per_slot,
+    )  # fmt: skip
+
+
+def oracle(
+    rank_counts: torch.Tensor,
+    topology: Topology,
+    config: SimConfig,
+    progress: Callable[[int], None] | None = None,
+) -> ReplayResult:
+    """DeepSeek's policy planned on each scored step's own counts, static uniform split."""
+    totals = rank_counts.sum(1)
+    start = first_scored_step(config)
+    scores, times = [], []
+    for step in range(start, rank_counts.shape[0]):
+        tic = time.perf_counter()
+        layout = plan(totals[step], topology, "deepseek")
+        times.append((time.perf_counter() - tic) * 1e3)
+        scores.append(float(step_balancedness(layout.gpu_loads(totals[step]))))
+        if progress is not None:
+            progress(1)
+    return ReplayResult(
+        "oracle (deepseek on each step's own counts)", list(range(start, rank_counts.shape[0])),
+        torch.tensor(scores, dtype=torch.float64), [], times,
+        rank_counts.shape[2] * topology.num_replicas, config.bytes_per_slot,
+    )  # fmt: skip
+
+
+def baseline_config(config: SimConfig) -> SimConfig:
+    """vLLM/SGLang: DeepSeek's policy on the window sum, static uniform split."""
+    return SimConfig(
+        policy="deepseek", dispatch="static", interval=config.interval, window=config.window,
+        predictor="window", bytes_per_slot=config.bytes_per_slot,
+    )  # fmt: skip
+
+
+def gap_closed(value: float, baseline: float, best: float) -> float:
+    """Share of the baseline-to-oracle gap that ``value`` closes (nan if there is no gap)."""
+    gap = best - baseline
+    return (value - baseline) / gap if gap > 1e-12 else math.nan
+
+
+def compare(
+    rank_counts: torch.Tensor,
+    topology: Topology,
+    configs: Iterable[SimConfig],
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Baseline, oracle and each configuration on the same steps.
+
+    Returns:
+        ``{"baseline": ReplayResult, "oracle": ReplayResult, "results": [ReplayResult],
+        "gap_closed": [float]}`` (one gap share per configuration).
+    """
+    configs = list(configs)
+    if not configs:
+        raise ValueError("compare needs at least one configuration")
+    base = replay(rank_counts, topology, baseline_config(configs[0]), progress)
+    base.label = "baseline (deepseek/static, window sum)"
+    best = oracle(rank_counts, topology, configs[0], progress)
+    results = [replay(rank_counts, topology, c, progress) for c in configs]
+    return {
+        "baseline": base,
+        "oracle": best,
+        "results": results,
+        "gap_closed": [gap_closed(r.mean, base.mean, best.mean) for r in results],
+    }
+
+
+def num_scored_steps(num_steps: int, config: SimConfig) -> int:
+    return max(num_steps - first_scored_step(config), 0)
