@@ -304,6 +304,9 @@ class Balancer:
             report = self._advance()
         except CommError as exc:
             report = self._disable(f"rank {self.rank}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a balancer bug must not take serving down
+            log.exception("rank %d: balancer step %d failed", self.rank, self.steps)
+            report = self._disable(f"rank {self.rank}: {type(exc).__name__}: {exc}")
         if report is not None:
             report.pause_s = time.perf_counter() - start
             self.stats.longest_pause_s = max(self.stats.longest_pause_s, report.pause_s)

@@ -116,6 +116,26 @@ def test_a_failing_policy_is_reported_and_serving_continues():
     assert bal.disabled_reason is None and bal.stats.failures == 2
 
 
+def test_an_unexpected_error_disables_rebalancing_but_not_serving():
+    config = EplbConfig(num_redundant_experts=3, window=2, interval=2, plan_delay=0, min_gain=0)
+    bal, tensors = single_rank(config)
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("executor bug")
+
+    bal.executor.run_chunk = bug
+    gen = torch.Generator().manual_seed(4)
+    reports = []
+    for _ in range(5):
+        for layer in range(LAYERS):
+            bal.route(skewed_ids(gen, 6), layer)
+        reports.append(bal.step())
+    assert reports[1].event == "failed" and "executor bug" in reports[1].error
+    assert "executor bug" in bal.disabled_reason
+    assert reports[2:] == [None, None, None] and bal.recorder.steps == 5
+    assert not wrong_slots(tensors, bal.layout.phy2log, 0)
+
+
 def test_bad_construction():
     topo = Topology(9, num_gpus=1)
     layout = ExpertLayout.identity(LAYERS, 6, topo)

@@ -57,6 +57,9 @@ def test_rebalance_mid_window_converts_each_step_with_its_own_layout():
         rec.record()
     assert torch.equal(rec.logical_window(), truth.float())
     assert torch.equal(rec.logical_load(), truth.sum(0).double())
+    per_gpu = rec.slot_window().double().sum(0).view(L, 2, P // 2).sum(-1)
+    assert torch.equal(rec.gpu_loads(2), per_gpu)
+    assert torch.equal(rec.gpu_loads(2).sum(-1), truth.sum((0, 2)).double())
     # the same slot counts read through one layout only would be wrong
     naive = torch.zeros(L, E, dtype=torch.float64)
     naive.scatter_add_(1, b.phy2log, rec.slot_window().double().sum(0))
