@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eplb_plugin.kernels.waterfill import waterfill_shares
 
 from eplb_plugin import ExpertLayout, Topology, plan, slot_loads
 from eplb_plugin.dispatch import dispatch_shares, gpu_loads_of
+from eplb_plugin.kernels.waterfill import waterfill_shares
 from eplb_plugin.traces import steps_from_routing_trace, synthetic_routing_trace
 
 

@@ -6,9 +6,9 @@ import collections
 
 import pytest
 import torch
-from eplb_plugin.kernels.waterfill import waterfill_shares
 
 from eplb_plugin import ExpertLayout, Topology, plan
+from eplb_plugin.kernels.waterfill import waterfill_shares
 
 
 def _call(layout: ExpertLayout, counts: torch.Tensor, iters: int = 8) -> torch.Tensor:

@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         summary["plot"] = args.plot
     if args.json:
         summary["per_step"] = {r.label: r.balancedness.tolist() for r in results}
-        summary["steps"] = results[0].steps
+        summary["step_index"] = results[0].steps
         print(json.dumps(summary, indent=2))
         return 0
     _print(summary, args)
