@@ -19,6 +19,9 @@ need no messages):
 - ``plan_delay`` steps later it is *collected*: rank 0 broadcasts the new layout (or every
   rank takes its own deterministic result); if the predicted balancedness gain is below
   ``min_gain``, nothing moves;
+- the move is *prepared* off the critical path (transfer plan, chunks, staging arena): for
+  ``plan_on="all"`` together with the plan, for ``"rank0"`` on every rank after the
+  broadcast, moving from ``plan_delay`` steps later;
 - from then on, one chunk of ``layers_per_step`` layers per step is staged, voted and
   committed (``eplb_plugin.executor``); the maps of a chunk's layers switch in place, right
   after every rank staged it. A failed chunk leaves every rank on the old layout for its
@@ -75,9 +78,11 @@ class StepReport:
     Attributes:
         step: engine step index (number of ``step()`` calls so far, starting at 1).
         event: ``"planned"`` (load snapshot taken, plan started), ``"skipped"`` (plan
-            collected, predicted gain below ``min_gain`` or nothing to move), ``"chunk"``
-            (a chunk of layers moved and committed), ``"done"`` (the last chunk committed),
-            ``"failed"`` (a chunk was abandoned; every rank kept its old layout for it).
+            collected, predicted gain below ``min_gain`` or nothing to move),
+            ``"collected"`` (plan accepted; the move is being prepared in the background and
+            starts ``plan_delay`` steps later), ``"chunk"`` (a chunk of layers moved and
+            committed), ``"done"`` (the last chunk committed), ``"failed"`` (planning failed,
+            or a chunk was abandoned: every rank kept its old layout for its layers).
         layers: layers committed in this step.
         bytes_sent: bytes this rank sent in this step.
         bytes_received: bytes this rank received in this step.
@@ -232,7 +237,8 @@ class Balancer:
         self._plan: TransferPlan | None = None
         self._target: ExpertLayout | None = None
         self._chunks: list[list[int]] = []
-        self._pending_report: StepReport | None = None
+        self._prepared: Future | None = None  # -> (TransferPlan, chunks, arena)
+        self._move_at: int | None = None
         self.disabled_reason: str | None = None
         self._closed = False
 
@@ -314,15 +320,19 @@ class Balancer:
 
     def request_rebalance(self) -> None:
         """Make the plan due at the next step (call on every rank in the same step)."""
-        if self._future is None and not self._chunks:
+        if not self._busy():
             self._due = self.steps + 1
 
+    def _busy(self) -> bool:
+        return bool(self._chunks) or self._collect_at is not None or self._move_at is not None
+
     def _advance(self) -> StepReport | None:
-        busy = bool(self._chunks) or self._collect_at is not None
-        while busy and self.steps >= self._due:  # a plan falling due mid-rebalance is skipped
+        while self._busy() and self.steps >= self._due:  # due mid-rebalance: skipped
             self._due += self.config.interval
         if self._chunks:
             return self._run_chunk()
+        if self._move_at is not None and self.steps >= self._move_at:
+            return self._start_moving()
         if self._collect_at is not None and self.steps >= self._collect_at:
             return self._collect()
         if self._collect_at is None and self.steps >= self._due:
@@ -342,21 +352,35 @@ class Balancer:
                 self._future = Future()
                 self._future.set_result(self._compute_plan(load, self.layout))
             else:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="eplb-plan")
-                self._future = self._pool.submit(self._compute_plan, load, self.layout)
+                self._future = self._background(self._compute_plan, load, self.layout)
         return StepReport(step=self.steps, event="planned")
 
-    def _compute_plan(
-        self, load: torch.Tensor, current: ExpertLayout
-    ) -> tuple[ExpertLayout | None, float, float]:
-        """(new layout or None, predicted balancedness now, with the new layout)."""
+    def _compute_plan(self, load: torch.Tensor, current: ExpertLayout) -> tuple:
+        """Background: (new layout or None, predicted balancedness now, with the new layout,
+        prepared move or None). With ``plan_on="all"`` the move is prepared here too."""
         if float(load.sum()) <= 0:
-            return None, 1.0, 1.0
+            return None, 1.0, 1.0, None
         new = plan_layout(load.to(torch.float32), self.topology, policy=self.config.policy,
                           previous=current)  # fmt: skip
         new = align_slots(current, new)  # experts staying on a GPU keep their slot
-        return new, self.predict(current, load), self.predict(new, load)
+        before, after = self.predict(current, load), self.predict(new, load)
+        prepared = None
+        if self.config.plan_on == "all" and self._worth_it(new, current, before, after):
+            prepared = self._prepare(current.phy2log, new)
+        return new, before, after, prepared
+
+    def _worth_it(self, new: ExpertLayout, current: ExpertLayout, before: float, after: float):
+        differs = not (
+            torch.equal(new.phy2log, current.phy2log)
+            and torch.equal(new.replica_share, current.replica_share)
+        )
+        return differs and after - before >= self.config.min_gain
+
+    def _prepare(self, phy2log: torch.Tensor, target: ExpertLayout) -> tuple:
+        """Background: transfer plan, chunks and a pre-faulted staging arena for the move."""
+        plan = plan_transfer(phy2log, target, self.topology, self.bytes_per_slot)
+        chunks = self.executor.chunks(plan, self.config.layers_per_step)
+        return plan, chunks, self.executor.new_arena(plan, chunks, touch=True)
 
     def predict(self, layout: ExpertLayout, load: torch.Tensor) -> float:
         """Predicted balancedness of ``layout`` under ``load`` [L, E] and the dispatch mode."""
@@ -374,15 +398,12 @@ class Balancer:
         header = torch.zeros(3, dtype=torch.float64)  # act (1) / skip (0) / error (-1), b, a
         phy2log = torch.empty(L, P, dtype=torch.int64)
         share = torch.empty(L, P, dtype=torch.float32)
+        prepared = None
         if future is not None:
             try:
-                new, before, after = future.result()
-                gain_ok = new is not None and after - before >= self.config.min_gain
-                differs = new is not None and not (
-                    torch.equal(new.phy2log, self.layout.phy2log)
-                    and torch.equal(new.replica_share, self.layout.replica_share)
-                )
-                header[0] = 1.0 if gain_ok and differs else 0.0
+                new, before, after, prepared = future.result()
+                act = new is not None and self._worth_it(new, self.layout, before, after)
+                header[0] = 1.0 if act else 0.0
                 header[1], header[2] = before, after
                 if new is not None:
                     phy2log.copy_(new.phy2log)
@@ -410,13 +431,37 @@ class Balancer:
         target = ExpertLayout.from_phy2log(
             phy2log, self.topology, self.layout.num_experts, replica_share=share
         )
-        self._plan = plan_transfer(self.layout, target, self.topology, self.bytes_per_slot)
         self._target = target
-        self._chunks = self.executor.chunks(self._plan, self.config.layers_per_step)
-        self.executor.reserve(self._plan, self._chunks)  # one arena for the whole rebalance
+        moving = self.layout.phy2log != target.phy2log
         # layers whose slots stay put take their new shares now: no weights to wait for
-        same = [layer for layer in range(L) if layer not in set(self._plan.layers)]
-        self._switch(same)
+        self._switch([layer for layer in range(L) if not bool(moving[layer].any())])
+        if prepared is not None:  # plan_on="all": prepared with the plan, in the background
+            self._prepared = Future()
+            self._prepared.set_result(prepared)
+            self._move_at = self.steps
+        elif self.config.plan_delay == 0:
+            self._prepared = Future()
+            self._prepared.set_result(self._prepare(self.layout.phy2log, target))
+            self._move_at = self.steps
+        else:  # rank 0's plan just arrived: every rank prepares the move in the background
+            self._prepared = self._background(self._prepare, self.layout.phy2log, target)
+            self._move_at = self.steps + self.config.plan_delay
+        report.event = "collected"
+        if self._move_at == self.steps:
+            return self._start_moving(report)
+        return report
+
+    def _background(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="eplb-plan")
+        return self._pool.submit(fn, *args)
+
+    def _start_moving(self, report: StepReport | None = None) -> StepReport:
+        """Join the prepared move (blocks only if it is not ready) and run its first chunk."""
+        prepared, self._prepared, self._move_at = self._prepared, None, None
+        self._plan, self._chunks, arena = prepared.result()
+        self.executor.adopt(arena)
+        report = report or StepReport(step=self.steps, event="chunk")
         if not self._chunks:
             return self._finish_rebalance(report)
         chunk_report = self._run_chunk()
@@ -489,8 +534,8 @@ class Balancer:
     def _disable(self, reason: str) -> StepReport:
         self.disabled_reason = reason
         self._chunks = []
+        self._prepared = self._move_at = self._collect_at = None
         self.executor.release()
-        self._collect_at = None
         log.error("%s; rebalancing is disabled, serving continues on the layout in force", reason)
         return StepReport(step=self.steps, event="failed", error=reason)
 

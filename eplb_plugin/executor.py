@@ -177,6 +177,24 @@ class Executor:
         arena = sum(recv_sizes) + max(max(send_sizes, default=0), self.reserve_bytes)
         return rounds, recv_sizes, send_sizes, arena
 
+    def new_arena(
+        self, plan: TransferPlan, chunks: list[list[int]], touch: bool = False
+    ) -> torch.Tensor:
+        """A uint8 arena large enough for every chunk of ``plan`` (safe from any thread).
+
+        ``touch`` writes it once so that, on the CPU, its pages fault in now (e.g. in a
+        background thread) rather than while a chunk runs.
+        """
+        size = max((self._sizes(plan, chunk)[3] for chunk in chunks), default=0)
+        arena = torch.empty(size, dtype=torch.uint8, device=self.device)
+        if touch and arena.device.type == "cpu":
+            arena.zero_()
+        return arena
+
+    def adopt(self, arena: torch.Tensor | None) -> None:
+        """Use ``arena`` (from :meth:`new_arena`) for the following chunks."""
+        self._arena = arena
+
     def reserve(self, plan: TransferPlan, chunks: list[list[int]]) -> int:
         """Allocate one arena for all ``chunks`` of ``plan`` (the largest any chunk needs).
 
@@ -184,9 +202,8 @@ class Executor:
         of a rebalance saves an allocation per chunk (on the CPU, fresh pages fault on first
         touch). Returns its size in bytes; :meth:`release` frees it.
         """
-        size = max((self._sizes(plan, chunk)[3] for chunk in chunks), default=0)
-        self._arena = torch.empty(size, dtype=torch.uint8, device=self.device)
-        return size
+        self._arena = self.new_arena(plan, chunks)
+        return self._arena.numel()
 
     def release(self) -> None:
         """Free the arena of :meth:`reserve` (idempotent)."""

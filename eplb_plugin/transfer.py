@@ -176,9 +176,9 @@ def plan_transfer(
     changed = old_p != new_p
     layers = changed.any(1).nonzero().flatten().tolist()
 
-    sent = torch.zeros(G, dtype=torch.int64)  # slot counts; bytes at the end
-    received = torch.zeros(G, dtype=torch.int64)
-    local = torch.zeros(G, dtype=torch.int64)
+    sent = [0] * G  # slot counts; bytes at the end
+    received = [0] * G
+    local = [0] * G
     slots_changed = changed.view(old_p.shape[0], G, S).sum((0, 2))
     transfers: list[Transfer] = []
     by_layer: dict[int, list[Transfer]] = {}
@@ -198,9 +198,9 @@ def plan_transfer(
         transfers=transfers,
         layers=layers,
         actions=actions,
-        bytes_sent=sent * bytes_per_slot,
-        bytes_received=received * bytes_per_slot,
-        bytes_local=local * bytes_per_slot,
+        bytes_sent=torch.tensor(sent, dtype=torch.int64) * bytes_per_slot,
+        bytes_received=torch.tensor(received, dtype=torch.int64) * bytes_per_slot,
+        bytes_local=torch.tensor(local, dtype=torch.int64) * bytes_per_slot,
         slots_changed=slots_changed,
         _by_layer=by_layer,
     )
@@ -211,9 +211,9 @@ def _plan_layer(
     old: list[int],
     new: list[int],
     topology: Topology,
-    sent: torch.Tensor,
-    received: torch.Tensor,
-    local: torch.Tensor,
+    sent: list[int],
+    received: list[int],
+    local: list[int],
 ) -> tuple[list[Transfer], list[LayerActions]]:
     """One layer: fills per-rank counters (slot units) and returns (transfers, actions)."""
     G, S = topology.num_gpus, topology.slots_per_gpu
@@ -263,19 +263,28 @@ def _plan_layer(
         transfers.append(Transfer(layer, expert, src, held[src][expert], rank, slot))
 
     transfers.sort(key=lambda t: (t.src_rank, t.dst_rank, t.dst_slot))
+    recvs: list[list[Transfer]] = [[] for _ in range(G)]
+    sends: list[list[Transfer]] = [[] for _ in range(G)]
+    for t in transfers:  # already in (src, dst, dst_slot) order
+        sends[t.src_rank].append(t)
+        recvs[t.dst_rank].append(t)
+    # one tensor per field for the whole layer, viewed per rank: few allocations
+    maps = torch.tensor([new_to_old, fanout], dtype=torch.int64)  # [2, G, S]
     actions = []
     for rank in range(G):
-        recvs = sorted((t for t in transfers if t.dst_rank == rank), key=lambda t: t.dst_slot)
+        recvs[rank].sort(key=lambda t: t.dst_slot)
         local[rank] += copies[rank]
         actions.append(
             LayerActions(
                 layer=layer,
                 rank=rank,
-                new_to_old=torch.tensor(new_to_old[rank], dtype=torch.int64),
-                fanout=torch.tensor(fanout[rank], dtype=torch.int64),
-                recv_slots=torch.tensor([t.dst_slot - rank * S for t in recvs], dtype=torch.int64),
-                recvs=recvs,
-                sends=[t for t in transfers if t.src_rank == rank],
+                new_to_old=maps[0, rank],
+                fanout=maps[1, rank],
+                recv_slots=torch.tensor(
+                    [t.dst_slot - rank * S for t in recvs[rank]], dtype=torch.int64
+                ),  # fmt: skip
+                recvs=recvs[rank],
+                sends=sends[rank],
                 changed=changed[rank],
                 local_copies=copies[rank],
             )
@@ -288,19 +297,17 @@ def _pick_sender(
     dst: int,
     topology: Topology,
     sent_here: list[int],
-    sent_total: torch.Tensor,
+    sent_total: list[int],
 ) -> int:
     """Same node first, then fewest slots sent in this layer, then overall, then nearest."""
-    node = topology.node_of_gpu(dst)
+    if len(candidates) == 1:
+        return candidates[0]
+    per_node = topology.gpus_per_node
+    node = dst // per_node
     G = topology.num_gpus
     return min(
         candidates,
-        key=lambda c: (
-            topology.node_of_gpu(c) != node,
-            sent_here[c],
-            int(sent_total[c]),
-            (c - dst) % G,
-        ),
+        key=lambda c: (c // per_node != node, sent_here[c], sent_total[c], (c - dst) % G),
     )
 
 

@@ -65,6 +65,7 @@ def _worker(
     args: tuple,
     kwargs: dict,
     results: mp.Queue,
+    release: object,
 ) -> None:
     os.environ.update(env)
     import torch
@@ -84,10 +85,12 @@ def _worker(
     except BaseException:  # noqa: BLE001 - report everything, including KeyboardInterrupt
         payload = ("err", rank, traceback.format_exc())
     results.put(payload)
-    # A test may leave the group broken on purpose (a timed-out rank): skip the collective
-    # teardown, which could block, and leave without running atexit handlers.
     results.close()
     results.join_thread()
+    # Stay until the parent has every answer: rank 0 hosts the TCP store, and leaving early
+    # would cut off ranks still setting up. A test may leave the group broken on purpose (a
+    # timed-out rank), so skip the collective teardown, which could block, and atexit too.
+    release.wait(pg_timeout + 120)
     os._exit(0)
 
 
@@ -138,13 +141,25 @@ def run_ranks(
     """
     ctx = _context()
     results: mp.Queue = ctx.Queue()
+    release = ctx.Event()
     port = free_port()
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, port, pg_timeout, dict(env or {}), fn, args, kwargs, results),
+            args=(
+                rank,
+                world_size,
+                port,
+                pg_timeout,
+                dict(env or {}),
+                fn,
+                args,
+                kwargs,
+                results,
+                release,
+            ),
             daemon=True,
-        )
+        )  # fmt: skip
         for rank in range(world_size)
     ]
     for p in procs:
@@ -174,8 +189,9 @@ def run_ranks(
             else:
                 errors[rank] = payload
     finally:
+        release.set()
         for p in procs:
-            p.join(timeout=0.5)
+            p.join(timeout=2.0)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)

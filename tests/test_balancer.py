@@ -42,7 +42,7 @@ def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
     ptrs = [t.data_ptr() for t in vars(bal.maps).values()]
     gen = torch.Generator().manual_seed(0)
     events = {}
-    for _ in range(10):
+    for _ in range(11):
         for layer in range(LAYERS):
             ids = skewed_ids(gen, 6)
             phys = bal.route(ids, layer)
@@ -50,8 +50,12 @@ def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
         report = bal.step()
         if report is not None:
             events[report.step] = (report.event, report.layers)
-    # due at 4, collected at 6 (chunk 1), then one layer per step
-    assert events == {4: ("planned", []), 6: ("chunk", [0]), 7: ("chunk", [1]), 8: ("done", [2])}
+    # due at 4, collected at 6 (the move is prepared in the background), moving from 8, one
+    # layer per step
+    assert events == {
+        4: ("planned", []), 6: ("collected", []), 8: ("chunk", [0]), 9: ("chunk", [1]),
+        10: ("done", [2]),
+    }  # fmt: skip
     assert bal.stats.rebalances == 1 and bal.stats.slots_moved > 0
     assert [t.data_ptr() for t in vars(bal.maps).values()] == ptrs  # CUDA-graph safe
     assert not wrong_slots(tensors, bal.layout.phy2log, 0)
@@ -219,11 +223,17 @@ def test_four_ranks_end_to_end(tmp_path, plan_on, dispatch, communicator):
         assert torch.equal(r["phy2log"], first["phy2log"])
         assert r["wrong"] == [] and r["maps_ok"]
     events = {i + 1: e for i, e in enumerate(first["events"]) if e}
-    # plan due at 6, collected at 7: the first chunk fails on rank 1 (injected), every rank
-    # keeps its layout; due again at 12, collected at 13: one layer per step after that
-    assert events[6] == ("planned", []) and events[7] == ("failed", [])
+    # plan due at 6, collected at 7. rank0: every rank prepares the move in the background and
+    # moves from 8; all: the move was prepared with the plan, moving starts at 7. The first
+    # chunk fails on rank 1 (injected): every rank keeps its layout. Due again at 12.
+    start = 8 if plan_on == "rank0" else 7
+    assert events[6] == ("planned", []) and events[start] == ("failed", [])
     assert events[12] == ("planned", [])
-    assert [events[s] for s in (13, 14, 15)] == [("chunk", [0]), ("chunk", [1]), ("done", [2])]
+    start += 6
+    moves = [events[s] for s in (start, start + 1, start + 2)]
+    assert moves == [("chunk", [0]), ("chunk", [1]), ("done", [2])]
+    if plan_on == "rank0":
+        assert events[7] == events[13] == ("collected", [])
     for _, before, after in first["balancedness"]:
         assert after >= before + 0.01
     identity = ExpertLayout.identity(LAYERS, 10, Topology(12, num_nodes=2, num_gpus=4))
