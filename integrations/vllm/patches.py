@@ -14,6 +14,7 @@ message rather than patching code it was not written for. What it touches:
   sampling; the Balancer steps there;
 - per router instance, ``BaseRouter._apply_eplb_mapping`` (the slot vLLM's own EPLB maps
   logical to physical ids in) is replaced by the plugin's mapping;
+- ``VllmConfig.additional_config["eplb_plugin"]`` (part of vLLM's compile-cache key);
 - per ``RoutedExperts``: ``global_num_experts`` / ``local_num_experts`` follow the slot
   count, and with expert parallelism ``update_expert_map()`` rebuilds the expert map;
 - ``vllm.distributed.eplb.policy.EPLB_POLICIES["default"]`` for the policy swap;
@@ -422,6 +423,22 @@ def resize_experts(layer: MoELayer, num_slots: int, num_local_slots: int) -> Non
         # placement, so its own map maps physical slot ids to local rows.
         experts.update_expert_map()
     experts.local_num_experts = num_local_slots
+
+
+def mark_compile_cache(runner, marker: dict) -> None:
+    """Make vLLM's compile caches tell graphs with the plugin's router op from graphs without.
+
+    vLLM keys its torch.compile caches by ``VllmConfig.compute_hash()``, which covers
+    ``additional_config``; the model compiles after ``load_model``, so an entry added here
+    keeps a cached graph compiled without the hook (or with other settings) from being
+    reused for this model.
+    """
+    config = runner.vllm_config
+    extra = getattr(config, "additional_config", None)
+    if extra is None:
+        config.additional_config = extra = {}
+    if isinstance(extra, dict):
+        extra["eplb_plugin"] = marker
 
 
 def set_router_mapping(router, mapping: Callable) -> None:

@@ -113,7 +113,9 @@ class VllmEplb:
     Args:
         config: the EplbConfig (``enable`` must be True).
         layers: the runner's MoE layers (:func:`patches.moe_layers`), in model order.
-        balancer_cls: the Balancer class (tests pass a fake).
+        balancer_cls: the Balancer class (default: eplb_plugin's).
+        group: the EP process group; default ``"vllm"``: vLLM's EP group (None without
+            expert parallelism). Tests pass their own.
 
     Attributes:
         layers, balancer, topology, initial_layout.
@@ -123,7 +125,13 @@ class VllmEplb:
             phy2log [L, P] in force); a host copy per step, so off by default.
     """
 
-    def __init__(self, config: EplbConfig, layers: list[patches.MoELayer], balancer_cls=None):
+    def __init__(
+        self,
+        config: EplbConfig,
+        layers: list[patches.MoELayer],
+        balancer_cls=None,
+        group: object = "vllm",
+    ):
         if not config.enable:
             raise ValueError("VllmEplb needs config.enable=True")
         if not layers:
@@ -164,7 +172,8 @@ class VllmEplb:
             expert_tensors.append(grow_slots(params, rows))
             patches.resize_experts(layer, num_slots, self.slots_per_rank)
         self.device = expert_tensors[0][0].device
-        group = patches.ep_group(first)
+        if group == "vllm":
+            group = patches.ep_group(first)
         if balancer_cls is None:
             from eplb_plugin.balancer import Balancer as balancer_cls
         self.balancer = balancer_cls(
@@ -296,6 +305,11 @@ def attach(runner) -> VllmEplb | None:
         return None
     runtime = VllmEplb(config, layers)
     setattr(runner, patches.RUNTIME_ATTR, runtime)
+    import eplb_plugin
+
+    patches.mark_compile_cache(
+        runner, {"version": eplb_plugin.__version__, "config": runtime.config.to_dict()}
+    )
     logger.info(
         "eplb-plugin: balancer attached on EP rank %d/%d: %d MoE layers, %d experts on %d "
         "physical slots (%d per rank), dispatch %s, policy %s",
