@@ -290,6 +290,12 @@ def current_runtime() -> Any:
     return _STATE["runtime"]
 
 
+def set_current_runtime(runtime: Any) -> None:
+    """Make ``runtime`` (an SglangEplb, or None) the one the dispatch and recorder hooks of
+    this process use; :func:`attach` does this for the target model runner."""
+    _STATE["runtime"] = runtime
+
+
 def install() -> None:
     """Patch the dispatch, recorder and model-runner hooks (now or at import); idempotent."""
     _when_imported(DISPATCH_MODULE, _patch_dispatch)
@@ -434,7 +440,7 @@ def attach(runner: Any) -> Any:
         on_layout=lambda full, ids: refresh_metadata(model_config, full, ids, ep_rank),
     )  # fmt: skip
     setattr(runner, RUNTIME_ATTR, runtime)
-    _STATE["runtime"] = runtime
+    set_current_runtime(runtime)
     distribution = sys.modules.get(DISTRIBUTION_MODULE)
     if distribution is not None:
         # the recorder SGLang installed before the model loaded gets the counting shim
@@ -497,6 +503,7 @@ __all__ = [
     "install",
     "num_tokens",
     "restore_policy",
+    "set_current_runtime",
     "swap_policy",
     "uninstall",
     "version_supported",
