@@ -67,6 +67,21 @@ def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
     assert int(lay.logcnt[0, 0]) > 1
 
 
+@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+def test_route_maps_to_replicas_of_the_same_expert_and_counts(dispatch):
+    config = EplbConfig(num_redundant_experts=3, dispatch=dispatch)
+    topo = Topology(9, num_gpus=1)
+    layout = ExpertLayout.from_phy2log(torch.tensor([[0, 0, 0, 1, 1, 2, 3, 4, 5]] * LAYERS), topo)
+    bal = Balancer(config, layout, make_tensors(layout.phy2log, 0, 9))
+    gen = torch.Generator().manual_seed(5)
+    ids = skewed_ids(gen, 6, tokens=40)
+    phys = bal.route(ids, 1, num_valid=36)
+    assert torch.equal(bal.maps.phy2log[1][phys[:36]], ids[:36])
+    assert int(bal.counts[1].sum()) == 36 * 2 and int(bal.counts[0].sum()) == 0
+    # expert 0's tokens are spread over its three replicas
+    assert int((bal.counts[1, :3] > 0).sum()) == 3
+
+
 def test_all_layers_in_one_step_and_synchronous_plan():
     config = EplbConfig(
         num_redundant_experts=3, window=3, interval=3, plan_delay=0, layers_per_step=0,
