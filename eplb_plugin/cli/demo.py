@@ -59,8 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default 8)")
     p.add_argument(
         "--routing", choices=ROUTINGS, default=None,
-        help="'trace': replay --trace (default for the built-in model); 'skewed': a synthetic "
-        "Zipf trace; 'model': the model's own router (default with --model)",
+        help="'trace': replay --trace (default for the built-in model when the bundled trace "
+        "is present, else 'skewed'); 'skewed': a synthetic Zipf trace; 'model': the model's "
+        "own router (default with --model)",
     )  # fmt: skip
     p.add_argument("--trace", help="routing trace .npz (topk_ids [T, L, K], seq_offsets); "
                    "default: the bundled examples/traces/esft_intent.npz")  # fmt: skip
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     require_transformers()
     on = demo_config(args)
     off = EplbConfig(**{**on.to_dict(), "enable": False})
-    routing = args.routing or ("trace" if args.model is None else "model")
+    routing = args.routing or _default_routing(args)
     if args.trace is not None and routing != "trace":
         raise ValueError(f"--trace is only used with --routing trace, not {routing!r}")
     say = (lambda *a, **k: None) if args.json else print
@@ -163,6 +164,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(summary)
     return 0 if summary["tokens_identical"] else 1
+
+
+def _default_routing(args: argparse.Namespace) -> str:
+    """'model' with --model; else the bundled trace, or a synthetic one where it is absent
+    (an install without the source tree's examples/)."""
+    if args.model is not None:
+        return "model"
+    return "trace" if args.trace is not None or bundled_trace().is_file() else "skewed"
 
 
 def _build_tiny(work: str, seed: int, say) -> str:
