@@ -56,8 +56,8 @@ PHASES = ("prefill", "decode")
 SHARES = ("balanced", "uniform")
 # water-fill sweeps for the planned shares: off the hot path, so converge further
 PLAN_WATERFILL_ITERS = 32
-# largest pair split search (per pair of GPUs) worth its cost: up to 6 slots per GPU
-MAX_SPLITS = 512
+# largest pair split search (per pair of GPUs) worth its cost: up to 5 slots per GPU
+MAX_SPLITS = 256
 
 
 @dataclass(frozen=True)
@@ -144,12 +144,15 @@ def place_rows(
     num_slots: int,
     num_gpus: int,
     config: DefaultPolicyConfig,
+    floor: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Steps 2-4 on independent rows.
 
     Args:
         load: [rows, E] float64 forecast.
         num_slots: slots per row; ``num_gpus`` GPUs per row.
+        floor: [rows] GPU load below which a row's peak does not matter (see
+            :func:`refine_swaps`), or None.
     Returns:
         (place [rows, G, S] int64 expert per slot, logcnt [rows, E] int64).
     """
@@ -169,13 +172,15 @@ def place_rows(
     slot_load = per_replica[rows, place]
     if not config.refine_rounds or num_gpus == 1:
         return place, logcnt
-    if not config.connect and pair_splits(slots_per_gpu) <= MAX_SPLITS:
-        # few slots per GPU: re-split GPU pairs exhaustively (subsumes single swaps)
-        repartition_pairs(place, slot_load, config.refine_rounds, pairs=8)
-        return place, logcnt
     replicated = logcnt[rows, place] > 1
+    if pair_splits(slots_per_gpu) <= MAX_SPLITS:
+        # few slots per GPU: re-split GPU pairs exhaustively (subsumes single swaps); only
+        # singles move when the replicas' graph must stay as built
+        movable = ~replicated if config.connect else None
+        repartition_pairs(place, slot_load, config.refine_rounds, movable=movable)
+        return place, logcnt
     movable = ~replicated if config.connect else np.ones(place.shape, dtype=bool)
-    refine_swaps(place, slot_load, movable, replicated, config.refine_rounds)
+    refine_swaps(place, slot_load, movable, replicated, config.refine_rounds, floor=floor)
     return place, logcnt
 
 
@@ -208,9 +213,12 @@ def place_layers(load: np.ndarray, topology: Topology, config: DefaultPolicyConf
         num_layers, t.num_nodes, -1
     )  # [L, nodes, E / nodes] logical ids owned by each node
     node_load = np.take_along_axis(load, experts.reshape(num_layers, -1), -1)
-    place, _ = place_rows(
-        node_load.reshape(num_layers * t.num_nodes, -1), t.slots_per_node, t.gpus_per_node, config
-    )
+    node_load = node_load.reshape(num_layers * t.num_nodes, -1)
+    # A layer's peak GPU is at least its heaviest node's load per GPU: refining a lighter
+    # node below that changes nothing measurable, so those rows stop there.
+    least_peak = node_load.sum(-1).reshape(num_layers, t.num_nodes).max(-1) / t.gpus_per_node
+    floor = np.repeat(least_peak, t.num_nodes)
+    place, _ = place_rows(node_load, t.slots_per_node, t.gpus_per_node, config, floor)
     local = place.reshape(num_layers, t.num_nodes, -1)
     return np.take_along_axis(experts, local, -1).reshape(num_layers, -1)
 
@@ -251,6 +259,19 @@ def default_policy(
     return finish_layout(phy2log, load, topology, config, previous)
 
 
+def slot_rank(phy2log: np.ndarray) -> np.ndarray:
+    """[L, P] int64 replica index of each slot within its expert, in slot order."""
+    order = np.argsort(phy2log, axis=-1, kind="stable")
+    ordered = np.take_along_axis(phy2log, order, -1)
+    index = np.broadcast_to(np.arange(phy2log.shape[1]), phy2log.shape)
+    start = np.ones(phy2log.shape, dtype=bool)
+    start[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    first = np.maximum.accumulate(np.where(start, index, 0), axis=-1)
+    rank = np.empty_like(phy2log)
+    np.put_along_axis(rank, order, index - first, -1)
+    return rank
+
+
 def finish_layout(
     phy2log: np.ndarray,
     load: np.ndarray,
@@ -264,7 +285,12 @@ def finish_layout(
 
         hierarchical = use_hierarchical(topology, config)
         phy2log = align_to_previous(phy2log, previous.phy2log.numpy(), topology, hierarchical)
-    layout = ExpertLayout.from_phy2log(torch.from_numpy(phy2log), topology, load.shape[1])
+    layout = ExpertLayout.from_phy2log(
+        torch.from_numpy(phy2log),
+        topology,
+        load.shape[1],
+        rank=torch.from_numpy(slot_rank(phy2log)),
+    )
     if config.shares == "balanced":
         layout = layout.with_share(planned_shares(layout, load))
     return layout

@@ -187,67 +187,83 @@ def bldm_pack(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     return label % num_gpus
 
 
-def _half_subsets(slots: int) -> np.ndarray:
-    """[C, 2 * slots] 0/1 float64: the ways to give ``slots`` of 2 * slots items to one side
-    (item 0 always on that side, which halves the count without losing a split)."""
-    combos = [c for c in itertools.combinations(range(2 * slots), slots) if c[0] == 0]
-    member = np.zeros((len(combos), 2 * slots))
+def _subsets(slots: int, half: bool) -> np.ndarray:
+    """[C, 2 * slots] 0/1 float32: the ways to give ``slots`` of 2 * slots items to one side.
+
+    ``half``: only those with item 0 on that side (when every item may move, the others are
+    the same splits mirrored).
+    """
+    combos = [c for c in itertools.combinations(range(2 * slots), slots) if not half or c[0] == 0]
+    member = np.zeros((len(combos), 2 * slots), dtype=np.float32)
     member[np.arange(len(combos))[:, None], np.array(combos)] = 1.0
     return member
 
 
 def pair_splits(slots: int) -> int:
-    """Number of splits :func:`repartition_pairs` searches per pair of GPUs."""
-    return math.comb(2 * slots - 1, slots - 1)
+    """Number of splits :func:`repartition_pairs` searches per pair of GPUs (at most)."""
+    return math.comb(2 * slots, slots)
 
 
 def repartition_pairs(
-    place: np.ndarray, slot_load: np.ndarray, rounds: int, pairs: int = 32
+    place: np.ndarray,
+    slot_load: np.ndarray,
+    rounds: int,
+    pairs: int = 8,
+    movable: np.ndarray | None = None,
 ) -> None:
     """Re-split the items of heavy/light GPU pairs as evenly as the pair allows, in place.
 
     Each round the ``pairs`` heaviest GPUs are paired with the lightest (pairing rotated each
     round) and each pair's 2S items are split into two sets of S by exhaustive search over
-    the ``pair_splits(S)`` splits, kept if the larger side gets lighter. Stronger than a
-    single swap; meant for few slots per GPU (S <= 6). Every slot may move.
+    the splits (``pair_splits(S)``), kept if the larger side gets lighter. Stronger than a
+    single swap; meant for few slots per GPU (S <= 6). Items that are not ``movable`` stay
+    on their GPU.
 
     Args:
         place, slot_load: [rows, G, S] expert ids and loads (updated in place).
+        movable: [rows, G, S] bool (updated in place with the items), None = all.
     """
     rows, num_gpus, slots = place.shape
     k = min(pairs, num_gpus // 2)
     if k == 0:
         return
-    member = _half_subsets(slots).astype(np.float32)  # [C, 2S]
-    pick = np.argsort(-member, axis=-1, kind="stable")  # [C, 2S]: chosen side first
+    member = _subsets(slots, half=movable is None)  # [C, 2S]
+    pick = np.argsort(-member, axis=-1, kind="stable")  # [C, 2S]: heavy GPU's set first
     r = np.arange(rows)[:, None]
     rank = np.arange(k)
+    arrays = [place, slot_load] + ([movable] if movable is not None else [])
     for round_ in range(rounds):
         gpu_load = slot_load.sum(-1)
         order = np.argsort(gpu_load, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]
         light = order[:, (rank + round_) % k]
-        pool = np.concatenate([slot_load[r, heavy], slot_load[r, light]], -1)  # [rows, k, 2S]
-        experts = np.concatenate([place[r, heavy], place[r, light]], -1)
+        pools = [np.concatenate([a[r, heavy], a[r, light]], -1) for a in arrays]  # [rows,k,2S]
+        pool = pools[1]
         total = pool.sum(-1, keepdims=True)
         # float32 ranks the splits; |side - total/2| is the larger side's excess
         excess = pool.astype(np.float32) @ member.T  # [rows, k, C]
         excess -= (total / 2).astype(np.float32)
         np.abs(excess, out=excess)
+        if movable is not None:
+            fixed = ~pools[2]
+            stay = np.concatenate([fixed[..., :slots], np.zeros_like(fixed[..., slots:])], -1)
+            away = np.concatenate([np.zeros_like(fixed[..., :slots]), fixed[..., slots:]], -1)
+            inside = stay.astype(np.float32) @ member.T  # fixed heavy items kept: all
+            outside = away.astype(np.float32) @ member.T  # fixed light items taken: none
+            bad = (inside < stay.sum(-1, keepdims=True) - 0.5) | (outside > 0.5)
+            excess[bad] = np.inf
         best = excess.argmin(-1)
         now = np.maximum(gpu_load[r, heavy], gpu_load[r, light])
         after = total[..., 0] / 2 + np.take_along_axis(excess, best[..., None], -1)[..., 0]
         better = after < now * (1 - 1e-6)
-        index = pick[best]  # [rows, k, 2S]
-        new_load = np.take_along_axis(pool, index, -1)
-        new_place = np.take_along_axis(experts, index, -1)
-        keep = ~better[..., None]
-        slot_load[r, heavy] = np.where(keep, slot_load[r, heavy], new_load[..., :slots])
-        slot_load[r, light] = np.where(keep, slot_load[r, light], new_load[..., slots:])
-        place[r, heavy] = np.where(keep, place[r, heavy], new_place[..., :slots])
-        place[r, light] = np.where(keep, place[r, light], new_place[..., slots:])
         if not better.any():
             break
+        index = pick[best]  # [rows, k, 2S]
+        keep = ~better[..., None]
+        for array, pooled in zip(arrays, pools):
+            new = np.take_along_axis(pooled, index, -1)
+            array[r, heavy] = np.where(keep, array[r, heavy], new[..., :slots])
+            array[r, light] = np.where(keep, array[r, light], new[..., slots:])
 
 
 def refine_swaps(
@@ -258,6 +274,7 @@ def refine_swaps(
     max_rounds: int,
     pairs: int = 16,
     patience: int = 3,
+    floor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Pairwise exchange: swap slots between heavy and light GPUs while that evens them out.
 
@@ -267,12 +284,15 @@ def refine_swaps(
     slots that brings the two loads closest together is made if it lowers the pair's larger
     load. Pairs are disjoint, so a round makes up to ``pairs`` swaps per row. When
     replicated slots may move, a replicated expert never gets two replicas on one GPU. A row
-    stops after ``patience`` rounds without a swap.
+    stops after ``patience`` rounds without a swap, or once its most loaded GPU is at or below
+    its ``floor``.
 
     Args:
         place, slot_load, movable, replicated: [rows, G, S] expert ids, loads, movable
             flags and replicated-expert flags of the slots; updated in place.
         max_rounds: most rounds.
+        floor: [rows] float64 GPU load below which a row's peak does not matter (e.g. the
+            least possible peak of a heavier row that shares the measure); None = 0.
     Returns:
         [rows] int64 swaps made per row.
     """
@@ -294,7 +314,8 @@ def refine_swaps(
     check = bool((movable & replicated).any())
     gpu_load = slot_load.sum(-1)  # [rows, G], kept up to date
     stale = np.zeros(rows, dtype=np.int64)
-    active = np.arange(rows)
+    floor = np.zeros(rows) if floor is None else floor * (1 + 1e-6)
+    active = np.flatnonzero(gpu_load.max(-1) > floor)
     rank = np.arange(k)
     for round_ in range(max_rounds):
         if active.size == 0:
@@ -338,7 +359,7 @@ def refine_swaps(
         made = take.sum(-1)
         swaps[active] += made
         stale[active] = np.where(made > 0, 0, stale[active] + 1)
-        active = active[stale[active] < patience]
+        active = active[(stale[active] < patience) & (gpu_load[active].max(-1) > floor[active])]
     index = perm.reshape(flat)
     for arr, item in ((place, item_expert), (slot_load, item_load)):
         arr[...] = np.take_along_axis(item, index, -1).reshape(arr.shape)

@@ -1,0 +1,146 @@
+"""Default policy vs DeepSeek's at DeepSeek-V3 scale: balancedness and plan time.
+
+Loads are those of bench_plan.py (58 layers x 256 experts; per-layer LogNormal(0, s) or
+shuffled Zipf(s) popularity, 65,536 multinomial token choices per layer). For each case:
+
+- ``static uniform``: the layout's balancedness with every expert split evenly over its
+  replicas (what vLLM/SGLang's static dispatch does);
+- ``global``: the balancedness after global water-filling dispatch on the same load;
+- ``bound`` (hierarchical only): the best balancedness any group-to-node assignment allows
+  (mean GPU load over the lightest possible most-loaded node's per-GPU load);
+- plan time of ``plan()``: wall clock (median, p90) and CPU time of this process (median;
+  closer to what a quiet machine shows when other processes compete for the cores), over
+  repeats, DeepSeek's and ours interleaved so that both see the same machine load.
+
+    python benchmarks/bench_policy.py                  # 20 repeats
+    python benchmarks/bench_policy.py --repeats 50 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eplb_plugin import Topology, plan
+from eplb_plugin.dispatch import gpu_loads_of, slot_loads
+from eplb_plugin.layout import uniform_share
+from eplb_plugin.policies.placement import partitions_peak_bound
+
+SCENARIOS = {
+    "288 slots, 8 groups, 4 nodes, 32 GPUs (hierarchical)": (288, 8, 4, 32),
+    "320 slots, 64 GPUs (global)": (320, 1, 1, 64),
+}
+LOADS = [("lognormal", 0.5), ("lognormal", 1.0), ("zipf", 0.8)]
+# (label, policy, options)
+POLICIES = [
+    ("deepseek", "deepseek", {}),
+    ("default", "default", {}),
+    ("default (dispatch=global)", "default", {"dispatch": "global"}),
+]
+
+
+def synthetic_load(
+    layers: int, experts: int, dist: str, s: float, tokens: int, seed: int
+) -> torch.Tensor:
+    """[layers, experts] float32 token counts, as in bench_plan.py."""
+    gen = torch.Generator().manual_seed(seed)
+    if dist == "lognormal":
+        popularity = torch.exp(torch.randn(layers, experts, generator=gen) * s)
+    else:
+        ranks = torch.arange(1, experts + 1, dtype=torch.float64).pow(-s)
+        perm = torch.stack([torch.randperm(experts, generator=gen) for _ in range(layers)])
+        popularity = ranks[perm]
+    probs = popularity / popularity.sum(-1, keepdim=True)
+    rows = [torch.multinomial(p.float(), tokens, True, generator=gen) for p in probs]
+    return torch.stack([torch.bincount(r, minlength=experts) for r in rows]).float()
+
+
+def balancedness(gpu: torch.Tensor) -> float:
+    return float((gpu.mean(-1) / gpu.amax(-1)).mean())
+
+
+def figures(layout, weight: torch.Tensor) -> dict:
+    uniform = layout.with_share(uniform_share(layout.phy2log, layout.logcnt))
+    return {
+        "static_uniform": uniform.balancedness(weight),
+        "static_planned_shares": layout.balancedness(weight),
+        "global": balancedness(gpu_loads_of(layout, slot_loads(layout, weight, "global"))),
+    }
+
+
+def bound(weight: torch.Tensor, topology: Topology) -> float | None:
+    if topology.num_nodes == 1:
+        return None
+    w = weight.double().numpy()
+    groups = w.reshape(w.shape[0], topology.num_groups, -1).sum(-1)
+    peak_node = partitions_peak_bound(groups, topology.num_nodes)
+    return float((w.sum(1) / topology.num_nodes / peak_node).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=58)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=8192 * 8, help="tokens x top-k per layer")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    loads = {
+        f"{dist}({s})": synthetic_load(args.layers, args.experts, dist, s, args.tokens, seed)
+        for seed, (dist, s) in enumerate(LOADS)
+    }
+    results = []
+    jobs = [(n, t, ln) for n, t in SCENARIOS.items() for ln in loads]
+    for name, topo_args, load_name in tqdm(jobs, desc="cases", disable=args.json):
+        topology, weight = Topology(*topo_args), loads[load_name]
+        times: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
+        cpu: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
+        layouts = {}
+        for _ in range(args.repeats):  # interleaved: every policy sees the same load
+            for label, policy, options in POLICIES:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                layouts[label] = plan(weight, topology, policy, **options)
+                times[label].append((time.perf_counter() - start) * 1e3)
+                cpu[label].append((time.process_time() - start_cpu) * 1e3)
+        for label, _, _ in POLICIES:
+            t = sorted(times[label])
+            results.append(
+                {
+                    "scenario": name, "load": load_name, "policy": label,
+                    "median_ms": statistics.median(t), "p90_ms": t[int(0.9 * (len(t) - 1))],
+                    "cpu_median_ms": statistics.median(cpu[label]),
+                    "bound": bound(weight, topology), **figures(layouts[label], weight),
+                }
+            )  # fmt: skip
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(
+        f"{args.layers} layers x {args.experts} experts, {args.repeats} repeats, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, numpy {np.__version__}"
+    )
+    head = ["scenario", "load", "policy", "static uniform", "global", "bound", "median ms",
+            "p90 ms", "CPU ms"]  # fmt: skip
+    print(" | ".join(head))
+    for r in results:
+        b = "-" if r["bound"] is None else f"{r['bound']:.4f}"
+        print(
+            f"{r['scenario']} | {r['load']} | {r['policy']} | {r['static_uniform']:.4f} | "
+            f"{r['global']:.4f} | {b} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+            f"{r['cpu_median_ms']:.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Replay benchmark: share of the baseline-to-oracle gap each policy and dispatch mode closes.
+
+For each trace and topology (E=64 experts, P=80 slots on 16 GPUs and P=96 on 32 GPUs by
+default), the trace is cut into steps of B tokens dealt round-robin to the ranks, re-planned
+every N steps from a window of W steps, and each step scored by its realized balancedness.
+Rows: the vLLM/SGLang baseline (DeepSeek, window sum, static uniform split), the oracle
+(DeepSeek on each step's own counts), then the configurations below. ``gap`` is
+``(b - baseline) / (oracle - baseline)``.
+
+    python benchmarks/bench_simulate.py                       # examples/traces, B=256, N=W=4
+    python benchmarks/bench_simulate.py --traces ../shared/data/*.npz --synthetic
+    python benchmarks/bench_simulate.py --json > replay.json
+
+``--synthetic`` adds four synthetic routing traces whose expert popularity shifts between
+sequences (``eplb_plugin.traces.synthetic_routing_trace``): a check that the figures are not
+an artefact of the two real traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+
+import torch
+from tqdm import tqdm
+
+from eplb_plugin import Topology
+from eplb_plugin.simulate import SimConfig, compare
+from eplb_plugin.traces import read_routing_trace, steps_from_routing_trace, synthetic_routing_trace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (label, SimConfig keyword arguments)
+CONFIGS = [
+    ("deepseek/global", {"policy": "deepseek", "dispatch": "global"}),
+    ("default/static", {"policy": "default", "dispatch": "static"}),
+    ("default/local", {"policy": "default", "dispatch": "local"}),
+    ("default/global", {"policy": "default", "dispatch": "global"}),
+    (
+        "default/global, migrate <= 25%",
+        {
+            "policy": "default",
+            "dispatch": "global",
+            "migrate": True,
+            "policy_options": {"max_moved": 0.25},
+        },
+    ),  # fmt: skip
+    (
+        "default/global, ema predictor",
+        {"policy": "default", "dispatch": "global", "predictor": "ema"},
+    ),  # fmt: skip
+]
+# name: (tokens, seq_tokens, skew, shift, seed)
+SYNTHETIC = {
+    "synthetic A (short seqs)": (8192, 256, 0.5, 0.4, 0),
+    "synthetic B (long seqs)": (8192, 1024, 0.5, 0.4, 1),
+    "synthetic C (skewed)": (8192, 512, 0.8, 0.6, 2),
+    "synthetic D (big shifts)": (8192, 2048, 0.3, 0.8, 3),
+}
+
+
+def traces(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in args.traces:
+        out[os.path.basename(path)] = read_routing_trace(path).topk_ids
+    if args.synthetic:
+        for name, (tokens, seq, skew, shift, seed) in SYNTHETIC.items():
+            trace = synthetic_routing_trace(
+                tokens, 26, 64, 6, seq_tokens=seq, skew=skew, shift=shift, seed=seed
+            )
+            out[name] = trace.topk_ids
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_traces = sorted(glob.glob(os.path.join(ROOT, "examples", "traces", "*.npz")))
+    parser.add_argument("--traces", nargs="*", default=default_traces)
+    parser.add_argument("--synthetic", action="store_true", help="add 4 synthetic traces")
+    parser.add_argument("--topologies", nargs="*", default=["80:16", "96:32"], help="P:G")
+    parser.add_argument("--batch-tokens", type=int, default=256)
+    parser.add_argument("--interval", type=int, default=4)
+    parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    cases = []
+    for name, ids in traces(args).items():
+        for spec in args.topologies:
+            slots, gpus = (int(x) for x in spec.split(":"))
+            cases.append((name, Topology(slots, 1, 1, gpus), ids))
+    rows = []
+    for name, topology, ids in tqdm(cases, desc="replays", disable=args.json):
+        counts = steps_from_routing_trace(ids, args.batch_tokens, topology.num_gpus)
+        configs = [SimConfig(interval=args.interval, window=args.window, **kw) for _, kw in CONFIGS]
+        out = compare(counts, topology, configs)
+        case = f"{name}, P={topology.num_replicas}/{topology.num_gpus} GPUs"
+        results = [out["baseline"], out["oracle"], *out["results"]]
+        labels = ["baseline", "oracle"] + [label for label, _ in CONFIGS]
+        gaps = [0.0, 1.0, *out["gap_closed"]]
+        for label, result, gap in zip(labels, results, gaps):
+            s = result.summary()
+            rows.append({"case": case, "config": label, "gap": gap, **s})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"B={args.batch_tokens}, N={args.interval}, W={args.window}; balancedness (gap closed); "
+        "moved = slots moved per rebalance / all slots"
+    )
+    print("case | config | balancedness | gap closed | moved | plan ms (median)")
+    for r in rows:
+        moved = "-" if r["config"] == "oracle" else f"{100 * r['slots_moved_fraction']:.0f}%"
+        print(
+            f"{r['case']} | {r['config']} | {r['balancedness']:.4f} | {100 * r['gap']:.0f}% | "
+            f"{moved} | {r['plan_ms_median']:.1f}"
+        )
+    print("\nmean share of the gap closed over all cases:")
+    for label, _ in CONFIGS:
+        gaps = [r["gap"] for r in rows if r["config"] == label]
+        print(f"  {label}: {100 * statistics.mean(gaps):.0f}% (min {100 * min(gaps):.0f}%)")
+
+
+if __name__ == "__main__":
+    main()
