@@ -48,6 +48,7 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=5,<6",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "ruff"],
