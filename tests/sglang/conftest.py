@@ -93,7 +93,7 @@ def _free_port() -> int:
 def sglang_eplb():
     """SGLang's EPLB modules, imported for real; a one-process gloo group (SGLang's dump
     all-reduces its counts)."""
-    pytest.importorskip("sglang")
+    pytest.importorskip("sglang.srt.eplb")
     _prepare_environment()
     import torch.distributed as dist
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("sglang")
+pytest.importorskip("sglang.srt.eplb")
 
 from eplb_plugin import Topology  # noqa: E402
 from eplb_plugin.cli.main import main as eplb_main  # noqa: E402

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("sglang")
+pytest.importorskip("sglang.srt.eplb")
 
 from eplb_plugin import ExpertLayout, register_policy  # noqa: E402
 from eplb_plugin.formats import write_sglang_dump  # noqa: E402

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("sglang")
+pytest.importorskip("sglang.srt.eplb")
 
 from eplb_plugin.config import EplbConfig  # noqa: E402
 from eplb_plugin.integrations.sglang import patches  # noqa: E402
