@@ -11,7 +11,7 @@ from eplb_plugin.dispatch import gpu_loads_of
 from eplb_plugin.layout import uniform_share
 from eplb_plugin.policies import get_policy
 from eplb_plugin.policies.default import DefaultPolicyConfig, default_policy, forecast
-from eplb_plugin.policies.migration import align_to_previous, choose_layers
+from eplb_plugin.policies.migration import align_to_previous, choose_plans, repair_counts
 from eplb_plugin.policies.placement import (
     _equal_partitions,
     bldm_pack,
@@ -281,12 +281,25 @@ def test_align_recovers_a_relabelled_layout() -> None:
     assert np.array_equal(aligned, old)
 
 
-def test_choose_layers_respects_cost_and_budget() -> None:
-    benefit = np.array([5.0, 1.0, 3.0, -1.0])
-    moved = np.array([40, 10, 40, 5])
-    take = choose_layers(benefit, moved, 100, cost=0.0, budget=0.2)  # room: 80 of 400 slots
-    assert take.tolist() == [True, True, False, False]
-    assert not choose_layers(benefit, moved, 100, cost=50.0, budget=1.0).any()
+def test_choose_plans_respects_cost_and_budget() -> None:
+    # candidate 0: cheap repairs, candidate 1: full re-plans; 4 layers of 100 slots
+    benefit = np.array([[1.0, 0.5, 2.0, -1.0], [5.0, 1.0, 3.0, -1.0]])
+    moved = np.array([[2, 2, 2, 2], [40, 10, 40, 5]])
+    choice = choose_plans(benefit, moved, 100, cost=0.0, budget=0.2)  # room: 80 slots
+    assert choice.tolist() == [1, -1, 1, -1]  # largest gains first, while they fit
+    assert choose_plans(benefit, moved, 100, cost=0.0, budget=1.0).tolist() == [1, 1, 1, -1]
+    assert (choose_plans(benefit, moved, 100, cost=600.0, budget=1.0) == -1).all()
+    assert (choose_plans(benefit, moved, 100, cost=0.0, budget=0.0) == -1).all()
+
+
+def test_repair_counts_moves_replicas_to_the_new_hot_expert() -> None:
+    old = np.array([[0, 1, 2, 0, 3, 1, 2, 3]])  # 2 replicas each, 4 GPUs of 2 slots
+    load = np.array([[100.0, 1.0, 1.0, 1.0]])
+    topology = Topology(8, 1, 1, 4)
+    new = repair_counts(old, load, topology, hierarchical=False)
+    assert (new == 0).sum() == 4  # one per GPU: the most a GPU-distinct placement gives
+    assert all(len(set(row)) == 2 for row in new.reshape(4, 2).tolist())
+    assert np.bincount(new[0], minlength=4).min() >= 1  # every expert keeps a slot
 
 
 def test_migration_aware_plan_moves_within_budget() -> None:

@@ -5,11 +5,12 @@ Two tools, both per layer and vectorized over layers:
 - :func:`align_to_previous` relabels a new plan's GPUs (whole nodes first when placement is
   hierarchical) and orders each GPU's slots so that as many slots as possible keep the
   expert they hold now. GPUs are interchangeable, so this changes no load, only the moves.
-- :func:`plan_with_migration` keeps the layout in service and takes the from-scratch plan's
-  layers one at a time, most valuable per moved slot first, while each pays for the slots
-  it moves (``migration_cost``) and the total stays within ``max_moved``. The unit of a
-  decision is a whole layer: a layer's re-plan is consistent (every expert keeps a slot),
-  a mix of two plans within a layer would not be.
+- :func:`plan_with_migration` keeps the layout in service and, layer by layer, takes a
+  repair (replica counts updated one slot at a time) or a from-scratch re-plan, most
+  valuable per moved slot first, while each pays for the slots it moves
+  (``migration_cost``) and the total stays within ``max_moved``. A candidate is taken for a
+  whole layer: each is consistent (every expert keeps a slot), a mix of two within a layer
+  would not be.
 """
 
 from __future__ import annotations
@@ -132,31 +133,91 @@ def layer_balancedness(layout: ExpertLayout, scenarios: torch.Tensor, dispatch: 
     return np.mean(scores, axis=0)
 
 
-def choose_layers(
+def choose_plans(
     benefit: np.ndarray, moved: np.ndarray, num_slots: int, cost: float, budget: float
 ) -> np.ndarray:
-    """Which layers take their new placement.
+    """Per layer, which candidate placement to take (or none: keep the one in service).
 
-    A layer qualifies when its ``benefit`` (balancedness points) exceeds ``cost`` times the
-    fraction of its slots it moves; qualifying layers are taken by net benefit per moved
-    slot, best first, while the slots moved stay within ``budget`` (a fraction of all slots).
+    A candidate's net benefit is its ``benefit`` (balancedness points over keeping the layer)
+    minus ``cost`` times the fraction of the layer's slots it moves. Greedily, the change
+    (keep -> candidate, or one candidate -> a better one) that adds the most net benefit is
+    made while it adds some and the slots moved in all stay within ``budget`` (a fraction of
+    all slots). Largest gain first rather than gain per moved slot: per slot, cheap repairs
+    would always win and use up the budget that a few full re-plans put to better use
+    (measured on the replay: docs/benchmarks/policy.md).
 
     Args:
-        benefit: [L] float64; moved: [L] int64 slots the new placement moves per layer.
+        benefit: [C, L] float64; moved: [C, L] int64 slots each candidate moves per layer.
     Returns:
-        [L] bool.
+        [L] int64 candidate per layer, -1 = keep.
     """
+    num_candidates, num_layers = benefit.shape
     net = benefit - cost * moved / num_slots
-    order = np.argsort(-net / np.maximum(moved, 1), kind="stable")
-    take = np.zeros(benefit.shape, dtype=bool)
-    room = budget * num_slots * benefit.shape[0]
-    for layer in order:
-        if net[layer] <= 0:
+    choice = np.full(num_layers, -1, dtype=np.int64)
+    cur_net = np.zeros(num_layers)
+    cur_moved = np.zeros(num_layers, dtype=np.int64)
+    room = budget * num_slots * num_layers
+    while True:
+        gain = net - cur_net  # [C, L]
+        extra = moved - cur_moved
+        ok = (gain > 1e-9) & (extra <= room)
+        if not ok.any():
+            return choice
+        c, layer = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), gain.shape)
+        room -= extra[c, layer]
+        choice[layer], cur_net[layer], cur_moved[layer] = c, net[c, layer], moved[c, layer]
+
+
+def repair_counts(
+    old: np.ndarray, load: np.ndarray, topology: Topology, hierarchical: bool
+) -> np.ndarray:
+    """The placement in service with its replica counts moved towards the forecast's.
+
+    DeepSeek's greedy, one slot at a time: while the expert with the highest load per
+    replica would lose more load per replica than the cheapest donor (an expert with two or
+    more replicas) gains, one of the donor's slots takes the expert instead, on the
+    lightest GPU that does not hold it yet (within the expert's node when placement is
+    hierarchical). Every change moves one slot.
+
+    Args:
+        old: [L, P] int64 phy2log in service; load: [L, E] float64 forecast.
+    Returns:
+        [L, P] int64 phy2log.
+    """
+    t = topology
+    num_layers, num_slots = old.shape
+    place = old.copy()
+    counts = np.zeros(load.shape, dtype=np.int64)
+    np.add.at(counts, (np.arange(num_layers)[:, None], place), 1)
+    row = np.arange(num_layers)
+    gpu = np.arange(num_slots) // t.slots_per_gpu
+    node = np.arange(num_slots) // t.slots_per_node
+    active = np.ones(num_layers, dtype=bool)
+    for _ in range(num_slots - load.shape[1]):
+        per = load / counts
+        expert = per.argmax(-1)  # [L] receiver
+        holds = place == expert[:, None]  # [L, P]
+        on_gpu = holds.reshape(num_layers, t.num_gpus, -1).any(-1)[:, gpu]  # [L, P]
+        donor = np.take_along_axis(counts, place, -1)
+        cost = np.where(donor > 1, np.take_along_axis(load, place, -1) / np.maximum(donor - 1, 1),
+                        np.inf)  # fmt: skip
+        cost = np.where(on_gpu | holds, np.inf, cost)
+        if hierarchical:
+            home = node[holds.argmax(-1)]  # the receiver's node
+            cost = np.where(node[None, :] == home[:, None], cost, np.inf)
+        slot_load = np.take_along_axis(load / counts, place, -1)
+        gpu_load = slot_load.reshape(num_layers, t.num_gpus, -1).sum(-1)[:, gpu]
+        # cheapest donor first, the lighter GPU among equals
+        pick = np.lexsort((gpu_load, cost), axis=-1)[:, 0]
+        best = cost[row, pick]
+        active &= best < per[row, expert] * (1 - 1e-3)
+        if not active.any():
             break
-        if moved[layer] <= room:
-            take[layer] = True
-            room -= moved[layer]
-    return take
+        r, p = row[active], pick[active]
+        counts[r, place[r, p]] -= 1
+        counts[r, expert[active]] += 1
+        place[r, p] = expert[active]
+    return place
 
 
 def plan_with_migration(
@@ -166,13 +227,14 @@ def plan_with_migration(
     config: DefaultPolicyConfig,
     steps: torch.Tensor | None = None,
 ) -> ExpertLayout:
-    """Keep the layout in service except in the layers where re-planning pays.
+    """Keep the layout in service except in the layers where changing it pays.
 
-    Every layer is re-planned from scratch and aligned to ``previous``; both versions are
-    scored on the window's steps (or the forecast) under ``config.dispatch``, the previous
-    one with shares refreshed for the new load (shares move no weights). Layers then take
-    the new placement by :func:`choose_layers` with ``config.migration_cost`` and
-    ``config.max_moved``.
+    Two candidates per layer: a *repair* (the placement in service with replica counts
+    updated slot by slot, :func:`repair_counts`) and a *re-plan* from scratch aligned to
+    ``previous``. All are scored on the window's steps (or the forecast) under
+    ``config.dispatch`` (the kept placement with shares refreshed for the new load; shares
+    move no weights), and :func:`choose_plans` picks per layer with
+    ``config.migration_cost`` and ``config.max_moved``.
 
     Args:
         load: [L, E] float64 forecast.
@@ -182,20 +244,23 @@ def plan_with_migration(
 
     hierarchical = use_hierarchical(topology, config)
     old = previous.phy2log.numpy()
-    new = align_to_previous(place_layers(load, topology, config), old, topology, hierarchical)
-    moved = (new != old).sum(-1)
+    candidates = [
+        repair_counts(old, load, topology, hierarchical),
+        align_to_previous(place_layers(load, topology, config), old, topology, hierarchical),
+    ]
     scenarios = steps if steps is not None else torch.from_numpy(load).float().unsqueeze(0)
-    fresh = finish_layout(new, load, topology, config)
-    kept = finish_layout(old, load, topology, config)
-    benefit = 100.0 * (
-        layer_balancedness(fresh, scenarios, config.dispatch)
-        - layer_balancedness(kept, scenarios, config.dispatch)
-    )
-    take = choose_layers(
+    kept = layer_balancedness(finish_layout(old, load, topology, config), scenarios,
+                              config.dispatch)  # fmt: skip
+    benefit = np.stack([
+        100.0 * (layer_balancedness(finish_layout(c, load, topology, config), scenarios,
+                                    config.dispatch) - kept)
+        for c in candidates
+    ])  # fmt: skip
+    moved = np.stack([(c != old).sum(-1) for c in candidates])
+    choice = choose_plans(
         benefit, moved, topology.num_replicas, config.migration_cost, config.max_moved
     )
-    if take.all():
-        return fresh
-    if not take.any():
-        return kept
-    return finish_layout(np.where(take[:, None], new, old), load, topology, config)
+    out = old.copy()
+    for c, candidate in enumerate(candidates):
+        out[choice == c] = candidate[choice == c]
+    return finish_layout(out, load, topology, config)
