@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import types
 from typing import Optional
@@ -35,6 +36,10 @@ from eplb_plugin.integrations.sglang.policy import (
 from eplb_plugin.integrations.sglang.runtime import RecorderShim, SglangEplb, count_source
 from eplb_plugin.policies.deepseek import deepseek_policy
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_utils import run_ranks  # noqa: E402
+
+FAKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
 PREVIOUS: list = []
 
 
@@ -240,6 +245,64 @@ def test_recorder_shim_delegates_and_tracks_nested_layers():
     assert shim.recording and shim.dump_record(output_mode="object") == "dumped"
     assert calls == [("layer", 1), ("layer", 2), ("select", [[5]]), ("select", [[4]])]
     assert runtime.balancer.counts[1, 5] == 1 and runtime.balancer.counts[0, 4] == 1
+
+
+class _InnerRecorder:
+    """SGLang's no-op recorder surface (what the shim wraps when SGLang records nothing)."""
+
+    recording = False
+
+    @contextlib.contextmanager
+    def with_current_layer(self, layer_idx):
+        yield
+
+    def on_deepep_dispatch_normal(self, **kwargs):
+        pass
+
+
+def _deepep_normal_body(rank: int, world_size: int) -> tuple[list, list]:
+    """Each rank routes its own tokens, dispatches them with (the fake of) DeepEP's normal
+    mode, and hands the received per-expert counts to the shim, as SGLang's DeepEP
+    dispatcher hands them to its recorder."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, FAKES)
+    import deep_ep
+
+    from eplb_plugin.integrations.sglang.runtime import route
+
+    runtime = SglangEplb(_config(), _trivial(), 8, [1, 2], [[torch.zeros(6, 2)]] * 2, rank,
+                         world_size, source="deepep_normal", balancer_cls=FakeBalancer)  # fmt: skip
+    shim = RecorderShim(_InnerRecorder(), runtime)
+    buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 20, 0)
+    g = torch.Generator().manual_seed(rank)
+    sent = []
+    runtime.begin_forward(10)
+    for layer in (1, 2):
+        logical = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(10)])
+        physical = route(logical, runtime.routes[layer]).long()
+        sent.append(physical.tolist())
+        per_rank, per_rdma, per_expert, in_rank, _ = buffer.get_dispatch_layout(physical, 12)
+        x = torch.zeros(10, 8, dtype=torch.bfloat16)
+        _, _, _, recv_list, _, _ = buffer.dispatch(
+            x, topk_idx=physical, topk_weights=torch.ones(10, 2), num_tokens_per_rank=per_rank,
+            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        )  # fmt: skip
+        with shim.with_current_layer(layer):
+            shim.on_deepep_dispatch_normal(recv_list, per_rank, per_rdma, per_expert)
+    runtime.end_forward()
+    return runtime.balancer.counts.tolist(), sent
+
+
+def test_deepep_normal_received_counts_sum_to_the_global_slot_counts():
+    results = run_ranks(_deepep_normal_body, 2, timeout=120)
+    total = sum(torch.tensor(counts) for counts, _ in results)
+    for row in range(2):
+        ids = torch.tensor([sent[row] for _, sent in results]).reshape(-1)
+        assert torch.equal(total[row], torch.bincount(ids, minlength=12).to(torch.int32))
+    # each rank counted only the slots it holds
+    assert not torch.tensor(results[0][0])[:, 6:].any()
+    assert not torch.tensor(results[1][0])[:, :6].any()
 
 
 # ---------------------------------------------------------------------------- fake SGLang

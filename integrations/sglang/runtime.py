@@ -219,6 +219,8 @@ class SglangEplb:
         self.gate = torch.zeros((), dtype=torch.int32, device=self.device)
         self.seed = torch.zeros((), dtype=torch.int64, device=self.device)
         self._sink = torch.zeros_like(counts)
+        # registered now, not while Dynamo traces SGLang's compiled top-k helpers
+        map_and_count_op()
         self._runtime_id = register_runtime(self)
         self.routes = {
             layer_id: LayerRoute(self.balancer.maps, row, self._sink, self.seed, self._runtime_id)
