@@ -112,9 +112,19 @@ def _replace_dir(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+# The hot experts are the high-numbered ones, so that the start-up layout (redundant slots
+# holding replicas of experts 0, 1, ...) does not happen to fit the load already.
+# DeepSeek-V3's selection adds ``e_score_correction_bias`` to the sigmoid scores (what the
+# bias is for in training: steering load): a few hot experts, in two groups.
+HOT_BIAS = {15: 0.5, 14: 0.35, 6: 0.3}
+# Strength of the gate rows' alignment with the common embedding direction.
+PULL = 3.0
+
+
 def _skew_router(model: torch.nn.Module, family: str, seed: int) -> None:
     """Make expert loads uneven: a common direction in all embeddings that the gate rows of
-    low-numbered experts align with (more strongly the lower the expert id)."""
+    high-numbered experts align with (more strongly the higher the expert id), and for
+    DeepSeek-V3 a score-correction bias on a few hot experts."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         emb = model.get_input_embeddings().weight
@@ -130,11 +140,13 @@ def _skew_router(model: torch.nn.Module, family: str, seed: int) -> None:
                 continue
             num_experts = weight.shape[0]
             weight.normal_(0.0, 0.5, generator=gen)
-            pull = torch.linspace(1.5, -1.5, num_experts)
+            pull = torch.linspace(-PULL, PULL, num_experts)
             weight += pull[:, None] * direction[None, :]
             bias = getattr(gate, "e_score_correction_bias", None)
             if bias is not None:
                 bias.zero_()
+                for expert, value in HOT_BIAS.items():
+                    bias[expert] = value
 
 
 def _write_tokenizer(path: str) -> None:
