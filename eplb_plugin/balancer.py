@@ -360,8 +360,10 @@ class Balancer:
         prepared move or None). With ``plan_on="all"`` the move is prepared here too."""
         if float(load.sum()) <= 0:
             return None, 1.0, 1.0, None
-        new = plan_layout(load.to(torch.float32), self.topology, policy=self.config.policy,
-                          previous=current)  # fmt: skip
+        new = plan_layout(
+            load.to(torch.float32), self.topology, policy=self.config.policy, previous=current,
+            **self.config.policy_options,
+        )  # fmt: skip
         new = align_slots(current, new)  # experts staying on a GPU keep their slot
         before, after = self.predict(current, load), self.predict(new, load)
         prepared = None

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PREDICTORS = ("window", "ema")
@@ -29,6 +30,7 @@ _HELP = {
     "predictor": "load used to plan: 'window' (sum over the window) or 'ema'",
     "ema_decay": "per-step decay of the EMA predictor, in (0, 1)",
     "policy": "placement policy name (see `eplb plan --help`)",
+    "policy_options": "JSON object of keyword options for the policy, e.g. '{\"max_moved\": 0.25}'",
     "dispatch": "replica choice per token: static, local or global (docs/dispatch.md)",
     "min_gain": "smallest predicted balancedness gain (0..1) worth moving weights for",
     "layers_per_step": "layers moved per engine step (0 = all layers in one step)",
@@ -80,6 +82,8 @@ class EplbConfig:
             moving average (decay ``ema_decay`` per step).
         ema_decay: EMA decay in (0, 1).
         policy: a registered placement policy (``eplb_plugin.available_policies()``).
+        policy_options: keyword options passed to the policy (e.g. the default policy's
+            ``migration_cost`` or ``max_moved``); the policy validates them.
         dispatch: ``"static"``, ``"local"`` or ``"global"`` replica choice (docs/dispatch.md).
         min_gain: act only when the predicted balancedness gain (new - current, both in
             [0, 1]) is at least this.
@@ -105,6 +109,7 @@ class EplbConfig:
     predictor: str = "window"
     ema_decay: float = 0.99
     policy: str = "default"
+    policy_options: dict = field(default_factory=dict)
     dispatch: str = "static"
     min_gain: float = 0.01
     layers_per_step: int = 1
@@ -133,6 +138,10 @@ class EplbConfig:
 
         if self.policy not in available_policies():
             _fail("policy", self.policy, f"unknown; available: {', '.join(available_policies())}")
+        if not isinstance(self.policy_options, dict) or not all(
+            isinstance(k, str) for k in self.policy_options
+        ):
+            _fail("policy_options", self.policy_options, "must be a dict with string keys")
         _choice("dispatch", self.dispatch, DISPATCH_MODES)
         self.min_gain = _float("min_gain", self.min_gain)
         if not 0.0 <= self.min_gain <= 1.0:
@@ -190,9 +199,23 @@ class EplbConfig:
         argv = ["--enable-eplb"] if self.enable else []
         default = EplbConfig()
         for name in self.field_names():
-            if name != "enable" and getattr(self, name) != getattr(default, name):
-                argv += [cli_flag(name), str(getattr(self, name))]
+            value = getattr(self, name)
+            if name != "enable" and value != getattr(default, name):
+                argv += [
+                    cli_flag(name),
+                    json.dumps(value) if isinstance(value, dict) else str(value),
+                ]
         return argv
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def cli_flag(name: str) -> str:
@@ -225,7 +248,7 @@ def add_cli_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         parser.add_argument(
             cli_flag(f.name),
             dest=cli_dest(f.name),
-            type=type(default),
+            type=_json_object if isinstance(default, dict) else type(default),
             default=None,
             choices=choices.get(f.name),
             metavar=None if f.name in choices else f.name.upper(),

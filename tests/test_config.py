@@ -39,6 +39,8 @@ def test_defaults_are_valid_and_documented():
         ("ema_decay", 1.0),
         ("ema_decay", float("nan")),
         ("policy", "no-such-policy"),
+        ("policy_options", "max_moved=1"),
+        ("policy_options", {1: 2}),
         ("dispatch", "random"),
         ("min_gain", -0.1),
         ("min_gain", 2.0),
@@ -71,12 +73,14 @@ def test_cli_round_trip():
             "--eplb-layers-per-step", "0",
             "--eplb-plan-on", "all",
             "--eplb-timeout-s", "5",
+            "--eplb-policy-options", '{"max_moved": 0.25}',
         ]
     )  # fmt: skip
     config = EplbConfig.from_cli(args)
     assert config.enable and config.num_redundant_experts == 8 and config.window == 50
     assert config.predictor == "ema" and config.ema_decay == 0.9 and config.min_gain == 0.05
     assert config.layers_per_step == 0 and config.plan_on == "all" and config.timeout_s == 5.0
+    assert config.policy_options == {"max_moved": 0.25}
     assert config.interval == EplbConfig().interval  # untouched options keep the default
     again = EplbConfig.from_cli(parser().parse_args(config.to_cli()))
     assert again == config
@@ -88,6 +92,8 @@ def test_cli_enable_is_opt_in_and_validated():
         EplbConfig.from_cli(parser().parse_args(["--eplb-policy", "nope"]))
     with pytest.raises(SystemExit):
         parser().parse_args(["--eplb-dispatch", "random"])
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--eplb-policy-options", "[1, 2]"])
 
 
 def test_dict_round_trip_and_unknown_keys():
