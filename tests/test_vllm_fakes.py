@@ -468,6 +468,27 @@ def test_expert_parallel_two_ranks_move_weights_between_ranks(dispatch):
     assert results[0]["bytes"] + results[1]["bytes"] > 0
 
 
+def _tp_body(rank: int, world_size: int) -> list:
+    """Tensor parallelism without EP: vLLM's world group exists, every rank has all slots."""
+    runner = fake_runner(num_layers=2, num_experts=8)
+    rt = runtime.VllmEplb(config(), patches.moe_layers(runner))  # group: vLLM's (none)
+    assert rt.balancer.comm.world_size == 1 and rt.ep_size == 1
+    for step in range(6):
+        ids = [skewed_ids(16, 8, 2, seed=10 * step + layer) for layer in range(2)]
+        rt.begin_forward(16)
+        _forward(rt, runner, ids)
+        rt.end_forward()
+        rt.step()
+    check_slots_hold_experts(rt)
+    assert rt.balancer.stats.rebalances >= 1
+    return rt.balancer.maps.phy2log.tolist()
+
+
+def test_tensor_parallel_ranks_balance_alone_and_agree():
+    first, second = run_ranks(_tp_body, 2, timeout=120.0)
+    assert first == second  # same tokens, deterministic plans: the same layout everywhere
+
+
 # ---------------------------------------------------------------------- policy swap
 def test_policy_swap_plans_like_rebalance_experts():
     from eplb_plugin import plan, rebalance_experts

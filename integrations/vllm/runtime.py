@@ -176,9 +176,16 @@ class VllmEplb:
             group = patches.ep_group(first)
         if balancer_cls is None:
             from eplb_plugin.balancer import Balancer as balancer_cls
+        extra = {}
+        if group is None:
+            # Without expert parallelism every rank (e.g. each tensor-parallel rank) holds all
+            # slots and balances alone; vLLM's world group must not be taken for an EP group.
+            from eplb_plugin.comm import LocalCommunicator
+
+            extra["communicator"] = LocalCommunicator(config.timeout_s)
         self.balancer = balancer_cls(
             config, self.initial_layout, expert_tensors, group=group, rank=ep_rank,
-            world_size=ep_size,
+            world_size=ep_size, **extra,
         )  # fmt: skip
         # Device scalars the hooks read, so that the steps need no host synchronisation and
         # the values can change under a captured graph.
