@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 
-from ..dispatch import DISPATCH_MODES
+from ..dispatch import DISPATCH_MODES, WATERFILL_ITERS
 from ..layout import Topology
 from ..policies import available_policies
 from ..simulate import (
@@ -85,6 +85,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "slots it moves (0)",
     )
     p.add_argument(
+        "--waterfill-iters",
+        type=int,
+        default=WATERFILL_ITERS,
+        help=f"water-fill sweeps of local/global dispatch (default {WATERFILL_ITERS}, as the "
+        "device op)",
+    )
+    p.add_argument(
         "--bytes-per-slot",
         type=int,
         default=DSV2_LITE_EXPERT_BYTES,
@@ -155,6 +162,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                     migrate=args.migrate,
                     bytes_per_slot=args.bytes_per_slot,
                     policy_options=dict(options),
+                    waterfill_iters=args.waterfill_iters,
                 )  # fmt: skip
             )
     return configs
