@@ -217,6 +217,20 @@ def test_runtime_refuses_bad_setups(kwargs, match):
         SglangEplb(**args, balancer_cls=FakeBalancer)
 
 
+def test_runtime_takes_model_groups_and_sglang_nodes_unless_set():
+    def topology(config, **kw):
+        tensors = [[torch.zeros(6, 1)]]
+        runtime = SglangEplb(config, _trivial(experts=16, slots=24), 16, [1], tensors, 0, 4,
+                             balancer_cls=FakeBalancer, **kw)  # fmt: skip
+        return runtime.topology
+
+    config = _config(num_redundant_experts=8)
+    assert topology(config, num_groups=4, num_nodes=2) == Topology(24, 4, 2, 4)
+    assert topology(config, num_groups=3, num_nodes=3) == Topology(24, 1, 1, 4)  # don't fit
+    assert topology(_config(num_redundant_experts=8, num_groups=2, num_nodes=4),
+                    num_groups=4, num_nodes=2) == Topology(24, 2, 4, 4)  # fmt: skip
+
+
 def test_recorder_shim_delegates_and_tracks_nested_layers():
     calls = []
 

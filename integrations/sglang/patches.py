@@ -430,11 +430,19 @@ def attach(runner: Any) -> Any:
     ep_rank = int(get_parallel().moe_ep_rank)
     model_config = runner.model_config
     expert_config = location.ModelConfigForExpertLocation.from_model_config(model_config)
-    layer_ids = sorted(int(k) for k in weights)
+    rows = metadata.physical_to_logical_map_cpu.shape[0]
+    layer_ids = sorted(int(k) for k in weights if 0 <= int(k) < rows)
+    if len(layer_ids) < len(weights):
+        logger.warning(
+            "eplb-plugin: MoE layers %s lie outside SGLang's expert-location metadata (%d "
+            "layers) and keep SGLang's mapping",
+            sorted(int(k) for k in weights if not 0 <= int(k) < rows), rows,
+        )  # fmt: skip
     runtime = SglangEplb(
         config, metadata.physical_to_logical_map_cpu, metadata.num_logical_experts, layer_ids,
         [list(weights[k]) for k in layer_ids], ep_rank, metadata.ep_size,
         num_groups=getattr(expert_config, "num_groups", None),
+        num_nodes=_nnodes(get_parallel()),
         rank_invariant=moe.moe_a2a_backend in (None, "none"), source=source,
         group=ep_group(),
         on_layout=lambda full, ids: refresh_metadata(model_config, full, ids, ep_rank),
@@ -455,6 +463,13 @@ def attach(runner: Any) -> Any:
         source,
     )  # fmt: skip
     return runtime
+
+
+def _nnodes(parallel: Any) -> int:
+    try:
+        return int(parallel.nnodes or 1)
+    except Exception:  # noqa: BLE001 - not published: a single node
+        return 1
 
 
 def ep_group() -> Any:

@@ -128,6 +128,8 @@ class SglangEplb:
         expert_tensors: per MoE layer, this rank's tensors whose dim 0 is its local slots.
         ep_rank, ep_size: this rank and the EP size.
         num_groups: the model's expert groups (used unless ``--eplb-num-groups`` is set).
+        num_nodes: nodes the EP ranks span (SGLang's ``--nnodes``; used unless
+            ``--eplb-num-nodes`` is set).
         rank_invariant: every EP rank routes the same tokens (SGLang without an all-to-all
             backend): the dispatch dither then must not depend on the rank.
         source: one of COUNT_SOURCES (:func:`count_source`).
@@ -148,6 +150,7 @@ class SglangEplb:
         ep_size: int,
         *,
         num_groups: int | None = None,
+        num_nodes: int | None = None,
         rank_invariant: bool = False,
         source: str = "select_experts",
         group: object | None = None,
@@ -189,8 +192,10 @@ class SglangEplb:
         groups = config.num_groups if config.num_groups != 1 else (num_groups or 1)
         if groups < 1 or num_experts % groups:
             groups = 1
-        nodes = config.num_nodes if ep_size % config.num_nodes == 0 else 1
-        # The model's expert groups, unless the user set --eplb-num-groups.
+        nodes = config.num_nodes if config.num_nodes != 1 else (num_nodes or 1)
+        if nodes < 1 or ep_size % nodes:
+            nodes = 1
+        # The model's expert groups and SGLang's node count, unless the user set them.
         self.config = config = dataclasses.replace(config, num_groups=groups, num_nodes=nodes)
         self.topology = Topology(num_slots, groups, nodes, ep_size)
         self.layer_ids = list(layer_ids)
