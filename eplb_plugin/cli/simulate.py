@@ -69,7 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--migrate",
         action="store_true",
-        help="migration-aware planning: pass the layout in service to the policy",
+        help="migration-aware planning: pass the layout in service to the policy (the "
+        "default policy keeps slots where moving them does not pay; deepseek ignores it)",
     )
     p.add_argument(
         "--max-moved",
