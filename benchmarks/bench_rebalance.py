@@ -38,7 +38,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from eplb_plugin import EplbConfig, Topology, plan
+from eplb_plugin import EplbConfig, ExpertLayout, Topology, plan
 from eplb_plugin.transfer import align_slots, plan_transfer
 
 DSV3 = {"layers": 58, "experts": 256, "slots": 288, "groups": 8, "nodes": 4, "gpus": 32,
@@ -70,33 +70,45 @@ def drifting_loads(layers: int, experts: int, seed: int) -> tuple[torch.Tensor, 
     return scale(pop), scale(drift)
 
 
-def bytes_table(layers, experts, topo: Topology, bps: int, seed: int) -> dict:
+def bytes_table(layers, experts, topo: Topology, bps: int, seed: int, policy: str) -> dict:
+    """Bytes of moving from the plan of window A to a plan of window B, per strategy."""
     a, b = drifting_loads(layers, experts, seed)
-    old = plan(a, topo)
-    new = plan(b, topo)
-    aligned = align_slots(old, new)
-    raw = plan_transfer(old, new, topo, bps)
-    smart = plan_transfer(old, aligned, topo, bps)
+    old = plan(a, topo, policy=policy)
+    scratch = plan(b, topo, policy=policy)  # from scratch: ignores the layout in service
     gib = 1 << 30
-    row = lambda net, local, worst, cross: {  # noqa: E731
-        "network_GiB": net / gib, "local_copy_GiB": local / gib,
-        "max_rank_received_GiB": worst / gib,
-        "cross_node_GiB": None if cross is None else cross / gib,  # unknown: no sender chosen
+
+    def row(net, local, worst, cross, layout) -> dict:
+        return {
+            "network_GiB": net / gib,
+            "local_copy_GiB": None if local is None else local / gib,
+            "max_rank_received_GiB": worst / gib,
+            "cross_node_GiB": None if cross is None else cross / gib,  # None: no sender chosen
+            "balancedness": layout.balancedness(b),
+        }
+
+    def planned(layout: ExpertLayout) -> dict:
+        t = plan_transfer(old, layout, topo, bps)
+        return row(t.total_bytes, int(t.bytes_local.sum()), int(t.bytes_received.max()),
+                   t.cross_node_bytes, layout)  # fmt: skip
+
+    changed = (old.phy2log != scratch.phy2log).view(layers, topo.num_gpus, -1)
+    rows = {
+        "reload every slot": row(layers * topo.num_replicas * bps, None,
+                                 layers * topo.slots_per_gpu * bps, None, scratch),
+        "changed slots": row(int(changed.sum()) * bps, None,
+                             int(changed.sum((0, 2)).max()) * bps, None, scratch),
+        "plan_transfer": planned(scratch),
+        "align_slots + plan_transfer": planned(align_slots(old, scratch)),
     }  # fmt: skip
-    changed_mask = (old.phy2log != new.phy2log).view(layers, topo.num_gpus, -1)
-    changed = int(changed_mask.sum())
-    changed_max = int(changed_mask.sum((0, 2)).max())
-    return {
-        "reload": row(layers * topo.num_replicas * bps, 0, layers * topo.slots_per_gpu * bps,
-                      None),
-        "changed slots": row(changed * bps, 0, changed_max * bps, None),
-        "plan_transfer": row(raw.total_bytes, int(raw.bytes_local.sum()),
-                             int(raw.bytes_received.max()), raw.cross_node_bytes),
-        "align + plan_transfer": row(smart.total_bytes, int(smart.bytes_local.sum()),
-                                     int(smart.bytes_received.max()), smart.cross_node_bytes),
-        "balancedness_before": old.balancedness(b),
-        "balancedness_after": new.balancedness(b),
-    }  # fmt: skip
+    try:  # migration-aware policies take the layout in service (the Balancer passes it)
+        aware = plan(b, topo, policy=policy, previous=old)
+        rows["policy(previous=) + align + plan_transfer"] = planned(align_slots(old, aware))
+        for budget in (0.25, 0.1):
+            capped = plan(b, topo, policy=policy, previous=old, max_moved=budget)
+            rows[f"... max_moved={budget}"] = planned(align_slots(old, capped))
+    except (TypeError, ValueError) as exc:  # a policy without these options
+        rows["policy(previous=)"] = {"error": str(exc)}
+    return {"rows": rows, "balancedness_before": old.balancedness(b)}
 
 
 # ---------------------------------------------------------------------- rank processes
@@ -128,10 +140,50 @@ def _max_over_ranks(value: float) -> float:
     return float(t)
 
 
+def _pause_run(rank, args, topo, old, load, tensors, comm, lps: int) -> dict:
+    """One Balancer-driven rebalance from ``old``; step pauses (max over ranks)."""
+    from eplb_plugin.balancer import Balancer
+
+    _fill(tensors, old.phy2log, rank)
+    config = EplbConfig(
+        num_redundant_experts=topo.num_replicas - DSV3["experts"], num_groups=topo.num_groups,
+        num_nodes=topo.num_nodes, window=args.window, interval=10**9, plan_delay=2,
+        layers_per_step=lps, min_gain=0.0, staging_bytes=args.staging_mib << 20, timeout_s=600,
+    )  # fmt: skip
+    bal = Balancer(config, old, tensors, communicator=comm)
+    gen = torch.Generator().manual_seed(args.seed + 17 * rank)
+    probs = load / load.sum(-1, keepdim=True)
+    step_pauses, events = [], []
+    done_at = None
+    for step in range(1, 10_000):
+        for layer in range(len(tensors)):
+            ids = torch.multinomial(probs[layer], args.tokens * 8, True, generator=gen)
+            bal.route(ids.view(args.tokens, 8), layer, seed=step)
+        if step == args.window:
+            bal.request_rebalance()  # one rebalance, on the same step on every rank
+        start = time.perf_counter()
+        report = bal.step()
+        step_pauses.append(time.perf_counter() - start)
+        events.append(report.event if report else None)
+        if report is not None and report.event in ("done", "failed"):
+            done_at = done_at or step
+        if done_at and step >= done_at + 3:
+            break
+    assert bal.stats.rebalances == 1, events
+    assert _wrong(tensors, bal.layout.phy2log, rank) == 0
+    bal.close()
+    quiet = [p for p, e in zip(step_pauses, events) if e is None]
+    return {
+        "longest_pause_s": _max_over_ranks(max(step_pauses)),
+        "rebalance_steps": sum(e in ("chunk", "done") for e in events),
+        "median_quiet_step_s": _max_over_ranks(statistics.median(quiet)),
+        "trace": [(e, round(p * 1e3, 1)) for e, p in zip(events, step_pauses) if e],
+    }
+
+
 def _rank_main(rank: int, args: argparse.Namespace, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from eplb_plugin.balancer import Balancer
     from eplb_plugin.comm.torch_dist import TorchCommunicator
     from eplb_plugin.executor import Executor
 
@@ -205,48 +257,20 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int, out_dir: str) -> 
         all_to_all_s=a2a,
     )  # fmt: skip
 
-    # -- 3. longest step pause, Balancer-driven, chunking off (0) and on
-    _fill(tensors, old.phy2log, rank)
+    # -- 3. longest step pause, Balancer-driven, chunking off (0) and on, --repeats runs each
     pauses = {}
     for lps in (0, args.layers_per_step):
-        layout = old
-        _fill(tensors, layout.phy2log, rank)
-        config = EplbConfig(
-            num_redundant_experts=topo.num_replicas - E, num_groups=topo.num_groups,
-            num_nodes=topo.num_nodes, window=args.window, interval=10**9,
-            plan_delay=2, layers_per_step=lps, min_gain=0.0,
-            staging_bytes=args.staging_mib << 20, timeout_s=600,
-        )  # fmt: skip
-        bal = Balancer(config, layout, tensors, communicator=comm)
-        gen = torch.Generator().manual_seed(args.seed + 17 * rank)
-        probs = b / b.sum(-1, keepdim=True)
-        step_pauses, events = [], []
-        done_at = None
-        for step in range(1, 10_000):
-            for layer in range(L):
-                ids = torch.multinomial(probs[layer], args.tokens * 8, True, generator=gen)
-                bal.route(ids.view(args.tokens, 8), layer, seed=step)
-            if step == args.window:
-                bal.request_rebalance()  # one rebalance, on the same step on every rank
-            start = time.perf_counter()
-            report = bal.step()
-            step_pauses.append(time.perf_counter() - start)
-            events.append(report.event if report else None)
-            if report is not None and report.event in ("done", "failed"):
-                done_at = done_at or step
-            if done_at and step >= done_at + 3:
-                break
-        assert bal.stats.rebalances == 1, events
-        assert _wrong(tensors, bal.layout.phy2log, rank) == 0
-        quiet = [p for p, e in zip(step_pauses, events) if e is None]
+        runs = [
+            _pause_run(rank, args, topo, old, b, tensors, comm, lps) for _ in range(args.repeats)
+        ]
+        longest = sorted(r["longest_pause_s"] for r in runs)
         pauses[lps] = {
-            "longest_pause_s": _max_over_ranks(max(step_pauses)),
-            "rebalance_steps": sum(e in ("chunk", "done") for e in events),
-            "median_quiet_step_s": _max_over_ranks(statistics.median(quiet)),
-            "bytes_moved_rank": bal.stats.bytes_moved,
-            "trace": [(e, round(p * 1e3, 1)) for e, p in zip(events, step_pauses) if e],
+            "longest_pause_s_median": statistics.median(longest),
+            "longest_pause_s_runs": longest,
+            "rebalance_steps": runs[0]["rebalance_steps"],
+            "median_quiet_step_s": statistics.median(r["median_quiet_step_s"] for r in runs),
+            "trace": runs[0]["trace"],
         }
-        bal.close()
     result["pauses"] = pauses
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -271,6 +295,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=6, help="steps before the plan is due")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per rank per step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default="default", help="placement policy for the bytes table")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -285,7 +310,7 @@ def main() -> None:
          (f"scaled, {args.ranks} ranks", args.layers, small_topo, small_bps)],
         desc="planning bytes",
     ):  # fmt: skip
-        summary[name] = bytes_table(layers, DSV3["experts"], topo, bps, args.seed)
+        summary[name] = bytes_table(layers, DSV3["experts"], topo, bps, args.seed, args.policy)
 
     import torch.multiprocessing as mp
 
@@ -318,17 +343,18 @@ def main() -> None:
           f"{small_bps / 2**10:.1f} KiB (/{args.scale})")  # fmt: skip
     for name in ("DeepSeek-V3 full scale, 32 GPUs", f"scaled, {args.ranks} ranks"):
         t = summary[name]
-        print(f"\nbytes moved, {name} (balancedness {t['balancedness_before']:.3f} -> "
-              f"{t['balancedness_after']:.3f}):")  # fmt: skip
-        print(f"  {'strategy':24s} {'network GiB':>12s} {'local GiB':>10s} "
-              f"{'max rank recv GiB':>18s} {'cross-node GiB':>15s}")  # fmt: skip
-        for key in ("reload", "changed slots", "plan_transfer", "align + plan_transfer"):
-            row = t[key]
-            cross = "-" if row["cross_node_GiB"] is None else f"{row['cross_node_GiB']:.2f}"
-            print(
-                f"  {key:24s} {row['network_GiB']:12.2f} {row['local_copy_GiB']:10.2f} "
-                f"{row['max_rank_received_GiB']:18.2f} {cross:>15s}"
-            )
+        print(f"\nbytes moved, {name}, policy {args.policy!r} (balancedness on the new window "
+              f"with the layout in service: {t['balancedness_before']:.3f}):")  # fmt: skip
+        print(f"  {'strategy':43s} {'network GiB':>11s} {'local GiB':>9s} {'max recv GiB':>12s}"
+              f" {'cross-node':>10s} {'balanced':>8s}")  # fmt: skip
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        for key, r in t["rows"].items():
+            if "error" in r:
+                print(f"  {key:43s} n/a: {r['error']}")
+                continue
+            print(f"  {key:43s} {r['network_GiB']:11.2f} {fmt(r['local_copy_GiB']):>9s} "
+                  f"{r['max_rank_received_GiB']:12.2f} {fmt(r['cross_node_GiB']):>10s} "
+                  f"{r['balancedness']:8.3f}")  # fmt: skip
     tm = summary["timing"]
     print(
         f"\nfull rebalance on {args.ranks} CPU ranks, {args.layers} layers "
@@ -351,11 +377,14 @@ def main() -> None:
     )
     print(f"  bare all_to_all_single, same splits {tm['bare_all_to_all_s'] * 1e3:6.1f} ms  "
           f"(ratio {tm['ratio_vs_all_to_all']:.2f})")  # fmt: skip
-    print("\nlongest Balancer.step() pause during a rebalance (max over ranks):")
+    print(f"\nlongest Balancer.step() pause during a rebalance (max over ranks; median of "
+          f"{args.repeats} runs, all runs in brackets):")  # fmt: skip
     for lps, p in summary["pauses"].items():
         label = "all layers in one step" if str(lps) == "0" else f"{lps} layer(s) per step"
-        print(f"  {label:24s} {p['longest_pause_s'] * 1e3:8.1f} ms over {p['rebalance_steps']} "
-              f"step(s); quiet step median {p['median_quiet_step_s'] * 1e3:.2f} ms")  # fmt: skip
+        runs = ", ".join(f"{x * 1e3:.0f}" for x in p["longest_pause_s_runs"])
+        print(f"  {label:24s} {p['longest_pause_s_median'] * 1e3:8.1f} ms [{runs}] over "
+              f"{p['rebalance_steps']} step(s); quiet step median "
+              f"{p['median_quiet_step_s'] * 1e3:.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":
