@@ -43,6 +43,8 @@ def dispatch_shares(
     Returns:
         [L, P] or [R, L, P] float32 shares.
     """
+    # imported here: the kernels package pulls in Triton, which `import eplb_plugin` need not
+
     counts = counts.to(torch.float32)
     lead = counts.shape[:-2]
     rows = counts.reshape(-1, layout.num_experts)
