@@ -44,7 +44,7 @@ PREVIOUS: list = []
 
 
 def _remember_previous(weight, topology, previous=None, **options):
-    PREVIOUS.append(previous)
+    PREVIOUS.append((previous, options))
     return deepseek_policy(weight, topology)
 
 
@@ -80,13 +80,16 @@ def test_swap_passes_other_algorithms_through_and_gives_previous():
 
     current = torch.arange(12).remainder(8).expand(2, -1).contiguous()
     fn = make_rebalance_experts(original, "test-sglang-fakes-previous", ("deepseek",),
-                                current_phy2log=lambda: current)  # fmt: skip
+                                current_phy2log=lambda: current,
+                                options={"max_moved": 0.5})  # fmt: skip
     assert fn(torch.ones(2, 8), 12, 6, None, 1, "elasticity_aware") == "sglang"
     assert calls == ["elasticity_aware"]
     PREVIOUS.clear()
     phy2log, log2phy, logcnt = fn(torch.ones(1, 2, 8), 12, 6, None, 1, "deepseek")
     assert phy2log.shape == (2, 12) and logcnt.sum(1).eq(12).all()
-    assert PREVIOUS[0] is not None and torch.equal(PREVIOUS[0].phy2log, current)
+    previous, options = PREVIOUS[0]
+    assert previous is not None and torch.equal(previous.phy2log, current)
+    assert options["max_moved"] == 0.5  # (plan adds the per-step loads as steps=)
     with pytest.raises(ValueError, match="unknown policy"):
         make_rebalance_experts(original, "no-such-policy")
     with pytest.raises(ValueError, match="not SGLang EPLB algorithm names"):
@@ -614,8 +617,11 @@ def test_register_reads_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="is not a policy"):
         plugin.policy_from_env({ENV_POLICY: "nope"})
     assert plugin.policy_from_env({ENV_POLICY: "default",
-                                   plugin.ENV_ALGORITHMS: "deepseek, deepseek_vec"}) == (
-        "default", ("deepseek", "deepseek_vec"))  # fmt: skip
+                                   plugin.ENV_ALGORITHMS: "deepseek, deepseek_vec",
+                                   plugin.ENV_POLICY_OPTIONS: '{"max_moved": 2}'}) == (
+        "default", ("deepseek", "deepseek_vec"), {"max_moved": 2})  # fmt: skip
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        plugin.policy_from_env({ENV_POLICY: "default", plugin.ENV_POLICY_OPTIONS: "[1]"})
     with pytest.raises(ValueError, match="unknown SGLang algorithm"):
         plugin.policy_from_env({ENV_POLICY: "default", plugin.ENV_ALGORITHMS: "lp"})
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -671,8 +677,10 @@ def test_launcher_policy_only_runs_sglang_eplb():
     assert argv == ["--enable-eplb", "--model-path", "m", "--eplb-rebalance-num-iterations",
                     "500"]  # fmt: skip
     env, _ = build_launch(_launch_args("launch_server", "--eplb-policy-only",
-                                       "--eplb-swap-algorithms", "deepseek"))  # fmt: skip
-    assert env == {ENV_POLICY: "default", plugin.ENV_ALGORITHMS: "deepseek"}
+                                       "--eplb-swap-algorithms", "deepseek",
+                                       "--eplb-policy-options", '{"max_moved": 0.25}'))  # fmt: skip
+    assert env == {ENV_POLICY: "default", plugin.ENV_ALGORITHMS: "deepseek",
+                   plugin.ENV_POLICY_OPTIONS: '{"max_moved": 0.25}'}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ not passed on; instead the launcher
   ``--ep-num-redundant-experts R`` (R = ``--eplb-num-redundant-experts``) so that SGLang
   allocates the physical slots, and sets ``EPLB_SGLANG_CONFIG``;
 - with ``--eplb-policy-only``: runs SGLang's own EPLB (passes ``--enable-eplb``) and only
-  swaps its placement algorithm for ``--eplb-policy`` (``EPLB_SGLANG_POLICY``);
+  swaps its placement algorithm for ``--eplb-policy`` (``EPLB_SGLANG_POLICY``, with
+  ``--eplb-policy-options`` in ``EPLB_SGLANG_POLICY_OPTIONS``);
 
 then replaces itself by ``python -m eplb_plugin.integrations.sglang.launch <SGLang args>``,
 which switches the integration on in every SGLang process (docs/sglang.md). ``--dry-run``
@@ -90,7 +91,12 @@ def build_launch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
     Raises:
         ValueError: conflicting or missing options, named.
     """
-    from ..integrations.sglang.plugin import ENV_ALGORITHMS, ENV_CONFIG, ENV_POLICY
+    from ..integrations.sglang.plugin import (
+        ENV_ALGORITHMS,
+        ENV_CONFIG,
+        ENV_POLICY,
+        ENV_POLICY_OPTIONS,
+    )
 
     extra = list(args.extra)
     if "--enable-eplb" in extra:  # parse_known_args only leaves it after '--'
@@ -102,7 +108,7 @@ def build_launch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
                 "--enable-eplb (the plugin balancer) and --eplb-policy-only (SGLang's own EPLB "
                 "with this project's policy) exclude each other"
             )
-        others = [n for n in _eplb_options_given(args) if n != "policy"]
+        others = [n for n in _eplb_options_given(args) if n not in ("policy", "policy_options")]
         if others:
             flags = ", ".join("--eplb-" + n.replace("_", "-") for n in others)
             raise ValueError(
@@ -115,6 +121,9 @@ def build_launch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
 
         get_policy(policy)
         env[ENV_POLICY] = policy
+        options = getattr(args, cli_dest("policy_options"), None)
+        if options:
+            env[ENV_POLICY_OPTIONS] = json.dumps(options, sort_keys=True)
         if args.eplb_swap_algorithms:
             env[ENV_ALGORITHMS] = args.eplb_swap_algorithms
         return env, ["--enable-eplb", *extra]

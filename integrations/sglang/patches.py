@@ -250,7 +250,9 @@ def _when_imported(name: str, patch: Callable[[Any], None]) -> None:
 
 
 # ---------------------------------------------------------------------- policy swap
-def swap_policy(policy: str, algorithms: tuple[str, ...] | None = None) -> None:
+def swap_policy(
+    policy: str, algorithms: tuple[str, ...] | None = None, options: dict | None = None
+) -> None:
     """Make ``eplb_algorithms.rebalance_experts`` plan with eplb-plugin ``policy``."""
     from .policy import DEFAULT_ALGORITHMS, make_rebalance_experts
 
@@ -260,7 +262,8 @@ def swap_policy(policy: str, algorithms: tuple[str, ...] | None = None) -> None:
         check_targets((ALGORITHMS_MODULE,))
         _unset(module, "rebalance_experts")
         _set(module, "rebalance_experts",
-             lambda orig: make_rebalance_experts(orig, policy, names, current_phy2log))  # fmt: skip
+             lambda orig: make_rebalance_experts(orig, policy, names, current_phy2log,
+                                                 options))  # fmt: skip
 
     _when_imported(ALGORITHMS_MODULE, patch)
 

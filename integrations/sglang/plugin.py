@@ -28,8 +28,10 @@ from eplb_plugin.config import EplbConfig
 
 ENV_CONFIG = "EPLB_SGLANG_CONFIG"
 ENV_POLICY = "EPLB_SGLANG_POLICY"
-# Optional, with EPLB_SGLANG_POLICY: comma-separated SGLang algorithm names the swap answers.
+# Optional, with EPLB_SGLANG_POLICY: comma-separated SGLang algorithm names the swap answers,
+# and a JSON object of keyword options for the policy.
 ENV_ALGORITHMS = "EPLB_SGLANG_ALGORITHMS"
+ENV_POLICY_OPTIONS = "EPLB_SGLANG_POLICY_OPTIONS"
 
 # A child of SGLang's "sglang" logger, so that our lines carry SGLang's format and handlers.
 logger = logging.getLogger("sglang.eplb_plugin")
@@ -54,11 +56,15 @@ def config_from_env(environ: Mapping[str, str]) -> EplbConfig | None:
     return config if config.enable else None
 
 
-def policy_from_env(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...] | None] | None:
-    """(policy, algorithms or None) from ``EPLB_SGLANG_POLICY`` / ``EPLB_SGLANG_ALGORITHMS``.
+def policy_from_env(
+    environ: Mapping[str, str],
+) -> tuple[str, tuple[str, ...] | None, dict] | None:
+    """(policy, algorithms or None, options) from ``EPLB_SGLANG_POLICY``,
+    ``EPLB_SGLANG_ALGORITHMS`` and ``EPLB_SGLANG_POLICY_OPTIONS``.
 
     Raises:
-        ValueError: the policy is not registered, or an algorithm name is unknown.
+        ValueError: the policy is not registered, an algorithm name is unknown, or the
+            options are not a JSON object.
     """
     name = environ.get(ENV_POLICY, "").strip()
     if not name:
@@ -71,9 +77,10 @@ def policy_from_env(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...] | 
         raise ValueError(
             f"{ENV_POLICY}={name!r} is not a policy; available: {', '.join(available_policies())}"
         )
+    options = _options_from_env(environ)
     raw = environ.get(ENV_ALGORITHMS, "").strip()
     if not raw:
-        return name, None
+        return name, None, options
     algorithms = tuple(a.strip() for a in raw.split(",") if a.strip())
     unknown = [a for a in algorithms if a not in KNOWN_ALGORITHMS]
     if unknown or not algorithms:
@@ -81,7 +88,20 @@ def policy_from_env(environ: Mapping[str, str]) -> tuple[str, tuple[str, ...] | 
             f"{ENV_ALGORITHMS}={raw!r}: unknown SGLang algorithm(s) {unknown}; known: "
             f"{', '.join(KNOWN_ALGORITHMS)}"
         )
-    return name, algorithms
+    return name, algorithms, options
+
+
+def _options_from_env(environ: Mapping[str, str]) -> dict:
+    raw = environ.get(ENV_POLICY_OPTIONS, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ENV_POLICY_OPTIONS}={raw!r} is not valid JSON: {exc}") from exc
+    if not isinstance(options, dict):
+        raise ValueError(f"{ENV_POLICY_OPTIONS}={raw!r} must be a JSON object")
+    return options
 
 
 def config_to_env(config: EplbConfig) -> str:
@@ -137,13 +157,18 @@ def enable(config: EplbConfig) -> None:
     )
 
 
-def enable_policy_swap(policy: str = "default", algorithms: tuple[str, ...] | None = None) -> None:
+def enable_policy_swap(
+    policy: str = "default",
+    algorithms: tuple[str, ...] | None = None,
+    options: dict | None = None,
+) -> None:
     """Make SGLang's own EPLB place experts with this project's policy ``policy``.
 
     Args:
         policy: a registered eplb-plugin policy.
         algorithms: SGLang algorithm names (``--eplb-algorithm``, ``auto`` resolves to one of
             them) answered by ``policy``; default: the DeepSeek ones.
+        options: keyword options for the policy.
     """
     from eplb_plugin.policies import get_policy
 
@@ -156,10 +181,11 @@ def enable_policy_swap(policy: str = "default", algorithms: tuple[str, ...] | No
             "swap of SGLang's EPLB algorithm"
         )
     get_policy(policy)  # ValueError naming the policy when it is unknown
-    if _ACTIVE["policy"] == (policy, algorithms):
+    options = dict(options or {})
+    if _ACTIVE["policy"] == (policy, algorithms, options):
         return
-    patches.swap_policy(policy, algorithms)
-    _ACTIVE["policy"] = (policy, algorithms)
+    patches.swap_policy(policy, algorithms, options)
+    _ACTIVE["policy"] = (policy, algorithms, options)
     logger.info(
         "eplb-plugin: SGLang's EPLB algorithms %s now run eplb-plugin policy %r in pid %d "
         "(SGLang %s)",

@@ -76,6 +76,7 @@ def plan_for_sglang(
     *,
     policy: str = "default",
     previous: torch.Tensor | None = None,
+    options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SGLang's ``eplb_algorithms.rebalance_experts`` call answered by an eplb-plugin policy.
 
@@ -92,6 +93,7 @@ def plan_for_sglang(
         previous: [L, P] int64 layout in service (SGLang's ``physical_to_logical_map``),
             passed to migration-aware policies; ignored when it does not describe a full
             layout of this shape.
+        options: keyword options for the policy (``--eplb-policy-options``).
     Returns:
         (phy2log [L, P] int64, log2phy [L, E, X] int64 -1 padded, logcnt [L, E] int64) on
         CPU: what SGLang's own algorithms return.
@@ -108,7 +110,8 @@ def plan_for_sglang(
         num_physical_experts, num_local_physical_experts, num_groups, num_nodes,
         load.shape[-1], hierarchical,
     )  # fmt: skip
-    layout = plan(load, topology, policy=policy, previous=_previous(previous, topology, load))
+    previous_layout = _previous(previous, topology, load)
+    layout = plan(load, topology, policy=policy, previous=previous_layout, **(options or {}))
     return layout.phy2log, layout.log2phy, layout.logcnt
 
 
@@ -131,6 +134,7 @@ def make_rebalance_experts(
     policy: str = "default",
     algorithms: Iterable[str] = DEFAULT_ALGORITHMS,
     current_phy2log: Callable[[], torch.Tensor | None] | None = None,
+    options: dict | None = None,
 ) -> Callable:
     """A drop-in for SGLang's ``eplb_algorithms.rebalance_experts``.
 
@@ -143,8 +147,10 @@ def make_rebalance_experts(
         algorithms: SGLang algorithm names to answer.
         current_phy2log: returns SGLang's layout in service ([L, P]) or None, for
             migration-aware policies.
+        options: keyword options for the policy.
     """
     get_policy(policy)
+    options = dict(options or {})
     names = frozenset(algorithms)
     unknown = names - set(KNOWN_ALGORITHMS)
     if unknown:
@@ -166,7 +172,7 @@ def make_rebalance_experts(
         previous = current_phy2log() if current_phy2log is not None else None
         return plan_for_sglang(
             tokens_per_expert, num_physical_experts, num_local_physical_experts, num_groups,
-            num_nodes, algorithm, policy=policy, previous=previous,
+            num_nodes, algorithm, policy=policy, previous=previous, options=options,
         )  # fmt: skip
 
     rebalance_experts.eplb_plugin_policy = policy  # type: ignore[attr-defined]
