@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from eplb_plugin.kernels.waterfill import waterfill_shares
-
 from .layout import ExpertLayout
 
 DISPATCH_MODES = ("static", "local", "global")
@@ -43,7 +41,10 @@ def dispatch_shares(
     Returns:
         [L, P] or [R, L, P] float32 shares.
     """
-    # imported here: the kernels package pulls in Triton, which `import eplb_plugin` need not
+    # imported here: the core does not load the kernels package unless a mode needs it
+
+    # imported here: the core does not load the kernels package unless a mode needs it
+    from eplb_plugin.kernels.waterfill import waterfill_shares
 
     counts = counts.to(torch.float32)
     lead = counts.shape[:-2]
