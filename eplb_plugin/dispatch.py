@@ -42,8 +42,6 @@ def dispatch_shares(
         [L, P] or [R, L, P] float32 shares.
     """
     # imported here: the core does not load the kernels package unless a mode needs it
-
-    # imported here: the core does not load the kernels package unless a mode needs it
     from eplb_plugin.kernels.waterfill import waterfill_shares
 
     counts = counts.to(torch.float32)
