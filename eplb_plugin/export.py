@@ -611,7 +611,8 @@ class ExportedCheckpoint:
     Attributes:
         root, index (the parsed ``eplb_export.json``), layout (ExpertLayout), ep_size,
         num_slots, slots_per_rank, num_experts, moe_layers (model layer ids),
-        layout_rows (model layer id -> layout row).
+        layout_rows (model layer id -> layout row), opened (paths of the weight files this
+        reader has opened, in order: what a rank can show it read).
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -638,6 +639,7 @@ class ExportedCheckpoint:
         self.num_experts = int(self.index["num_experts"])
         self.moe_layers = [int(x) for x in self.index["moe_layers"]]
         self.layout_rows = {int(k): int(v) for k, v in self.index["layout_rows"].items()}
+        self.opened: list[str] = []
 
     def _check_rank(self, rank: int) -> int:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.ep_size:
@@ -662,14 +664,29 @@ class ExportedCheckpoint:
     def shared_files(self) -> list[str]:
         return [os.path.join(self.root, n) for n in self.index["shared_files"]]
 
-    @staticmethod
-    def _iter_files(
-        paths: list[str], device: str | torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    def moe_layout(self) -> ExpertLayout:
+        """The layout with one row per MoE layer, in ``moe_layers`` order (what an engine
+        indexes by MoE layer); the stored layout itself when it already has that form."""
+        rows = [self.layout_rows[layer] for layer in self.moe_layers]
+        if rows == list(range(self.layout.num_layers)):
+            return self.layout
+        index = torch.tensor(rows)
+        return ExpertLayout.from_phy2log(
+            self.layout.phy2log[index], self.layout.topology, self.num_experts,
+            replica_share=self.layout.replica_share[index],
+        )  # fmt: skip
+
+    def _open(self, path: str, device: str | torch.device):
         from safetensors import safe_open
 
+        self.opened.append(path)
+        return safe_open(path, framework="pt", device=str(device))
+
+    def _iter_files(
+        self, paths: list[str], device: str | torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         for path in paths:
-            with safe_open(path, framework="pt", device=str(device)) as f:
+            with self._open(path, device) as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
@@ -712,8 +729,6 @@ class ExportedCheckpoint:
 
         For a single-process engine that loads logical experts and applies the layout itself.
         """
-        from safetensors import safe_open
-
         out = self.shared_tensors(device)
         fused: dict[str, list] = {}
         for entry in self.index["tensors"]:
@@ -727,10 +742,10 @@ class ExportedCheckpoint:
                 slot, expert = entry["slots"][0], entry["experts"][0]
                 if int(first[expert]) != slot:
                     continue
-                with safe_open(path, framework="pt", device=str(device)) as f:
+                with self._open(path, device) as f:
                     out[entry["source"]] = f.get_tensor(name)
                 continue
-            with safe_open(path, framework="pt", device=str(device)) as f:
+            with self._open(path, device) as f:
                 tensor = f.get_tensor(name)
             parts = fused.setdefault(entry["source"], [None] * self.num_experts)
             for i, (slot, expert) in enumerate(zip(entry["slots"], entry["experts"])):
