@@ -34,6 +34,9 @@ class MoEFamily:
         disk_block: name of the MoE block in checkpoint keys.
         disk_expert_params: per-expert tensor names on disk, one of which is enough to tell
             an expert is there; all must be present.
+        disk_gate_up_down: the per-expert names on disk of the gate, up and down
+            projections: ``gate_up_proj[e] = cat(gate[e], up[e])``, ``down_proj[e] = down[e]``
+            (transformers' own conversion when it loads per-expert checkpoints).
     """
 
     name: str
@@ -47,6 +50,7 @@ class MoEFamily:
     num_groups_field: str | None = None
     disk_block: str = "mlp"
     disk_expert_params: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    disk_gate_up_down: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
 
     def num_experts(self, config) -> int:
         """Logical routed experts per MoE layer (``num_local_experts`` is aliased in all four)."""
@@ -85,6 +89,7 @@ FAMILIES: dict[str, MoEFamily] = {
             "mixtral",
             disk_block="block_sparse_moe",
             disk_expert_params=("w1", "w2", "w3"),
+            disk_gate_up_down=("w1", "w3", "w2"),
         ),
         MoEFamily("qwen2_moe", shared=("shared_expert", "shared_expert_gate")),
         MoEFamily("qwen3_moe"),
@@ -181,10 +186,17 @@ def check_checkpoint(path: str) -> tuple[MoEFamily, object]:
     """Validate a local checkpoint before any process starts; returns (family, config).
 
     Raises ValueError when the family is unsupported or an MoE layer lacks expert tensors
-    (``from_pretrained`` would otherwise fill them with random values and only warn).
+    (``from_pretrained`` would otherwise fill them with random values and only warn). An
+    ``eplb export`` folder is checked by :func:`~.loading.check_export` (any EP size).
     """
     require_transformers()
     import transformers
+
+    from .loading import check_export, is_export
+
+    if os.path.isdir(path) and is_export(path):
+        family, config, _ = check_export(path)
+        return family, config
 
     raw = read_config(path)
     model_type = raw.get("model_type")

@@ -115,6 +115,24 @@ def ep_topology(config: EplbConfig, num_experts: int, world_size: int) -> Topolo
     return topology
 
 
+def _export_layout(shard, layout: ExpertLayout | None, rank: int, world_size: int):
+    """The initial layout of a model loaded from an export; ValueError where the run
+    disagrees with what the model holds."""
+    if world_size != shard.ep_size:
+        raise ValueError(
+            f"EP size {world_size} disagrees with export {shard.path!r}, written for "
+            f"ep_size={shard.ep_size}"
+        )
+    if rank != shard.rank:
+        raise ValueError(f"rank {rank} was given a model loaded for rank {shard.rank}")
+    if layout is not None and not layout.equals(shard.layout):
+        raise ValueError(
+            "the model holds the slots of its export's layout; another initial layout "
+            "would need expert weights this rank did not load (pass layout=None)"
+        )
+    return shard.layout
+
+
 def apply_eplb(
     model: torch.nn.Module,
     config: EplbConfig,
@@ -136,7 +154,9 @@ def apply_eplb(
         group: torch.distributed process group of the EP ranks (default: the world group,
             or a single process when torch.distributed is not initialized).
         layout: initial layout (default: identity with ``num_redundant_experts`` extra slots
-            round-robin when EPLB is on); its topology then fixes the slots.
+            round-robin when EPLB is on); its topology then fixes the slots. A model loaded
+            from an export (:func:`~.loading.load_export_model`) already holds its rank's
+            slots: the export's layout is the default, and the only one accepted.
         rank, world_size: override the group's (single-process tests).
         comm: token exchange backend, ``"auto"``, ``"torch"`` or ``"deepep"``.
         balancer_options: extra keyword arguments of the Balancer (e.g. its ``fault`` hook).
@@ -152,6 +172,9 @@ def apply_eplb(
     rank, world_size = _rank_and_size(group, rank, world_size)
     num_experts = family.num_experts(model.config)
     num_layers = len(blocks)
+    shard = getattr(model, "eplb_export", None)
+    if shard is not None:
+        layout = _export_layout(shard, layout, rank, world_size)
     if layout is None:
         topology = ep_topology(config, num_experts, world_size)
         layout = ExpertLayout.identity(num_layers, num_experts, topology)
@@ -172,9 +195,12 @@ def apply_eplb(
     locals_ = []
     for layer, (_, block) in enumerate(blocks):
         experts = getattr(block, family.experts)
-        expert_tensors.append(
-            shard_experts(experts, family.expert_params, layout.phy2log[layer], rank, slots)
-        )
+        if shard is not None:  # loaded from an export: already this rank's slots
+            expert_tensors.append([getattr(experts, n).data for n in family.expert_params])
+        else:
+            expert_tensors.append(
+                shard_experts(experts, family.expert_params, layout.phy2log[layer], rank, slots)
+            )
         locals_.append(experts)
 
     balancer = None
