@@ -6,6 +6,10 @@ greedily twice from the same prompts, with routing replayed from a real routing 
 with EPLB off (the logical experts as they are) and once with EPLB on (redundant slots,
 counts recorded, rebalances between steps, weights moved in place). It prints a before/after
 table, checks that both runs generated the same tokens and writes a PNG report.
+
+``--model`` may name an ``eplb export`` folder: each rank then loads the shared tensors and
+its own expert files only, and both runs start from the export's pre-balanced layout (the
+first run keeps it, the second rebalances from it).
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(--enable-eplb is implied); the --eplb-* options configure it.",
     )
     p.add_argument("--model", help="local checkpoint folder (DeepseekV3, Mixtral, Qwen2-MoE, "
-                   "Qwen3-MoE); default: a tiny random DeepSeek-V3 model")  # fmt: skip
-    p.add_argument("--ranks", type=int, default=4, help="EP ranks (processes; default 4)")
+                   "Qwen3-MoE) or `eplb export` folder of one; default: a tiny random "
+                   "DeepSeek-V3 model")  # fmt: skip
+    p.add_argument("--ranks", type=int, default=None,
+                   help="EP ranks (processes; default 4, or an export's ep_size)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="tokens generated per sequence")
     p.add_argument("--prompts", type=int, default=128, help="sequences (default 128)")
     p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens (default 8)")
@@ -76,9 +82,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def demo_config(args: argparse.Namespace) -> EplbConfig:
-    """The EPLB-on run's config: the demo's defaults, then every --eplb-* option given."""
+def demo_config(args: argparse.Namespace, export=None) -> EplbConfig:
+    """The EPLB-on run's config: the demo's defaults (an export's slot count and topology
+    where ``export`` is given), then every --eplb-* option given."""
     values = dict(DEMO_EPLB)
+    if export is not None:
+        topology = export.layout.topology
+        values.update(
+            num_redundant_experts=export.num_slots - export.num_experts,
+            num_nodes=topology.num_nodes, num_groups=topology.num_groups,
+        )  # fmt: skip
     for name in EplbConfig.field_names():
         value = getattr(args, cli_dest(name), None)
         if name != "enable" and value is not None:
@@ -86,7 +99,20 @@ def demo_config(args: argparse.Namespace) -> EplbConfig:
     return EplbConfig(**values)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _open_export(model: str | None):
+    """The export at ``--model`` (index and layout only), or None for a checkpoint."""
+    from eplb_plugin.integrations.transformers.loading import is_export
+
+    if model is None or not os.path.isdir(model) or not is_export(model):
+        return None
+    from ..export import open_export
+
+    return open_export(model)
+
+
+def _check_args(args: argparse.Namespace, export=None) -> None:
+    if args.ranks is None:
+        args.ranks = export.ep_size if export is not None else 4
     for name in ("ranks", "steps", "prompts", "prompt_len"):
         value = getattr(args, name)
         if value < 1:
@@ -118,9 +144,10 @@ def run(args: argparse.Namespace) -> int:
     )
     from eplb_plugin.integrations.transformers.models import check_checkpoint, require_transformers
 
-    _check_args(args)
     require_transformers()
-    on = demo_config(args)
+    export = _open_export(args.model)
+    _check_args(args, export)
+    on = demo_config(args, export)
     off = EplbConfig(**{**on.to_dict(), "enable": False})
     routing = args.routing or _default_routing(args)
     if args.trace is not None and routing != "trace":
@@ -147,6 +174,12 @@ def run(args: argparse.Namespace) -> int:
             f"tokens; routing: {routing}"
             + (f" ({os.path.basename(trace_path)})" if trace_path else "")
         )
+        if export is not None:
+            say(
+                f"loading export: {export.num_slots} slots over ep_size={export.ep_size} "
+                f"({export.slots_per_rank} per rank); each rank reads the shared files and "
+                f"its own expert files; both runs start from the export's layout"
+            )
         say(
             f"EPLB on: {on.num_redundant_experts} redundant slots, dispatch {on.dispatch}, "
             f"window {on.window}, re-plan every {on.interval} steps, policy {on.policy}"
@@ -155,6 +188,11 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(result_off, result_on, on, args)
     summary.update(model=args.model or "tiny DeepSeek-V3 (random weights)", family=family.name,
                    routing=routing, wall_s=time.perf_counter() - start)  # fmt: skip
+    if export is not None:
+        summary["export"] = {
+            "ep_size": export.ep_size, "num_slots": export.num_slots,
+            "files_read": result_on.files_read,
+        }  # fmt: skip
     if not args.no_report:
         _write_report(args.report, result_off, result_on, summary)
         summary["report"] = args.report
@@ -259,6 +297,8 @@ def print_summary(s: dict) -> None:
           f"({s['sequences']} sequences x {s['steps']} tokens)")  # fmt: skip
     if s.get("failures"):
         print(f"rebalance chunks abandoned: {s['failures']}")
+    for rank, files in enumerate((s.get("export") or {}).get("files_read") or []):
+        print(f"rank {rank} read: {', '.join(files)}")
     if "report" in s:
         print(f"report written to {s['report']}")
     print(f"total wall time {s['wall_s']:.1f} s")

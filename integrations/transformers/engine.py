@@ -3,6 +3,9 @@
 Each rank (one process; gloo on CPU, NCCL on GPU) loads the checkpoint, keeps its share of
 the sequences (data-parallel attention: sequence ``s`` lives on rank ``s % N``) and its
 physical expert slots (:func:`~.patch.apply_eplb`), and decodes greedily with a KV cache.
+An ``eplb export`` folder is loaded rank by rank instead: each rank reads the shared files
+and its own expert files only, and the export's layout is the initial layout
+(:mod:`.loading`).
 Every forward sends tokens to the ranks holding their slots and back; after every forward
 the Balancer steps (records counts, plans, moves weights between ranks in place).
 
@@ -53,7 +56,10 @@ class EngineSpec:
     """A launch of the reference engine.
 
     Attributes:
-        model_path: local checkpoint folder of a supported family.
+        model_path: local checkpoint folder of a supported family, or an ``eplb export``
+            folder of one (``ranks`` must then equal its ``ep_size``; every run starts from
+            the export's layout and, with EPLB on, needs ``num_redundant_experts``,
+            ``num_nodes`` and ``num_groups`` matching it).
         ranks: EP ranks (processes).
         prompts: [B, T0] int64 prompt token ids (equal lengths; B >= ranks).
         steps: forwards per run (the prefill and steps - 1 decode steps): tokens generated.
@@ -92,6 +98,8 @@ class RunResult:
         stats: Balancer totals summed over ranks (``longest_pause_s``: max over ranks).
         layouts: phy2log [L, P] in force at each step, [steps, L, P] int64.
         wall_s: seconds of the decode loop on rank 0.
+        files_read: per rank, the weight files (base names) it opened, in order; None
+            unless the launch loaded an export.
     """
 
     name: str
@@ -103,6 +111,7 @@ class RunResult:
     stats: dict
     layouts: torch.Tensor
     wall_s: float
+    files_read: list[list[str]] | None = None
 
 
 # ---------------------------------------------------------------------- decode loop
@@ -149,6 +158,16 @@ def greedy_decode(
                 after_forward(step)
     toks = torch.stack(tokens, 1) if tokens else prompts.new_zeros(prompts.shape[0], 0)
     return toks, (torch.stack(logits, 1) if record_logits else None)
+
+
+def load_rank_model(path: str, rank: int, device: str = "cpu") -> torch.nn.Module:
+    """What EP rank ``rank`` serves from ``path``: an export's rank shard (its own expert
+    files only, :func:`~.loading.load_export_model`) or the whole checkpoint."""
+    from .loading import is_export, load_export_model
+
+    if is_export(path):
+        return load_export_model(path, rank, device)
+    return load_model(path, device)
 
 
 def load_model(path: str, device: str = "cpu") -> torch.nn.Module:
@@ -209,7 +228,14 @@ def validate_spec(spec: EngineSpec) -> None:
         raise ValueError("runs is empty: nothing to do")
     if spec.kernels not in (None, "torch", "triton"):
         raise ValueError(f"kernels={spec.kernels!r} must be None, 'torch' or 'triton'")
-    family, config = check_checkpoint(spec.model_path)
+    from .loading import check_export, is_export
+
+    export_layout = None
+    if is_export(spec.model_path):
+        family, config, export = check_export(spec.model_path, spec.ranks)
+        export_layout = export.moe_layout()
+    else:
+        family, config = check_checkpoint(spec.model_path)
     vocab = int(config.vocab_size)
     if int(prompts.min()) < 0 or int(prompts.max()) >= vocab:
         raise ValueError(f"prompt token ids must lie in [0, {vocab})")
@@ -217,6 +243,9 @@ def validate_spec(spec: EngineSpec) -> None:
     for run in spec.runs:
         if not isinstance(run.eplb, EplbConfig):
             raise ValueError(f"run {run.name!r}: eplb must be an EplbConfig")
+        if export_layout is not None:
+            check_export_run(run, export_layout, spec.model_path)
+            continue
         if run.layout is None:
             ep_topology(run.eplb, num_experts, spec.ranks)
             continue
@@ -230,6 +259,28 @@ def validate_spec(spec: EngineSpec) -> None:
         from .routing import TraceRouting
 
         TraceRouting.from_file(spec.trace_path, num_experts, family.top_k(config))
+
+
+def check_export_run(run: RunSpec, layout: ExpertLayout, path: str) -> None:
+    """A run on an export starts from the export's layout; with EPLB on, the Balancer's
+    slot count and topology must be the export's."""
+    if run.layout is not None and not run.layout.equals(layout):
+        raise ValueError(
+            f"run {run.name!r}: a layout other than export {path!r}'s own cannot be served "
+            "from it (each rank holds only the export's slots); leave RunSpec.layout None"
+        )
+    if not run.eplb.enable:
+        return
+    topology = layout.topology
+    redundant = layout.num_slots - layout.num_experts
+    given = (run.eplb.num_redundant_experts, run.eplb.num_nodes, run.eplb.num_groups)
+    if given != (redundant, topology.num_nodes, topology.num_groups):
+        raise ValueError(
+            f"run {run.name!r}: num_redundant_experts={given[0]}, num_nodes={given[1]}, "
+            f"num_groups={given[2]} disagree with export {path!r} ({layout.num_slots} slots "
+            f"for {layout.num_experts} experts: {redundant} redundant, "
+            f"{topology.num_nodes} node(s), {topology.num_groups} group(s))"
+        )
 
 
 # ---------------------------------------------------------------------- worker
@@ -250,7 +301,7 @@ def _worker(rank: int, spec: EngineSpec, work: str, events) -> None:
             backend, init_method=f"file://{os.path.join(work, 'store')}", rank=rank,
             world_size=spec.ranks, timeout=datetime.timedelta(seconds=spec.timeout_s),
         )  # fmt: skip
-        base = load_model(spec.model_path, device)
+        base = load_rank_model(spec.model_path, rank, device)
         results = []
         for index, run in enumerate(spec.runs):
             results.append(_run_one(rank, spec, run, index, copy.deepcopy(base), events))
@@ -307,7 +358,9 @@ def _run_one(rank, spec: EngineSpec, run: RunSpec, index: int, model, events) ->
     stats = _as_dict(handle.balancer.stats) if handle.balancer is not None else {}
     handle.close()
     gathered = [None] * world
-    dist.all_gather_object(gathered, (seq_ids, tokens.cpu(), _cpu(logits), stats))
+    shard = getattr(model, "eplb_export", None)
+    files = None if shard is None else shard.files_read
+    dist.all_gather_object(gathered, (seq_ids, tokens.cpu(), _cpu(logits), stats, files))
     if rank != 0:
         return None
     num_seqs = spec.prompts.shape[0]
@@ -315,7 +368,7 @@ def _run_one(rank, spec: EngineSpec, run: RunSpec, index: int, model, events) ->
     all_logits = None
     if run.record_logits:
         all_logits = torch.empty(num_seqs, spec.steps, gathered[0][2].shape[-1])
-    for ids, toks, lgts, _ in gathered:
+    for ids, toks, lgts, *_ in gathered:
         all_tokens[ids] = toks
         if all_logits is not None:
             all_logits[ids] = lgts
@@ -324,6 +377,7 @@ def _run_one(rank, spec: EngineSpec, run: RunSpec, index: int, model, events) ->
         gpu_loads=torch.stack(gpu_loads), expert_loads=torch.stack(expert_loads),
         reports=reports, stats=_merge_stats([g[3] for g in gathered]),
         layouts=torch.stack(layouts), wall_s=wall,
+        files_read=None if gathered[0][4] is None else [g[4] for g in gathered],
     )  # fmt: skip
 
 
@@ -426,6 +480,7 @@ _PRELOAD = [
     "transformers.models.qwen2_moe.modeling_qwen2_moe",
     "transformers.models.qwen3_moe.modeling_qwen3_moe",
     "eplb_plugin.integrations.transformers.engine",
+    "eplb_plugin.integrations.transformers.loading",
 ]
 
 
