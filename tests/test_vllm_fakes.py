@@ -141,6 +141,11 @@ def test_config_from_env_round_trip_and_bad_values():
     assert plugin.policy_from_env({plugin.ENV_POLICY: "deepseek"}) == "deepseek"
     with pytest.raises(ValueError, match="not a policy"):
         plugin.policy_from_env({plugin.ENV_POLICY: "magic"})
+    opts = {plugin.ENV_POLICY_OPTIONS: '{"max_moved": 0.25}'}
+    assert plugin.policy_options_from_env(opts) == {"max_moved": 0.25}
+    assert plugin.policy_options_from_env({}) == {}
+    with pytest.raises(ValueError, match="JSON object"):
+        plugin.policy_options_from_env({plugin.ENV_POLICY_OPTIONS: "[1]"})
 
 
 def test_register_does_nothing_unless_enabled(monkeypatch):
@@ -169,7 +174,7 @@ def test_enable_is_idempotent_and_exclusive(monkeypatch):
     monkeypatch.setattr(patches, "installed_version", lambda: "0.32.0")
     installs = []
     monkeypatch.setattr(patches, "install", lambda: installs.append(1))
-    monkeypatch.setattr(patches, "swap_policy", lambda name: installs.append(name))
+    monkeypatch.setattr(patches, "swap_policy", lambda name, options: installs.append(name))
     try:
         plugin.enable(config())
         plugin.enable(config())
@@ -521,6 +526,22 @@ def test_policy_swap_plans_like_rebalance_experts():
     assert torch.equal(policy.plan_phy2log(weight, 24, 4, 2, 4, bad, preserve=preserve), want)
 
 
+def test_policy_swap_passes_policy_options(monkeypatch):
+    from eplb_plugin import policies
+
+    seen = []
+
+    def recording(weight, topology, previous=None, **options):
+        seen.append(options)
+        return ExpertLayout.identity(weight.shape[0], weight.shape[1], topology)
+
+    monkeypatch.setitem(policies._POLICIES, "vllm-test-recording", recording)
+    phy2log = policy.plan_phy2log(torch.ones(2, 8), 12, 1, 1, 2, policy="vllm-test-recording",
+                                  options={"max_moved": 0.5})  # fmt: skip
+    assert seen == [{"max_moved": 0.5}]
+    assert torch.equal(phy2log, runtime.initial_phy2log(2, 8, 12, 1))
+
+
 # ---------------------------------------------------------------------- launcher
 def test_launcher_plugin_mode_sets_env_and_passes_vllm_args():
     cfg = config(policy="deepseek")
@@ -552,6 +573,12 @@ def test_launcher_policy_only_and_passthrough():
                                    "step_interval": 20, "use_async": False,
                                    "policy": "default"}  # fmt: skip
     assert env[plugin.ENV_POLICY] == "default" and plugin.ENV_CONFIG not in env
+    assert plugin.ENV_POLICY_OPTIONS not in env
+    with_options = config(layers_per_step=1, plan_delay=8, min_gain=0.01,
+                          policy_options={"max_moved": 0.25})  # fmt: skip
+    stale = {plugin.ENV_POLICY_OPTIONS: "stale"}
+    _, env = launcher.build_launch(with_options, ["serve", "m", "-ep"], stale, policy_only=True)
+    assert plugin.policy_options_from_env(env) == {"max_moved": 0.25}
     with pytest.raises(ValueError, match="--enable-expert-parallel"):
         launcher.build_launch(cfg, ["serve", "m"], {}, policy_only=True)
     with pytest.raises(ValueError, match="--eplb-dispatch"):

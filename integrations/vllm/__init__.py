@@ -17,6 +17,7 @@ import time; the one module that patches vLLM internals is :mod:`.patches`.
 from .plugin import (
     ENV_CONFIG,
     ENV_POLICY,
+    ENV_POLICY_OPTIONS,
     active_config,
     active_policy,
     disable,
@@ -28,6 +29,7 @@ from .plugin import (
 __all__ = [
     "ENV_CONFIG",
     "ENV_POLICY",
+    "ENV_POLICY_OPTIONS",
     "active_config",
     "active_policy",
     "disable",

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from eplb_plugin.config import EplbConfig, cli_flag
 
-from .plugin import ENV_CONFIG, ENV_POLICY, config_to_env
+from .plugin import ENV_CONFIG, ENV_POLICY, ENV_POLICY_OPTIONS, config_to_env
 
 ENTRY_GROUP = "vllm.general_plugins"
 ENTRY_NAME = "eplb_plugin"
@@ -30,7 +30,8 @@ ENTRY_VALUE = "eplb_plugin.integrations.vllm:register"
 _VLLM_EPLB = ("--enable-eplb", "--enable_eplb", "--eplb-config", "--eplb_config")
 # EplbConfig fields vLLM's built-in EPLB has an equivalent for (policy-only mode).
 _BUILTIN_FIELDS = {"enable", "num_redundant_experts", "window", "interval", "policy",
-                   "layers_per_step"}  # fmt: skip
+                   "policy_options", "layers_per_step"}  # fmt: skip
+_OUR_ENV = (ENV_CONFIG, ENV_POLICY, ENV_POLICY_OPTIONS)
 
 
 def vllm_eplb_args(argv: list[str]) -> list[str]:
@@ -93,7 +94,7 @@ def build_launch(
     """
     if not vllm_args or vllm_args[0].startswith("-"):
         raise ValueError("give a vLLM command and its arguments, e.g. `eplb vllm serve MODEL`")
-    env = {k: v for k, v in environ.items() if k not in (ENV_CONFIG, ENV_POLICY)}
+    env = {k: v for k, v in environ.items() if k not in _OUR_ENV}
     argv = list(vllm_args)
     own = vllm_eplb_args(argv)
     if not config.enable:
@@ -114,6 +115,8 @@ def build_launch(
             )
         argv += ["--enable-eplb", "--eplb-config", json.dumps(builtin_eplb_config(config))]
         env[ENV_POLICY] = config.policy
+        if config.policy_options:
+            env[ENV_POLICY_OPTIONS] = json.dumps(config.policy_options, sort_keys=True)
     else:
         env[ENV_CONFIG] = config_to_env(config)
     return argv, env
@@ -143,7 +146,7 @@ def describe(argv: list[str], env: Mapping[str, str]) -> str:
     """A shell-like line of what the launcher runs (for --eplb-dry-run and logs)."""
     import shlex
 
-    prefix = [f"{k}={shlex.quote(env[k])}" for k in (ENV_CONFIG, ENV_POLICY) if k in env]
+    prefix = [f"{k}={shlex.quote(env[k])}" for k in _OUR_ENV if k in env]
     return " ".join(prefix + ["vllm"] + [shlex.quote(a) for a in argv])
 
 
@@ -159,7 +162,7 @@ def run_vllm(argv: list[str], env: Mapping[str, str]) -> int:
     if ENV_CONFIG in env or ENV_POLICY in env:
         check_version()
         check_entry_point(env)
-    for key in (ENV_CONFIG, ENV_POLICY):
+    for key in _OUR_ENV:
         os.environ.pop(key, None)
     os.environ.update(env)
     register()

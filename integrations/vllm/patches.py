@@ -272,30 +272,34 @@ _SAVED_POLICY: dict[str, object] = {}
 def _patch_policy_module(module) -> None:
     from .policy import make_policy_class
 
-    name = _PENDING_POLICY.get("name")
-    if name is None:
+    pending = _PENDING_POLICY.get("policy")
+    if pending is None:
         return
+    name, options = pending
     registry = module.EPLB_POLICIES
     current = registry["default"]
-    if getattr(current, "eplb_plugin_policy", None) == name:
+    if (getattr(current, "eplb_plugin_policy", None),
+            getattr(current, "eplb_plugin_options", None)) == (name, options):  # fmt: skip
         return
-    _SAVED_POLICY.setdefault("default", current)
+    if not hasattr(current, "eplb_plugin_policy"):
+        _SAVED_POLICY.setdefault("default", current)
     # The dict is shared with eplb_state (imported by name), so this reaches EplbState.
-    registry["default"] = make_policy_class(name)
+    registry["default"] = make_policy_class(name, options)
 
 
-_PENDING_POLICY: dict[str, str] = {}
+_PENDING_POLICY: dict[str, tuple[str, dict]] = {}
 
 
-def swap_policy(name: str) -> None:
-    """Make vLLM's ``default`` EPLB policy run eplb-plugin policy ``name`` (now or at import)."""
-    _PENDING_POLICY["name"] = name
+def swap_policy(name: str, options: dict | None = None) -> None:
+    """Make vLLM's ``default`` EPLB policy run eplb-plugin policy ``name`` with keyword
+    ``options`` (now or when vLLM imports its policy registry)."""
+    _PENDING_POLICY["policy"] = (name, dict(options or {}))
     install_policy_hook()
 
 
 def restore_policy() -> None:
     """Put vLLM's own default policy back (when it was swapped in this process)."""
-    _PENDING_POLICY.pop("name", None)
+    _PENDING_POLICY.pop("policy", None)
     module = sys.modules.get(_POLICY_MODULE)
     if module is not None and "default" in _SAVED_POLICY:
         module.EPLB_POLICIES["default"] = _SAVED_POLICY.pop("default")

@@ -11,7 +11,8 @@ Environment (read here and in the launcher only; the rest of the code gets an Ep
 - ``EPLB_VLLM_CONFIG``: JSON object of EplbConfig fields (``EplbConfig.to_dict()``) with
   ``"enable": true``: run this project's Balancer inside vLLM's workers.
 - ``EPLB_VLLM_POLICY``: a policy name (``eplb_plugin.available_policies()``): keep vLLM's own
-  EPLB and only replace its placement policy.
+  EPLB and only replace its placement policy; ``EPLB_VLLM_POLICY_OPTIONS``: a JSON object of
+  keyword options for that policy (``--eplb-policy-options``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from eplb_plugin.config import EplbConfig
 
 ENV_CONFIG = "EPLB_VLLM_CONFIG"
 ENV_POLICY = "EPLB_VLLM_POLICY"
+ENV_POLICY_OPTIONS = "EPLB_VLLM_POLICY_OPTIONS"
 
 # A child of vLLM's "vllm" logger, so that our lines carry vLLM's format and handlers.
 logger = logging.getLogger("vllm.eplb_plugin")
@@ -76,6 +78,24 @@ def policy_from_env(environ: Mapping[str, str]) -> str | None:
     return name
 
 
+def policy_options_from_env(environ: Mapping[str, str]) -> dict:
+    """The policy options in ``EPLB_VLLM_POLICY_OPTIONS`` ({} when unset or empty).
+
+    Raises:
+        ValueError: the variable is not a JSON object.
+    """
+    raw = environ.get(ENV_POLICY_OPTIONS, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ENV_POLICY_OPTIONS}={raw!r} is not valid JSON: {exc}") from exc
+    if not isinstance(options, dict):
+        raise ValueError(f"{ENV_POLICY_OPTIONS}={raw!r} must be a JSON object")
+    return options
+
+
 def config_to_env(config: EplbConfig) -> str:
     """The value of ``EPLB_VLLM_CONFIG`` that rebuilds ``config``."""
     return json.dumps(config.to_dict(), sort_keys=True)
@@ -99,7 +119,7 @@ def register() -> None:
     if config is not None:
         enable(config)
     else:
-        enable_policy_swap(policy)
+        enable_policy_swap(policy, policy_options_from_env(os.environ))
 
 
 def enable(config: EplbConfig) -> None:
@@ -117,7 +137,7 @@ def enable(config: EplbConfig) -> None:
     version = patches.check_version()
     if _ACTIVE["policy"] is not None:
         raise ValueError(
-            f"the swap of vLLM's EPLB policy ({_ACTIVE['policy']!r}) is active in this "
+            f"the swap of vLLM's EPLB policy ({active_policy()!r}) is active in this "
             "process; the plugin balancer cannot run beside vLLM's own EPLB"
         )
     if _ACTIVE["config"] == config:
@@ -133,8 +153,9 @@ def enable(config: EplbConfig) -> None:
     )
 
 
-def enable_policy_swap(policy: str = "default") -> None:
-    """Make vLLM's built-in EPLB place experts with this project's policy ``policy``."""
+def enable_policy_swap(policy: str = "default", options: dict | None = None) -> None:
+    """Make vLLM's built-in EPLB place experts with this project's policy ``policy``
+    (called with keyword ``options``)."""
     from . import patches
 
     version = patches.check_version()
@@ -143,18 +164,20 @@ def enable_policy_swap(policy: str = "default") -> None:
             "the plugin balancer is active in this process; it cannot be combined with the "
             "swap of vLLM's built-in EPLB policy"
         )
-    if _ACTIVE["policy"] == policy:
+    options = dict(options or {})
+    if _ACTIVE["policy"] == (policy, options):
         return
     from eplb_plugin.policies import get_policy
 
     get_policy(policy)  # ValueError naming the policy when it is unknown
-    patches.swap_policy(policy)
-    _ACTIVE["policy"] = policy
+    patches.swap_policy(policy, options)
+    _ACTIVE["policy"] = (policy, options)
     _use_vllm_logging()
     logger.info(
         "eplb-plugin: vLLM's built-in EPLB policy 'default' now runs eplb-plugin policy %r "
-        "in pid %d (vLLM %s)",
+        "(options %s) in pid %d (vLLM %s)",
         policy,
+        options,
         os.getpid(),
         version,
     )
@@ -180,4 +203,5 @@ def active_config() -> EplbConfig | None:
 
 def active_policy() -> str | None:
     """The policy swapped into vLLM's built-in EPLB, or None."""
-    return _ACTIVE["policy"]  # type: ignore[return-value]
+    active = _ACTIVE["policy"]
+    return None if active is None else active[0]  # type: ignore[index]

@@ -30,6 +30,7 @@ def plan_phy2log(
     old_phy2log: torch.Tensor | None = None,
     *,
     policy: str = "default",
+    options: dict | None = None,
     preserve: Preserve | None = None,
 ) -> torch.Tensor:
     """vLLM's policy call answered by an eplb-plugin policy.
@@ -44,6 +45,7 @@ def plan_phy2log(
         old_phy2log: [L, P] int64 layout in service, or None; passed to migration-aware
             policies as ``previous`` and to ``preserve``.
         policy: a registered eplb-plugin policy name.
+        options: keyword options of the policy (``--eplb-policy-options``).
         preserve: ``(new [L, P], num_ranks, old [L, P]) -> [L, P]`` numpy slot reordering
             (vLLM's ``DefaultEplbPolicy.preserve_intragpu_slots``), applied when
             ``old_phy2log`` is given.
@@ -58,7 +60,7 @@ def plan_phy2log(
         num_groups = 1
     topology = Topology(num_replicas, num_groups, num_nodes, num_ranks)
     previous = _previous_layout(old_phy2log, topology, weight.shape)
-    phy2log = plan(weight, topology, policy=policy, previous=previous).phy2log
+    phy2log = plan(weight, topology, policy=policy, previous=previous, **(options or {})).phy2log
     if old_phy2log is not None and preserve is not None and previous is not None:
         kept = preserve(phy2log.numpy(), num_ranks, previous.phy2log.numpy())
         phy2log = torch.from_numpy(np.ascontiguousarray(kept)).to(torch.int64)
@@ -81,13 +83,14 @@ def _previous_layout(
         return None
 
 
-def make_policy_class(policy: str) -> type:
+def make_policy_class(policy: str, options: dict | None = None) -> type:
     """A subclass of vLLM's ``AbstractEplbPolicy`` that plans with eplb-plugin ``policy``."""
     from vllm.distributed.eplb.policy.abstract import AbstractEplbPolicy
     from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
 
     class EplbPluginPolicy(AbstractEplbPolicy):
         eplb_plugin_policy = policy
+        eplb_plugin_options = dict(options or {})
 
         @classmethod
         def rebalance_experts(
@@ -107,6 +110,7 @@ def make_policy_class(policy: str) -> type:
                 num_ranks,
                 old_global_expert_indices,
                 policy=cls.eplb_plugin_policy,
+                options=cls.eplb_plugin_options,
                 preserve=DefaultEplbPolicy.preserve_intragpu_slots,
             )
 
