@@ -288,10 +288,12 @@ def print_summary(s: dict) -> None:
     print()
     print(f"measured over engine steps {s['measured_from_step']}..{s['steps'] - 1} "
           f"(from the first completed rebalance on)")  # fmt: skip
-    print(format_table(["", "EPLB off", "EPLB on"], rows))
+    # from an export, the first run serves the export's offline layout as it is
+    first = "export layout" if s.get("export") else "EPLB off"
+    print(format_table(["", first, "EPLB on"], rows))
     print("\nload per GPU, share of the mean:")
     gpu_rows = [[g, a, b] for g, (a, b) in enumerate(zip(off["gpu_share"], on["gpu_share"]))]
-    print(format_table(["GPU", "EPLB off", "EPLB on"], gpu_rows))
+    print(format_table(["GPU", first, "EPLB on"], gpu_rows))
     verdict = "identical" if s["tokens_identical"] else "DIFFERENT"
     print(f"\ngenerated tokens with EPLB on vs off: {verdict} "
           f"({s['sequences']} sequences x {s['steps']} tokens)")  # fmt: skip

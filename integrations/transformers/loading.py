@@ -96,7 +96,7 @@ def check_export(
         raise ValueError(
             f"EP size {ep_size} disagrees with export {path!r}, written for "
             f"ep_size={export.ep_size} ({export.num_slots} slots, {export.slots_per_rank} per "
-            f"rank): run {export.ep_size} ranks, or re-export with --ep-size {ep_size}"
+            f"rank): run {export.ep_size} ranks, or export again with a layout for {ep_size} GPUs"
         )
     listed: dict[str, set[str]] = {}
     for entry in export.index["tensors"]:
