@@ -15,7 +15,6 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DATA = pathlib.Path(__file__).resolve().parent / "data"
 TRACES = ROOT / "examples" / "traces"
 
 

@@ -1,14 +1,16 @@
 """DeepSeek policy: identical to deepseek-ai/EPLB on its reference outputs."""
 
 import json
+import pathlib
 
 import pytest
 import torch
-from conftest import DATA
 
 from eplb_plugin import ExpertLayout, Topology, plan, rebalance_experts
 from eplb_plugin.policies.deepseek import balanced_packing, replicate_experts
 
+# not imported from conftest: tests/sglang has a conftest of the same module name
+DATA = pathlib.Path(__file__).resolve().parent / "data"
 CASES = json.loads((DATA / "eplb_reference_cases.json").read_text())["cases"]
 
 
