@@ -54,5 +54,11 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "ruff"],
         "plot": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["eplb = eplb_plugin.cli.main:main"]},
+    # The engine plugins do nothing unless the launchers' environment variables ask for it
+    # (eplb vllm ... / eplb sglang ...), so installing them beside an engine changes nothing.
+    entry_points={
+        "console_scripts": ["eplb = eplb_plugin.cli.main:main"],
+        "vllm.general_plugins": ["eplb_plugin = eplb_plugin.integrations.vllm:register"],
+        "sglang.srt.plugins": ["eplb_plugin = eplb_plugin.integrations.sglang:register"],
+    },
 )

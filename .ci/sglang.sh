@@ -30,26 +30,16 @@ if ! "$V/bin/python" -c "import sglang.srt.eplb" >/dev/null 2>&1; then
 fi
 "$V/bin/pip" install -q pytest pytest-timeout
 "$V/bin/pip" install -q --no-deps -e .
-# SGLang finds general plugins through the `sglang.srt.plugins` entry point. Until setup.py
-# declares it, register it with a metadata-only distribution (removed once setup.py has it).
+# setup.py declares the sglang.srt.plugins entry point; check it is installed, and remove the
+# metadata-only stand-in that earlier versions of this script registered.
 "$V/bin/python" - <<'PY'
-import importlib.metadata as md, os, shutil, sysconfig
+import glob, importlib.metadata as md, shutil, sys, sysconfig
 
-VALUE = "eplb_plugin.integrations.sglang:register"
-SHIM = "eplb-plugin-sglang-entry-point"
-found = [ep for ep in md.entry_points(group="sglang.srt.plugins") if ep.value == VALUE]
-folder = os.path.join(
-    sysconfig.get_paths()["purelib"], "eplb_plugin_sglang_entry_point-0.0.0.dist-info"
-)
-if any(ep.dist is not None and ep.dist.name != SHIM for ep in found):
-    shutil.rmtree(folder, ignore_errors=True)
-elif not found:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "METADATA"), "w") as f:
-        f.write(f"Metadata-Version: 2.1\nName: {SHIM}\nVersion: 0.0.0\n")
-    with open(os.path.join(folder, "entry_points.txt"), "w") as f:
-        f.write(f"[sglang.srt.plugins]\neplb_plugin = {VALUE}\n")
-    open(os.path.join(folder, "RECORD"), "w").close()
-    print(f"registered sglang.srt.plugins eplb_plugin = {VALUE} (shim; setup.py lacks it)")
+purelib = sysconfig.get_paths()["purelib"]
+for old in glob.glob(purelib + "/eplb_plugin_sglang_entry_point-0.0.0.dist-info"):
+    shutil.rmtree(old)
+found = [ep for ep in md.entry_points(group="sglang.srt.plugins") if ep.value == "eplb_plugin.integrations.sglang:register"]
+if not found:
+    sys.exit("the sglang.srt.plugins entry point of eplb-plugin is not installed")
 PY
 "$V/bin/python" -m pytest -q -p no:cacheprovider tests/sglang tests/test_sglang_fakes.py "$@"

@@ -15,24 +15,16 @@ if ! "$V/bin/python" -c "import vllm" >/dev/null 2>&1; then
 fi
 "$V/bin/pip" install -q safetensors tqdm triton numpy pytest pytest-timeout
 "$V/bin/pip" install -q --no-deps -e .
-# vLLM finds plugins through the `vllm.general_plugins` entry point. Until setup.py declares
-# it, register it with a metadata-only distribution (removed again once setup.py has it).
+# setup.py declares the vllm.general_plugins entry point; check it is installed, and remove the
+# metadata-only stand-in that earlier versions of this script registered.
 "$V/bin/python" - <<'PY'
-import importlib.metadata as md, os, shutil, sysconfig
+import glob, importlib.metadata as md, shutil, sys, sysconfig
 
-VALUE = "eplb_plugin.integrations.vllm:register"
-SHIM = "eplb-plugin-vllm-entry-point"
-found = [ep for ep in md.entry_points(group="vllm.general_plugins") if ep.value == VALUE]
-folder = os.path.join(sysconfig.get_paths()["purelib"], "eplb_plugin_vllm_entry_point-0.0.0.dist-info")
-if any(ep.dist is not None and ep.dist.name != SHIM for ep in found):
-    shutil.rmtree(folder, ignore_errors=True)
-elif not found:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "METADATA"), "w") as f:
-        f.write(f"Metadata-Version: 2.1\nName: {SHIM}\nVersion: 0.0.0\n")
-    with open(os.path.join(folder, "entry_points.txt"), "w") as f:
-        f.write(f"[vllm.general_plugins]\neplb_plugin = {VALUE}\n")
-    open(os.path.join(folder, "RECORD"), "w").close()
-    print(f"registered vllm.general_plugins eplb_plugin = {VALUE} (shim; setup.py lacks it)")
+purelib = sysconfig.get_paths()["purelib"]
+for old in glob.glob(purelib + "/eplb_plugin_vllm_entry_point-0.0.0.dist-info"):
+    shutil.rmtree(old)
+found = [ep for ep in md.entry_points(group="vllm.general_plugins") if ep.value == "eplb_plugin.integrations.vllm:register"]
+if not found:
+    sys.exit("the vllm.general_plugins entry point of eplb-plugin is not installed")
 PY
 "$V/bin/python" -m pytest -q -p no:cacheprovider tests/vllm "$@"

@@ -59,3 +59,27 @@ def test_core_imports_no_engine():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == ""
+
+
+@pytest.mark.parametrize(
+    "group, value",
+    [
+        ("vllm.general_plugins", "eplb_plugin.integrations.vllm:register"),
+        ("sglang.srt.plugins", "eplb_plugin.integrations.sglang:register"),
+    ],
+)
+def test_engine_plugin_entry_points_installed_and_inert(group, value):
+    # The engines call these in every process: without the launchers' environment they must
+    # do nothing and import no engine.
+    code = (
+        "import os, sys, importlib.metadata as md\n"
+        "for k in [k for k in os.environ if k.startswith('EPLB_')]: del os.environ[k]\n"
+        f"(ep,) = [e for e in md.entry_points(group={group!r}) if e.value == {value!r}]\n"
+        "assert ep.dist.name == 'eplb-plugin', ep.dist.name\n"
+        "ep.load()()\n"
+        "print(','.join(m for m in ('vllm', 'sglang', 'deep_ep') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == ""

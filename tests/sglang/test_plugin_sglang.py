@@ -21,7 +21,9 @@ def test_sglang_plugin_loader_finds_and_runs_the_entry_point(sglang_eplb, monkey
 
     found = load_plugins_by_group(GENERAL_PLUGINS_GROUP)
     if "eplb_plugin" not in found:
-        pytest.skip("the sglang.srt.plugins entry point is not installed (.ci/sglang.sh adds it)")
+        pytest.fail(
+            "eplb-plugin's sglang.srt.plugins entry point is not installed: pip install -e ."
+        )
     register, _dist = found["eplb_plugin"]
     algorithms = sglang_eplb.algorithms
     original = algorithms.rebalance_experts
