@@ -41,7 +41,16 @@ def engine_kwargs(model: str, compile_backend: str | None) -> dict:
     )  # fmt: skip
     if compile_backend is not None:
         kwargs["compilation_config"] = {"backend": compile_backend}
+    if uses_mla(model):
+        # vLLM prefers its AMX MLA backend on CPUs with AMX, and that one refuses fp32 weights
+        kwargs["attention_backend"] = "CPU_MLA"
     return kwargs
+
+
+def uses_mla(model: str) -> bool:
+    """Whether vLLM runs the checkpoint's attention as MLA (DeepSeek-V3's latent KV)."""
+    with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
+        return bool(json.load(f).get("kv_lora_rank"))
 
 
 def generate(llm, texts: list[str]) -> tuple[list[list[int]], list[int]]:

@@ -75,7 +75,7 @@ def test_launcher_serves_completions_with_eplb(tiny_model, tmp_path):
     if not any(ep.value == ENTRY_VALUE for ep in entry_points(group=ENTRY_GROUP)):
         pytest.fail(
             f"the {ENTRY_GROUP} entry point {ENTRY_VALUE} is not installed in this "
-            "environment: run .ci/vllm.sh (or declare it in setup.py and reinstall)"
+            "environment: pip install -e . (setup.py declares it), or run .ci/vllm.sh"
         )
     model = str(tiny_model("deepseek_v3"))
     port = free_port()
@@ -90,7 +90,9 @@ def test_launcher_serves_completions_with_eplb(tiny_model, tmp_path):
         "--enable-eplb", "--eplb-num-redundant-experts", "4", "--eplb-window", "4",
         "--eplb-interval", "4", "--eplb-plan-delay", "0", "--eplb-layers-per-step", "0",
         "--eplb-min-gain", "0",
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+        # CPU_MLA: vLLM's AMX MLA backend, its choice on CPUs with AMX, refuses fp32 weights
+        "--dtype", "float32", "--attention-backend", "CPU_MLA", "--enforce-eager",
+        "--max-model-len", "128",
         "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20),
     ]  # fmt: skip
     log_path = tmp_path / "server.log"
