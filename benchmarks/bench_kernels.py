@@ -103,7 +103,6 @@ def bench_pack(args, device, rows_out):
 
 def bench_map(args, device, rows_out):
     from eplb_plugin.kernels import make_map_and_count_workspace, map_and_count
-
     from eplb_plugin.layout import ExpertLayout, Topology
 
     num_experts, num_slots, top_k = 128, 144, 8

@@ -38,6 +38,7 @@ contraction disabled (``enable_fp_fusion=False``), the same rounding as the torc
 from __future__ import annotations
 
 import torch
+
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
 

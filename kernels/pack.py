@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels._backend import backend_for, tl, triton
 from eplb_plugin.kernels.shuffle_experts import MAX_GRID_Y, copy_block

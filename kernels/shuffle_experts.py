@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
 

@@ -8,11 +8,11 @@ import importlib
 import numpy as np
 import pytest
 import torch
+
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels._backend import backend_for
 from eplb_plugin.kernels.map_and_count import map_and_count
 from eplb_plugin.kernels.waterfill import waterfill_shares
-
 from eplb_plugin.layout import ExpertLayout, Topology
 
 # --------------------------------------------------------------------------- helpers

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels.pack import bytes_per_slot, pack_slots, unpack_slots
 

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels.shuffle_experts import shuffle_experts
 
