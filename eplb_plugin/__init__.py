@@ -7,6 +7,7 @@ kernels in ``eplb_plugin.kernels``.
 from .balancer import Balancer, BalancerStats, StepReport
 from .config import EplbConfig, add_cli_options
 from .dispatch import slot_loads
+from .executor import InconsistentWeightsError
 from .layout import ExpertLayout, Topology, balancedness_of
 from .policies import available_policies, plan, rebalance_experts, register_policy
 from .recorder import LoadRecorder
@@ -19,6 +20,7 @@ __all__ = [
     "BalancerStats",
     "EplbConfig",
     "ExpertLayout",
+    "InconsistentWeightsError",
     "LoadRecorder",
     "StepReport",
     "Topology",

@@ -42,8 +42,9 @@ import torch
 from .comm import Communicator, make_communicator
 from .comm.base import CommError, LocalCommunicator
 from .config import EplbConfig
-from .executor import ChunkResult, Executor, FaultHook
+from .executor import ChunkResult, Executor, FaultHook, InconsistentWeightsError
 from .layout import ExpertLayout, balancedness_of
+from .policies import dispatch_option
 from .policies import plan as plan_layout
 from .recorder import LoadRecorder
 from .transfer import TransferPlan, align_slots, plan_transfer
@@ -308,6 +309,8 @@ class Balancer:
             return None
         try:
             report = self._advance()
+        except InconsistentWeightsError:
+            raise  # serving on would give wrong tokens
         except CommError as exc:
             report = self._disable(f"rank {self.rank}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a balancer bug must not take serving down
@@ -360,9 +363,14 @@ class Balancer:
         prepared move or None). With ``plan_on="all"`` the move is prepared here too."""
         if float(load.sum()) <= 0:
             return None, 1.0, 1.0, None
+        # the default policy places replicas for the dispatch mode that will serve them
+        options = {
+            **dispatch_option(self.config.policy, self.config.dispatch),
+            **self.config.policy_options,
+        }
         new = plan_layout(
             load.to(torch.float32), self.topology, policy=self.config.policy, previous=current,
-            **self.config.policy_options,
+            **options,
         )  # fmt: skip
         new = align_slots(current, new)  # experts staying on a GPU keep their slot
         before, after = self.predict(current, load), self.predict(new, load)
@@ -486,6 +494,9 @@ class Balancer:
             self.executor.release()
             self.stats.failures += 1
             report.event, report.error = "failed", result.error
+            if result.inconsistent:
+                self.disabled_reason = result.error
+                raise InconsistentWeightsError(result.error)
             if result.comm_broken:
                 self._disable(result.error or "communication failed")
             return report

@@ -64,6 +64,9 @@ class ChunkResult:
         ok: True iff every rank staged the chunk and this rank committed it.
         error: why not, when not ok (this rank's error, or that another rank failed).
         comm_broken: the communicator failed or timed out; stop using it.
+        inconsistent: a rank failed while committing, after every rank had voted to commit:
+            peers may have committed, this rank's weights may match neither layout. Serving
+            must stop (the Balancer raises :class:`InconsistentWeightsError`).
         bytes_sent, bytes_received: bytes this rank put on / took off the wire.
         slots_changed: local slots whose expert changed (0 unless committed).
         arena_bytes: size of the staging arena this chunk used.
@@ -74,6 +77,7 @@ class ChunkResult:
     ok: bool
     error: str | None = None
     comm_broken: bool = False
+    inconsistent: bool = False
     bytes_sent: int = 0
     bytes_received: int = 0
     slots_changed: int = 0
@@ -82,6 +86,18 @@ class ChunkResult:
 
 
 FaultHook = Callable[[str, int], None]
+
+_INCONSISTENT = (
+    "; weights were overwritten in place and may match neither layout: serving must stop"
+)
+
+
+class InconsistentWeightsError(RuntimeError):
+    """A commit failed after every rank voted to commit: weights and maps may disagree.
+
+    The one failure a rebalance cannot undo (the commit overwrites slots in place). Raised
+    out of ``Balancer.step()`` on every rank, because serving on would give wrong tokens.
+    """
 
 
 class _LayerError(Exception):
@@ -275,13 +291,25 @@ class Executor:
             if error is None:
                 log.warning(result.error)
             return self._finish(result, start)
+        commit_error: str | None = None
         try:
             result.slots_changed = self._commit(plan, layers, arena, segments, scratch)
-        except Exception as exc:  # noqa: BLE001
-            # Every rank voted to commit: this rank now disagrees with the others. Nothing
-            # can undo the peers' commits, so the caller must stop serving this layout.
-            result.comm_broken = True
-            result.error = self._describe(exc, "committing (state now inconsistent)", None, layers)
+        except _LayerError as exc:
+            commit_error = self._describe(exc.cause, "committing", exc.layer, layers, _INCONSISTENT)
+        # The commit overwrites weights in place, so it cannot be undone; a second vote lets
+        # every rank learn whether all committed, so that none serves maps its peers dropped.
+        try:
+            committed = self.comm.agree(commit_error is None)
+        except CommError as exc:
+            committed, result.comm_broken = False, True
+            commit_error = commit_error or self._describe(
+                exc, "confirming the commit of", None, layers, _INCONSISTENT
+            )
+        if not committed:
+            result.inconsistent = True
+            result.error = commit_error or (
+                f"rank {r}: another rank failed while committing layers {layers}{_INCONSISTENT}"
+            )
             log.critical(result.error)
             return self._finish(result, start)
         result.ok = True
@@ -321,32 +349,41 @@ class Executor:
         identity = torch.arange(S)
         changed = 0
         for layer in layers:
-            if self.fault is not None:
-                self.fault("commit", layer)
-            actions = plan.actions[layer][self.rank]
-            tensors = self.expert_tensors[layer]
-            moves = actions.new_to_old
-            if bool(((moves != identity) & (moves >= 0)).any()):
-                self._shuffle(tensors, moves, staging=scratch)
-            for offset, run in segments:
-                # a segment is one source's slots of one round in (layer, dst_slot) order
-                rows = [i for i, t in enumerate(run) if t.layer == layer]
-                if rows:
-                    first, last = rows[0], rows[-1] + 1
-                    slots = torch.tensor([t.dst_slot - self.rank * S for t in run[first:last]])
-                    self._unpack(tensors, slots, arena[offset + first * bps : offset + last * bps])
-            if bool((actions.fanout >= 0).any()):
-                self._shuffle(tensors, actions.fanout, staging=scratch)
+            try:
+                if self.fault is not None:
+                    self.fault("commit", layer)
+                actions = plan.actions[layer][self.rank]
+                tensors = self.expert_tensors[layer]
+                moves = actions.new_to_old
+                if bool(((moves != identity) & (moves >= 0)).any()):
+                    self._shuffle(tensors, moves, staging=scratch)
+                for offset, run in segments:
+                    # a segment is one source's slots of one round in (layer, dst_slot) order
+                    rows = [i for i, t in enumerate(run) if t.layer == layer]
+                    if rows:
+                        first, last = rows[0], rows[-1] + 1
+                        slots = torch.tensor([t.dst_slot - self.rank * S for t in run[first:last]])
+                        view = arena[offset + first * bps : offset + last * bps]
+                        self._unpack(tensors, slots, view)
+                if bool((actions.fanout >= 0).any()):
+                    self._shuffle(tensors, actions.fanout, staging=scratch)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank by the second vote
+                raise _LayerError(layer, exc) from exc
             changed += actions.changed
         return changed
 
     def _describe(
-        self, exc: BaseException, doing: str, layer: int | None, layers: list[int]
+        self,
+        exc: BaseException,
+        doing: str,
+        layer: int | None,
+        layers: list[int],
+        outcome: str = "; keeping the old layout and weights",
     ) -> str:
         where = f"layer {layer}" if layer is not None else f"layers {layers}"
         return (
             f"rank {self.rank}: rebalance failed while {doing} {where}: "
-            f"{type(exc).__name__}: {exc}; keeping the old layout and weights"
+            f"{type(exc).__name__}: {exc}{outcome}"
         )
 
     @staticmethod
@@ -355,4 +392,10 @@ class Executor:
         return result
 
 
-__all__ = ["ChunkResult", "Executor", "kernel_ops", "shuffle_reserve_bytes"]
+__all__ = [
+    "ChunkResult",
+    "Executor",
+    "InconsistentWeightsError",
+    "kernel_ops",
+    "shuffle_reserve_bytes",
+]

@@ -26,7 +26,7 @@ import torch
 
 from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads
 from .layout import ExpertLayout, Topology
-from .policies import get_policy, plan
+from .policies import dispatch_option, get_policy, plan
 
 PREDICTORS = ("window", "ema")
 # DeepSeek-V2-Lite routed expert in bf16: gate, up (2048 x 1408) and down (1408 x 2048).
@@ -179,10 +179,11 @@ def replay(
             load = predict(totals[:step], config)
             previous = layout if config.migrate else None
             tic = time.perf_counter()
-            new = plan(
-                load, topology, config.policy, previous=previous,
-                dispatch=config.dispatch, **config.policy_options,
-            )  # fmt: skip
+            options = {
+                **dispatch_option(config.policy, config.dispatch),
+                **config.policy_options,
+            }
+            new = plan(load, topology, config.policy, previous=previous, **options)
             times.append((time.perf_counter() - tic) * 1e3)
             if layout is not None:
                 moved.append(int(new.diff(layout).sum()))

@@ -115,6 +115,37 @@ def test_gain_below_threshold_is_skipped_and_disabled_does_nothing():
     assert all(off.step() is None for _ in range(3)) and off.recorder.steps == 0
 
 
+@pytest.mark.parametrize("dispatch", ["static", "global"])
+def test_the_policy_plans_for_the_configured_dispatch_mode(dispatch):
+    from eplb_plugin.policies.default import default_policy
+
+    seen = []
+
+    def recording(weight, topology, previous=None, **options):
+        seen.append(options.get("dispatch"))
+        return default_policy(weight, topology, previous=previous, **options)
+
+    def no_dispatch_option(weight, topology, previous=None):
+        seen.append("called")
+        return default_policy(weight, topology)
+
+    register_policy("test-recording", recording, replace=True)
+    register_policy("test-no-dispatch", no_dispatch_option, replace=True)
+    for name in ("test-recording", "test-no-dispatch"):
+        config = EplbConfig(
+            num_redundant_experts=3, window=2, interval=2, plan_delay=0, policy=name,
+            dispatch=dispatch, min_gain=0.0,
+        )  # fmt: skip
+        bal, _ = single_rank(config)
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(2):
+            for layer in range(LAYERS):
+                bal.route(skewed_ids(gen, 6), layer)
+            bal.step()
+        assert bal.stats.failures == 0
+    assert seen == [dispatch, "called"]
+
+
 def test_a_failing_policy_is_reported_and_serving_continues():
     def broken(weight, topology, previous=None, **options):
         raise RuntimeError("policy bug")
@@ -133,6 +164,29 @@ def test_a_failing_policy_is_reported_and_serving_continues():
         events.append(report and report.event)
     assert events == [None, "planned", "failed", "planned", "failed", "planned"]
     assert bal.disabled_reason is None and bal.stats.failures == 2
+
+
+def test_a_failed_commit_stops_serving_instead_of_serving_wrong_weights():
+    from eplb_plugin.executor import InconsistentWeightsError
+
+    def fault(point: str, index: int) -> None:
+        if point == "commit" and index == 1:
+            raise RuntimeError("injected commit failure")
+
+    config = EplbConfig(
+        num_redundant_experts=3, window=2, interval=2, plan_delay=0, layers_per_step=0,
+        min_gain=0.0,
+    )  # fmt: skip
+    topo = Topology(9, num_gpus=1)
+    layout = ExpertLayout.identity(LAYERS, 6, topo)
+    bal = Balancer(config, layout, make_tensors(layout.phy2log, 0, 9), fault=fault)
+    gen = torch.Generator().manual_seed(6)
+    bal.route(skewed_ids(gen, 6), 0)
+    assert bal.step() is None
+    bal.route(skewed_ids(gen, 6), 0)
+    with pytest.raises(InconsistentWeightsError, match="committing layer 1"):
+        bal.step()
+    assert bal.disabled_reason is not None and bal.step() is None
 
 
 def test_an_unexpected_error_disables_rebalancing_but_not_serving():

@@ -241,6 +241,25 @@ def _fault_mid_chunk(rank: int, world_size: int) -> dict:
     }
 
 
+def _fault_in_commit(rank: int, world_size: int) -> dict:
+    from eplb_plugin.comm.torch_dist import TorchCommunicator
+    from eplb_plugin.executor import Executor
+    from eplb_plugin.transfer import plan_transfer
+
+    topo, old, new = _rolled_layouts(world_size)
+    tensors = make_tensors(old, rank, topo.slots_per_gpu)
+
+    def fault(point: str, index: int) -> None:
+        if rank == 1 and point == "commit" and index == 1:
+            raise RuntimeError("injected commit failure")
+
+    ex = Executor(tensors, topo, TorchCommunicator(timeout_s=60), staging_bytes=1 << 20,
+                  fault=fault)  # fmt: skip
+    plan = plan_transfer(old, new, topo, ex.bytes_per_slot)
+    result = ex.run_chunk(plan, [0, 1, 2])
+    return {"ok": result.ok, "inconsistent": result.inconsistent, "error": result.error}
+
+
 def _never_answers(rank: int, world_size: int) -> dict:
     from eplb_plugin.comm.torch_dist import TorchCommunicator
     from eplb_plugin.executor import Executor
@@ -304,6 +323,18 @@ def test_failure_mid_chunk_keeps_every_rank_on_old_weights():
     assert "rank 1" in results[1]["error"] and "layer 1" in results[1]["error"]
     assert "injected failure" in results[1]["error"]
     assert all("another rank failed" in r["error"] for i, r in enumerate(results) if i != 1)
+
+
+def test_failure_while_committing_is_reported_as_inconsistent_on_every_rank():
+    # after the vote the commit overwrites slots in place: no rank may go on believing its
+    # own layout (old or new) matches what its peers serve
+    results = run_ranks(_fault_in_commit, 3, timeout=120)
+    for rank, r in enumerate(results):
+        assert not r["ok"] and r["inconsistent"], (rank, r)
+        assert "serving must stop" in r["error"] and "keeping the old" not in r["error"]
+    assert "rank 1" in results[1]["error"] and "committing layer 1" in results[1]["error"]
+    assert "injected commit failure" in results[1]["error"]
+    assert all("another rank failed while committing" in results[i]["error"] for i in (0, 2))
 
 
 def test_rank_that_never_answers_times_out_instead_of_hanging():

@@ -6,6 +6,7 @@ One public entry point, :func:`plan`, validates its input once and dispatches by
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -39,6 +40,17 @@ def get_policy(name: str) -> PolicyFn:
     if name not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(available_policies())}")
     return _POLICIES[name]
+
+
+def dispatch_option(policy: str, dispatch: str) -> dict[str, str]:
+    """``{"dispatch": dispatch}`` when the policy takes a ``dispatch`` option, else ``{}``.
+
+    Callers that know the dispatch mode the layout will serve (the Balancer, the simulator)
+    pass it this way, so that a registered policy without the option still works.
+    """
+    params = inspect.signature(get_policy(policy)).parameters.values()
+    takes = any(p.kind is p.VAR_KEYWORD or p.name == "dispatch" for p in params)
+    return {"dispatch": dispatch} if takes else {}
 
 
 def check_load(weight: object, name: str = "weight") -> torch.Tensor:
@@ -141,6 +153,7 @@ register_policy("default", default_policy)
 __all__ = [
     "available_policies",
     "check_load",
+    "dispatch_option",
     "get_policy",
     "plan",
     "rebalance_experts",
