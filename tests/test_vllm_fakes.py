@@ -9,6 +9,7 @@ plugin, the patches and the launcher.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -265,6 +266,22 @@ def test_describe_layer_refuses_what_it_cannot_serve():
     bare = SimpleNamespace(router=SimpleNamespace(), routed_experts=FakeExperts(8))
     with pytest.raises(ValueError, match="_apply_eplb_mapping"):
         patches.describe_layer("l", bare)
+    a2a = FakeMoE(FakeExperts(8, ep_rank=0, ep_size=2))
+    parallel = a2a.routed_experts.moe_config.moe_parallel_config
+    parallel.use_all2all_kernels, parallel.all2all_backend = True, "deepep_low_latency"
+    with pytest.raises(ValueError, match="all-to-all kernels"):
+        patches.describe_layer("l", a2a)
+
+
+def test_expert_params_takes_every_per_expert_tensor_or_refuses():
+    experts = FakeExperts(8)
+    experts.quant = torch.nn.Module()  # a submodule's per-expert scales move too
+    experts.quant.w13_weight_scale = torch.nn.Parameter(torch.ones(8, 3), requires_grad=False)
+    names = [name for name, _ in patches.expert_params(experts, 8)]
+    assert names == ["w13_weight", "w2_weight", "quant.w13_weight_scale"]
+    experts.quant.table = torch.nn.Parameter(torch.ones(5, 3), requires_grad=False)
+    with pytest.raises(ValueError, match=r"quant.table has shape \(5, 3\)"):
+        patches.expert_params(experts, 8)
 
 
 def test_moe_layers_skips_layers_of_other_models():
@@ -550,8 +567,41 @@ def test_launcher_plugin_mode_sets_env_and_passes_vllm_args():
     assert argv == ["serve", "m", "--port", "9"]
     assert plugin.config_from_env(env) == cfg and plugin.ENV_POLICY not in env
     assert env["PATH"] == "/bin"
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # the balancer hooks the V1 runners
     line = launcher.describe(argv, env)
     assert line.startswith("EPLB_VLLM_CONFIG=") and line.endswith("vllm serve m --port 9")
+    assert "VLLM_USE_V2_MODEL_RUNNER=0" in line
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER=1"):
+        launcher.build_launch(cfg, ["serve", "m"], {"VLLM_USE_V2_MODEL_RUNNER": "1"})
+
+
+def test_v2_model_runner_is_refused_while_the_balancer_is_on(monkeypatch):
+    class V2Runner:
+        def load_model(self):
+            return "loaded"
+
+    module = SimpleNamespace(GPUModelRunner=V2Runner)
+    patches._patch_v2_runner_module(module)
+    patches._patch_v2_runner_module(module)  # idempotent
+    assert V2Runner().load_model() == "loaded"  # plugin off: vLLM as is
+    monkeypatch.setattr(plugin, "active_config", lambda: config())
+    with pytest.raises(RuntimeError, match="V1 model runner.*VLLM_USE_V2_MODEL_RUNNER=0"):
+        V2Runner().load_model()
+
+
+def test_enable_selects_the_v1_model_runner(monkeypatch):
+    monkeypatch.setattr(patches, "installed_version", lambda: "0.32.0")
+    monkeypatch.setattr(patches, "install", lambda: None)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="V1 model runner"):
+        plugin.enable(config())
+    assert plugin.active_config() is None
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    try:
+        plugin.enable(config())
+        assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    finally:
+        plugin.disable()
 
 
 @pytest.mark.parametrize(

@@ -265,6 +265,31 @@ def _patch_cpu_runner_module(module) -> None:
     patch_class(module.CPUModelRunner, ("load_model",))
 
 
+def _refuse_load_model(orig: Callable) -> Callable:
+    @functools.wraps(orig)
+    def load_model(self, *args, **kwargs):
+        from .plugin import active_config
+
+        if active_config() is not None:
+            raise RuntimeError(
+                "eplb-plugin's balancer runs in vLLM's V1 model runner, but this worker built "
+                f"the V2 one ({type(self).__module__}); run with VLLM_USE_V2_MODEL_RUNNER=0 "
+                "(the `eplb vllm` launcher sets it) and without features that force V2"
+            )
+        return orig(self, *args, **kwargs)
+
+    setattr(load_model, _MARK, True)
+    return load_model
+
+
+def _patch_v2_runner_module(module) -> None:
+    # vLLM picks the V2 runner by default where Triton has a backend (GPUs): refuse it loudly
+    # rather than serve without the balancer that the launcher reported enabled
+    fn = module.GPUModelRunner.__dict__.get("load_model")
+    if fn is not None and not _marked(fn):
+        module.GPUModelRunner.load_model = _refuse_load_model(fn)
+
+
 # ---------------------------------------------------------------------- policy registry
 _SAVED_POLICY: dict[str, object] = {}
 
@@ -305,11 +330,17 @@ def restore_policy() -> None:
         module.EPLB_POLICIES["default"] = _SAVED_POLICY.pop("default")
 
 
-_RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.cpu_model_runner")
+_V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
+_RUNNER_MODULES = (
+    "vllm.v1.worker.gpu_model_runner",
+    "vllm.v1.worker.cpu_model_runner",
+    _V2_RUNNER_MODULE,
+)
 _POLICY_MODULE = "vllm.distributed.eplb.policy"
 _TARGETS: dict[str, Callable[[Any], None]] = {
     "vllm.v1.worker.gpu_model_runner": _patch_gpu_runner_module,
     "vllm.v1.worker.cpu_model_runner": _patch_cpu_runner_module,
+    _V2_RUNNER_MODULE: _patch_v2_runner_module,
     _POLICY_MODULE: _patch_policy_module,
 }
 
@@ -384,6 +415,12 @@ def describe_layer(name: str, moe) -> MoELayer:
             "routes inside the kernel, so routing cannot be mapped to physical slots"
         )
     parallel = experts.moe_config.moe_parallel_config
+    if getattr(parallel, "use_all2all_kernels", False):
+        raise ValueError(
+            f"MoE layer {name!r} dispatches with all-to-all kernels ({parallel.all2all_backend}): "
+            "their buffers are sized for the logical expert count when vLLM builds the layer, "
+            "so redundant slots cannot be added; not supported by the plugin balancer"
+        )
     use_ep = bool(getattr(parallel, "use_ep", False))
     ep_size = int(parallel.ep_size) if use_ep else 1
     ep_rank = int(parallel.ep_rank) if use_ep else 0
@@ -406,11 +443,21 @@ def describe_layer(name: str, moe) -> MoELayer:
 
 
 def expert_params(experts, num_local: int) -> list[tuple[str, Any]]:
-    """(name, Parameter) of every per-expert tensor of a RoutedExperts: dim 0 = local experts."""
+    """(name, Parameter) of every per-expert tensor of a RoutedExperts: dim 0 = local experts.
+
+    The same parameters vLLM's own EPLB moves (``RoutedExperts.get_expert_weights``): all of
+    them, submodules included, but the shared ones. One left behind would keep its old rows
+    after a rebalance, so a parameter that is not per-expert is an error, not skipped.
+    """
     found = []
-    for name, param in experts.named_parameters(recurse=False):
-        if name in NON_EXPERT_PARAMS or param.dim() == 0 or param.shape[0] != num_local:
+    for name, param in experts.named_parameters():
+        if name in NON_EXPERT_PARAMS or param.dim() == 0:
             continue
+        if param.shape[0] != num_local:
+            raise ValueError(
+                f"{type(experts).__name__}.{name} has shape {tuple(param.shape)}, not "
+                f"[{num_local} local experts, ...]: the plugin cannot move it with the slots"
+            )
         found.append((name, param))
     if not found:
         raise ValueError(f"{type(experts).__name__} holds no per-expert parameter")

@@ -27,6 +27,8 @@ from eplb_plugin.config import EplbConfig
 ENV_CONFIG = "EPLB_VLLM_CONFIG"
 ENV_POLICY = "EPLB_VLLM_POLICY"
 ENV_POLICY_OPTIONS = "EPLB_VLLM_POLICY_OPTIONS"
+# vLLM's switch between its V1 and V2 model runners; the balancer hooks the V1 ones
+ENV_V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 
 # A child of vLLM's "vllm" logger, so that our lines carry vLLM's format and handlers.
 logger = logging.getLogger("vllm.eplb_plugin")
@@ -142,6 +144,13 @@ def enable(config: EplbConfig) -> None:
         )
     if _ACTIVE["config"] == config:
         return
+    use_v2 = os.environ.get(ENV_V2_RUNNER, "").strip().lower()
+    if use_v2 in ("1", "true"):
+        raise ValueError(
+            f"{ENV_V2_RUNNER}={use_v2}: the plugin balancer runs in vLLM's V1 model runner"
+        )
+    # vLLM reads it when it builds its config, after plugins load; children inherit it
+    os.environ[ENV_V2_RUNNER] = "0"
     _ACTIVE["config"] = config
     patches.install()
     _use_vllm_logging()
