@@ -461,8 +461,9 @@ def _fake_sglang(monkeypatch, num_layers=3, experts=8, slots=12, moe_layers=(1, 
             return self.weights
 
     class ModelRunner:
-        def __init__(self, is_draft_worker=False):
+        def __init__(self, is_draft_worker=False, sglang_eplb=False):
             self.is_draft_worker = is_draft_worker
+            self.sglang_eplb = sglang_eplb
             self.model_config = object()
             self.forward_pass_id = 0
             self.initialize()
@@ -472,6 +473,8 @@ def _fake_sglang(monkeypatch, num_layers=3, experts=8, slots=12, moe_layers=(1, 
                 (torch.arange(slots) % experts).expand(num_layers, -1)
             )
             self.model = Model()
+            # SGLang's initialize makes its own EPLB manager when given --enable-eplb
+            self.eplb_manager = object() if self.sglang_eplb else None
 
         def forward(self, forward_batch, skip_attn_backend_init=False, pp_proxy_tensors=None):
             self.forward_pass_id += 1
@@ -540,6 +543,14 @@ def test_patched_fake_sglang_runs_the_balancer_end_to_end(fake_sglang):
     steps = runtime.steps
     runner.forward(Batch({1: torch.zeros(0, 8), 2: torch.zeros(0, 8)}, idle=True))
     assert runtime.steps == steps + 1  # idle passes step too (lockstep over ranks)
+
+
+def test_balancer_refuses_to_run_beside_sglang_own_eplb(fake_sglang):
+    plugin.enable(_config(dispatch="static"))
+    runner_mod = sys.modules[patches.RUNNER_MODULE]
+    with pytest.raises(ValueError, match="SGLang's own EPLB is running"):
+        runner_mod.ModelRunner(sglang_eplb=True)
+    assert patches.current_runtime() is None
 
 
 def test_uninstall_restores_fake_sglang(fake_sglang):

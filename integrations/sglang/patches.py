@@ -415,6 +415,13 @@ def attach(runner: Any) -> Any:
     existing = getattr(runner, RUNTIME_ATTR, None)
     if config is None or existing is not None or getattr(runner, "is_draft_worker", False):
         return existing
+    if getattr(runner, "eplb_manager", None) is not None:
+        # two balancers would move the same weights; the launcher never asks for both
+        raise ValueError(
+            "SGLang's own EPLB is running (--enable-eplb was given to SGLang) while "
+            "eplb-plugin's balancer is on; start SGLang without its --enable-eplb (the "
+            "`eplb sglang launch_server` launcher does this)"
+        )
     location = sys.modules[LOCATION_MODULE]
     metadata = location.get_global_expert_location_metadata()
     weights = getattr(getattr(runner, "model", None), "routed_experts_weights_of_layer", None)
