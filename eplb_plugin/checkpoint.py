@@ -86,6 +86,33 @@ FAMILIES: tuple[ExpertFamily, ...] = (
 )  # fmt: skip
 
 
+def is_moe_layer(model_type: str, config: object, layer: int) -> bool:
+    """Whether decoder layer ``layer`` has routed experts, by the model code's own rule.
+
+    Args:
+        model_type: config.json's ``model_type``.
+        config: the (text) config, as a dict or an object with attributes.
+    """
+
+    def field(name: str, default: object) -> object:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        return default if value is None else value
+
+    if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
+        freq = int(field("moe_layer_freq", 1))
+        return layer >= int(field("first_k_dense_replace", 0)) and layer % freq == 0
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        return (
+            layer not in field("mlp_only_layers", [])
+            and int(field("num_experts", 0)) > 0
+            and (layer + 1) % int(field("decoder_sparse_step", 1)) == 0
+        )
+    return True
+
+
+_ALL_MODEL_TYPES = frozenset(t for fam in FAMILIES for t in fam.model_types)
+
+
 def _bad(path: str, what: str) -> ValueError:
     return ValueError(f"checkpoint file {path!r} is not a valid safetensors file: {what}")
 
@@ -304,6 +331,18 @@ def find_experts(checkpoint: Checkpoint, family: ExpertFamily | None = None) -> 
         else:
             fused.setdefault(layer, {})[m["tail"]] = info
     layers = sorted(heads)
+    model_type = checkpoint.text_config.get("model_type") or checkpoint.config.get("model_type")
+    if isinstance(num_hidden, int) and model_type in _ALL_MODEL_TYPES:
+        expected = [
+            i for i in range(num_hidden) if is_moe_layer(model_type, checkpoint.text_config, i)
+        ]
+        missing = sorted(set(expected) - set(layers))
+        if missing:
+            raise ValueError(
+                f"MoE layers {missing[:8]} have no expert tensors "
+                f"('model.layers.{missing[0]}.{family.module}.*'), though config.json "
+                f"(model_type={model_type!r}, {num_hidden} layers) makes them MoE layers"
+            )
     counts = {}
     for layer in layers:
         if layer in per_expert and layer in fused:

@@ -537,8 +537,13 @@ def _write_layouts(plan: ExportPlan, tmp: str) -> None:
     from .formats import write_sglang_layout
 
     plan.layout.save(os.path.join(tmp, LAYOUT_FILE), {"source": "eplb export"})
+    write_sglang_layout(os.path.join(tmp, SGLANG_LAYOUT_FILE), *_sglang_rows(plan))
+
+
+def _sglang_rows(plan: ExportPlan) -> tuple[ExpertLayout, list[int], int]:
+    """(layout of the MoE layers' rows, their model layer ids, hidden layers): SGLang wants
+    one row per hidden layer, MoE rows from the layout and trivial rows elsewhere."""
     num_hidden = plan.checkpoint.text_config.get("num_hidden_layers")
-    # SGLang wants one row per hidden layer: MoE rows from the layout, trivial rows elsewhere
     moe = sorted(plan.layout_rows)
     sub = plan.layout
     if plan.layout.num_layers != len(moe):
@@ -546,8 +551,7 @@ def _write_layouts(plan: ExportPlan, tmp: str) -> None:
         sub = ExpertLayout.from_phy2log(
             plan.layout.phy2log[idx], plan.layout.topology, plan.layout.num_experts
         )
-    num_layers = num_hidden if isinstance(num_hidden, int) else max(moe) + 1
-    write_sglang_layout(os.path.join(tmp, SGLANG_LAYOUT_FILE), sub, moe, num_layers)
+    return sub, moe, num_hidden if isinstance(num_hidden, int) else max(moe) + 1
 
 
 def export_index(plan: ExportPlan) -> dict:
@@ -799,6 +803,69 @@ def _sha256(path: str, ranges: list[tuple[int, int]], chunk: int, on_bytes) -> s
     return digest.hexdigest()
 
 
+def _check_sglang_layout(export: ExportedCheckpoint, plan: ExportPlan) -> list[str]:
+    """SGLang's form of the layout must say what layout.safetensors says (SGLang loads it)."""
+    from .formats import SGLANG_LAYOUT_KEY, _read_json, sglang_phy2log
+
+    name = export.index.get("sglang_layout", SGLANG_LAYOUT_FILE)
+    path = os.path.join(export.root, name)
+    if not os.path.isfile(path):
+        return [f"{name} (SGLang's form of the layout) is missing"]
+    try:
+        found = torch.as_tensor(_read_json(path)[SGLANG_LAYOUT_KEY], dtype=torch.int64)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        return [f"{name} cannot be read as SGLang's layout: {exc}"]
+    expected = sglang_phy2log(*_sglang_rows(plan))
+    if found.shape != expected.shape or not torch.equal(found, expected):
+        return [
+            f"{name} disagrees with {export.index['layout']} (SGLang would load another layout)"
+        ]
+    return []
+
+
+# what each index entry says of a tensor; the file it lands in depends on --max-shard-size
+_ENTRY_FIELDS = ("source", "source_file", "layer", "slots", "experts", "rows")
+
+
+def _check_index_entries(export: ExportedCheckpoint, plan: ExportPlan) -> list[str]:
+    """Each tensor's index entry must name its true source, layer, slots and experts."""
+    fresh = {(e["rank"], e["name"]): e for e in export_index(plan)["tensors"]}
+    errors = []
+    for entry in export.index.get("tensors", []):
+        want = fresh.get((entry.get("rank"), entry.get("name")))
+        if want is None:
+            continue  # reported with the files' own headers
+        wrong = [f for f in _ENTRY_FIELDS if entry.get(f) != want.get(f)]
+        if wrong:
+            errors.append(
+                f"index entry of {entry['name']} (rank {entry.get('rank')}) has wrong "
+                f"{', '.join(wrong)}: {[entry.get(f) for f in wrong]} != "
+                f"{[want.get(f) for f in wrong]}"
+            )
+    return errors
+
+
+def _check_side_files(export: ExportedCheckpoint, plan: ExportPlan, chunk: int) -> list[str]:
+    """Config, tokenizer and other copied files must equal the source's (they shape output)."""
+    errors = []
+    listed = export.index.get("side_files", [])
+    for name in sorted(set(plan.side_files) - set(listed)):
+        errors.append(f"side file {name} of the checkpoint is not listed in the index")
+    for name in listed:
+        got = os.path.join(export.root, name)
+        src = os.path.join(plan.checkpoint.root, name)
+        if not os.path.isfile(got):
+            errors.append(f"side file {name} is missing")
+        elif not os.path.isfile(src):
+            errors.append(f"side file {name} has no source file in the checkpoint")
+        else:
+            hashes = [_sha256(p, [(0, os.path.getsize(p))], chunk, lambda n: None)
+                      for p in (got, src)]  # fmt: skip
+            if hashes[0] != hashes[1]:
+                errors.append(f"side file {name} differs from the checkpoint's")
+    return errors
+
+
 def verify_export(
     checkpoint_dir: str | os.PathLike,
     export_dir: str | os.PathLike,
@@ -807,8 +874,10 @@ def verify_export(
 ) -> VerifyReport:
     """Check an export against its source checkpoint.
 
-    Checks: the layout is consistent and matches the index; every export file is a
-    complete safetensors file; the export holds exactly the tensors the layout implies
+    Checks: the layout is consistent and matches the index; SGLang's form of the layout says
+    the same; every index entry names its tensor's true source, layer, slots and experts;
+    the copied side files (config, tokenizer, ...) equal the source's; every export file is
+    a complete safetensors file; the export holds exactly the tensors the layout implies
     (each in a file of the right rank, with the right dtype and shape); every logical
     expert of every MoE layer is present in at least one slot; and every exported tensor's
     SHA-256 equals that of its source bytes (replicas of one expert hash the source once).
@@ -843,6 +912,9 @@ def verify_export(
         missing = (layout.logcnt[row] < 1).nonzero().flatten().tolist()
         if missing:
             errors.append(f"layer {layer}: logical experts {missing} have no slot")
+    errors.extend(_check_sglang_layout(export, plan))
+    errors.extend(_check_index_entries(export, plan))
+    errors.extend(_check_side_files(export, plan, chunk_bytes))
     # fused expert tensors keep one name on every rank: key tensors by (rank, name)
     expected = {(f.rank, t.name): t for f in plan.files for t in f.tensors}
     found: dict[tuple[int | None, str], TensorInfo] = {}

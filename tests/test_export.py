@@ -510,6 +510,25 @@ def test_corrupt_safetensors_header(fp8_ckpt, tmp_path):
     _expect_refusal(fp8_ckpt, make_layout(3, 8), tmp_path / "out", "header is not JSON")
 
 
+def test_moe_layer_without_any_expert_tensor(fp8_ckpt, tmp_path):
+    # config.json makes layers 1..3 MoE layers; layer 2's experts are all gone (a 2-layer
+    # layout would otherwise be taken for a shorter model and the export would succeed)
+    path = os.path.join(fp8_ckpt, "model-00004-of-00006.safetensors")  # layer 2
+    tensors = {k: v for k, v in load_file(path).items() if ".mlp.experts." not in k}
+    save_file(tensors, path)
+    with open(os.path.join(fp8_ckpt, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    index["weight_map"] = {
+        k: v
+        for k, v in index["weight_map"].items()
+        if not k.startswith("model.layers.2.mlp.experts.")
+    }
+    with open(os.path.join(fp8_ckpt, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    message = r"MoE layers \[2\] have no expert tensors \('model\.layers\.2\.mlp\.experts\.\*'\)"
+    _expect_refusal(fp8_ckpt, make_layout(2, 8), tmp_path / "out", message)
+
+
 def test_index_names_a_missing_shard(fp8_ckpt, tmp_path):
     os.remove(os.path.join(fp8_ckpt, "model-00006-of-00006.safetensors"))
     _expect_refusal(fp8_ckpt, make_layout(3, 8), tmp_path / "out",
@@ -590,6 +609,26 @@ def test_verify_detects_a_changed_byte(exported):
     assert not report.ok
     assert len(report.errors) == 1 and victim.name in report.errors[0]
     assert "differs from its source" in report.errors[0]
+
+
+def test_verify_detects_tampering_outside_the_slot_tensors(exported):
+    src, out = exported
+    assert verify_export(src, out, progress=False).ok
+    sglang = json.loads((out / "expert_location.json").read_text())
+    row = next(i for i, r in enumerate(sglang["physical_to_logical_map"]) if r != sorted(r))
+    sglang["physical_to_logical_map"][row].reverse()
+    (out / "expert_location.json").write_text(json.dumps(sglang))
+    index = json.loads((out / "eplb_export.json").read_text())
+    entry = next(e for e in index["tensors"] if e.get("experts"))
+    entry["experts"] = [0] * len(entry["experts"])
+    (out / "eplb_export.json").write_text(json.dumps(index))
+    config = json.loads((out / "config.json").read_text())
+    config["hidden_size"] += 1
+    (out / "config.json").write_text(json.dumps(config))
+    errors = verify_export(src, out, progress=False).errors
+    assert any("expert_location.json disagrees with layout.safetensors" in e for e in errors)
+    assert any(f"index entry of {entry['name']}" in e and "wrong experts" in e for e in errors)
+    assert any("side file config.json differs" in e for e in errors)
 
 
 def test_verify_detects_missing_file_and_foreign_layout(exported, tmp_path):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eplb_plugin.checkpoint import is_moe_layer
+
 
 @dataclass(frozen=True)
 class MoEFamily:
@@ -70,15 +72,7 @@ class MoEFamily:
 
     def is_moe_layer(self, config, layer: int) -> bool:
         """Whether decoder layer ``layer`` has a routed MoE block (mirrors the model's rule)."""
-        if self.name == "deepseek_v3":
-            return layer >= int(config.first_k_dense_replace)
-        if self.name in ("qwen2_moe", "qwen3_moe"):
-            return (
-                layer not in (config.mlp_only_layers or [])
-                and config.num_experts > 0
-                and (layer + 1) % config.decoder_sparse_step == 0
-            )
-        return True
+        return is_moe_layer(self.name, config, layer)
 
 
 FAMILIES: dict[str, MoEFamily] = {
