@@ -426,6 +426,14 @@ class Balancer:
             if header[0] > 0:
                 self.comm.broadcast(phy2log, 0)
                 self.comm.broadcast(share, 0)
+        elif self.comm.world_size > 1 and not self._ranks_agree(header, phy2log, share):
+            # a policy that is not deterministic across ranks would give ranks different
+            # maps: tokens sent to slots that hold other experts, or a move that hangs
+            log.error(
+                "rank %d: ranks planned different layouts (plan_on='all' needs a policy that "
+                "is deterministic across ranks; use plan_on='rank0')", self.rank,
+            )  # fmt: skip
+            header[0] = -1.0
         report = report or StepReport(step=self.steps, event="planned")
         report.balancedness_before = float(header[1])
         report.balancedness_after = float(header[2])
@@ -460,6 +468,26 @@ class Balancer:
         if self._move_at == self.steps:
             return self._start_moving(report)
         return report
+
+    def _ranks_agree(
+        self, header: torch.Tensor, phy2log: torch.Tensor, share: torch.Tensor
+    ) -> bool:
+        """Whether every rank computed the same decision and layout (collective).
+
+        Args:
+            header: [3] float64 (act, balancedness before, after); phy2log: [L, P] int64;
+            share: [L, P] float32. Unset when this rank's plan failed or is None.
+        """
+        act = float(header[0])
+        weights = torch.arange(1, phy2log.numel() + 1, dtype=torch.float64)
+        fingerprint = torch.tensor([act, float(header[1]), float(header[2]), 0.0, 0.0])
+        if act > 0:
+            fingerprint[3] = (phy2log.flatten().to(torch.float64) * weights).sum()
+            fingerprint[4] = (share.flatten().to(torch.float64) * weights).sum()
+        low, high = fingerprint.clone(), fingerprint.clone()
+        self.comm.all_reduce(low, op="min")
+        self.comm.all_reduce(high, op="max")
+        return torch.equal(low, high)
 
     def _background(self, fn, *args) -> Future:
         if self._pool is None:

@@ -317,6 +317,42 @@ def test_four_ranks_end_to_end(tmp_path, plan_on, dispatch, communicator):
         assert float(written.sum()) == 4 * 6 * LAYERS * 16 * 2
 
 
+def _rank_dependent_plans(rank: int, world_size: int) -> dict:
+    from eplb_plugin.policies.default import default_policy
+
+    def by_rank(weight, topology, previous=None, **options):
+        # rank 1 plans for another load: what a policy that is not deterministic does
+        return default_policy(weight if rank == 0 else weight.flip(-1), topology, **options)
+
+    register_policy("test-by-rank", by_rank, replace=True)
+    topo = topology_for(world_size)
+    layout = ExpertLayout.identity(LAYERS, topo.num_replicas - 2, topo)
+    tensors = make_tensors(layout.phy2log, rank, topo.slots_per_gpu)
+    config = EplbConfig(
+        num_redundant_experts=2, num_nodes=topo.num_nodes, window=4, interval=4, plan_delay=0,
+        min_gain=0.0, plan_on="all", policy="test-by-rank", timeout_s=60,
+    )  # fmt: skip
+    bal = Balancer(config, layout, tensors)
+    gen = torch.Generator().manual_seed(7)  # the same ids on both ranks
+    events = []
+    for _ in range(4):
+        for layer in range(LAYERS):
+            bal.route(skewed_ids(gen, topo.num_replicas - 2), layer)
+        report = bal.step()
+        events.append(report and report.event)
+    bal.close()
+    return {"events": events, "failures": bal.stats.failures, "moved": bal.stats.rebalances,
+            "same": torch.equal(bal.layout.phy2log, layout.phy2log),
+            "wrong": wrong_slots(tensors, bal.layout.phy2log, rank)}  # fmt: skip
+
+
+def test_plan_on_all_refuses_layouts_the_ranks_disagree_on():
+    results = run_ranks(_rank_dependent_plans, 2, timeout=120, env={"EPLB_KERNELS": "torch"})
+    for r in results:
+        assert r["events"] == [None, None, None, "failed"]
+        assert r["failures"] == 1 and r["moved"] == 0 and r["same"] and r["wrong"] == []
+
+
 def test_dist_utils_reports_rank_exceptions():
     from dist_utils import RankError
 
