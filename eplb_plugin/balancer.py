@@ -242,6 +242,10 @@ class Balancer:
         self._move_at: int | None = None
         self.disabled_reason: str | None = None
         self._closed = False
+        # route()'s buffers, kept so that steady-state routing allocates nothing: the op's
+        # workspace (grown to the largest batch seen) and global dispatch's split
+        self._workspace: torch.Tensor | None = None
+        self._water_share: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ routing helper
     def route(
@@ -260,7 +264,7 @@ class Balancer:
         small collective per layer: every rank must route every layer) and passes the
         water-filled shares as a static split.
         """
-        from eplb_plugin.kernels import map_and_count
+        from eplb_plugin.kernels import map_and_count, map_and_count_workspace_size
 
         if num_valid is None:
             num_valid = topk_ids.shape[0]
@@ -280,13 +284,19 @@ class Balancer:
                 m.phy2log[rows], m.log2phy[rows], m.logcnt[rows],
                 self.topology.slots_per_gpu, m.replica_share[rows],
             )  # fmt: skip
-            share = m.replica_share.clone()
+            if self._water_share is None:
+                self._water_share = m.replica_share.clone()
+            share = self._water_share  # the op reads only row `layer`
             share[layer] = water[0]
             dispatch = "static"
+        num_tokens, top_k = topk_ids.shape
+        needed = map_and_count_workspace_size(num_tokens, top_k, self.layout.num_experts)
+        if self._workspace is None or self._workspace.numel() < needed:
+            self._workspace = torch.empty(needed, dtype=torch.int32, device=topk_ids.device)
         return map_and_count(
             topk_ids, m.log2phy, m.logcnt, share, self.counts, layer, num_valid,
             dispatch=dispatch, phy2log=m.phy2log, slots_per_gpu=self.topology.slots_per_gpu,
-            seed=seed, out=out,
+            seed=seed, out=out, workspace=self._workspace,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ the step
