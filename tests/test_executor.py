@@ -260,6 +260,26 @@ def _fault_in_commit(rank: int, world_size: int) -> dict:
     return {"ok": result.ok, "inconsistent": result.inconsistent, "error": result.error}
 
 
+def _nccl_group_gets_gloo_control(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    from eplb_plugin.comm.torch_dist import TorchCommunicator
+
+    real = dist.get_backend
+    # the world group stands in for an NCCL group (no GPU here); any new group is real gloo
+    dist.get_backend = lambda group=None: (
+        "nccl" if group in (None, dist.group.WORLD) else real(group)
+    )
+    try:
+        comm = TorchCommunicator(timeout_s=30)
+        voted = comm.agree(rank == 0)
+        backend = real(comm.control_group)
+    finally:
+        dist.get_backend = real
+    return {"own": comm.control_group is not dist.group.WORLD, "backend": str(backend),
+            "voted": voted, "device": str(comm.device)}  # fmt: skip
+
+
 def _never_answers(rank: int, world_size: int) -> dict:
     from eplb_plugin.comm.torch_dist import TorchCommunicator
     from eplb_plugin.executor import Executor
@@ -335,6 +355,11 @@ def test_failure_while_committing_is_reported_as_inconsistent_on_every_rank():
     assert "rank 1" in results[1]["error"] and "committing layer 1" in results[1]["error"]
     assert "injected commit failure" in results[1]["error"]
     assert all("another rank failed while committing" in results[i]["error"] for i in (0, 2))
+
+
+def test_an_nccl_group_gets_a_gloo_control_group_so_timeouts_apply():
+    for r in run_ranks(_nccl_group_gets_gloo_control, 2, timeout=90):
+        assert r == {"own": True, "backend": "gloo", "voted": False, "device": "cpu"}
 
 
 def test_rank_that_never_answers_times_out_instead_of_hanging():

@@ -28,7 +28,10 @@ class TorchCommunicator(Communicator):
     Args:
         group: process group of the EP ranks for byte exchanges (default: the world group).
         timeout_s: seconds each collective may take.
-        control_group: group for all_reduce / broadcast / votes (default: ``group``).
+        control_group: group for all_reduce / broadcast / votes. Default: ``group``, except
+            when ``group`` runs NCCL: then a gloo group of the same ranks is made (collective
+            over those ranks), because NCCL's own watchdog, not ``timeout_s``, decides what a
+            hung collective does (by default it ends the process).
     Raises:
         ValueError if torch.distributed is not initialized.
     """
@@ -47,6 +50,11 @@ class TorchCommunicator(Communicator):
             raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self._dist = dist
         self.group = group if group is not None else dist.group.WORLD
+        if control_group is None and str(dist.get_backend(self.group)).lower() == "nccl":
+            control_group = dist.new_group(
+                dist.get_process_group_ranks(self.group), backend="gloo",
+                use_local_synchronization=True,
+            )  # fmt: skip
         self.control_group = control_group if control_group is not None else self.group
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
