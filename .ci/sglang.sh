@@ -30,16 +30,6 @@ if ! "$V/bin/python" -c "import sglang.srt.eplb" >/dev/null 2>&1; then
 fi
 "$V/bin/pip" install -q pytest pytest-timeout
 "$V/bin/pip" install -q --no-deps -e .
-# setup.py declares the sglang.srt.plugins entry point; check it is installed, and remove the
-# metadata-only stand-in that earlier versions of this script registered.
-"$V/bin/python" - <<'PY'
-import glob, importlib.metadata as md, shutil, sys, sysconfig
-
-purelib = sysconfig.get_paths()["purelib"]
-for old in glob.glob(purelib + "/eplb_plugin_sglang_entry_point-0.0.0.dist-info"):
-    shutil.rmtree(old)
-found = [ep for ep in md.entry_points(group="sglang.srt.plugins") if ep.value == "eplb_plugin.integrations.sglang:register"]
-if not found:
-    sys.exit("the sglang.srt.plugins entry point of eplb-plugin is not installed")
-PY
+# the engine loads the plugin through the entry point setup.py declares
+"$V/bin/python" .ci/check_entry_point.py sglang.srt.plugins eplb_plugin.integrations.sglang:register eplb_plugin_sglang_entry_point
 "$V/bin/python" -m pytest -q -p no:cacheprovider tests/sglang tests/test_sglang_fakes.py "$@"

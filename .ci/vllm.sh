@@ -15,16 +15,6 @@ if ! "$V/bin/python" -c "import vllm" >/dev/null 2>&1; then
 fi
 "$V/bin/pip" install -q safetensors tqdm triton numpy pytest pytest-timeout
 "$V/bin/pip" install -q --no-deps -e .
-# setup.py declares the vllm.general_plugins entry point; check it is installed, and remove the
-# metadata-only stand-in that earlier versions of this script registered.
-"$V/bin/python" - <<'PY'
-import glob, importlib.metadata as md, shutil, sys, sysconfig
-
-purelib = sysconfig.get_paths()["purelib"]
-for old in glob.glob(purelib + "/eplb_plugin_vllm_entry_point-0.0.0.dist-info"):
-    shutil.rmtree(old)
-found = [ep for ep in md.entry_points(group="vllm.general_plugins") if ep.value == "eplb_plugin.integrations.vllm:register"]
-if not found:
-    sys.exit("the vllm.general_plugins entry point of eplb-plugin is not installed")
-PY
+# the engine loads the plugin through the entry point setup.py declares
+"$V/bin/python" .ci/check_entry_point.py vllm.general_plugins eplb_plugin.integrations.vllm:register eplb_plugin_vllm_entry_point
 "$V/bin/python" -m pytest -q -p no:cacheprovider tests/vllm "$@"

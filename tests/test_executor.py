@@ -210,7 +210,9 @@ def _rolled_layouts(world_size: int):
     return topo, old, new
 
 
-def _fault_mid_chunk(rank: int, world_size: int) -> dict:
+def _faulty_move(rank: int, world_size: int, point: str, message: str):
+    """An executor whose rank 1 raises ``message`` at fault ``point`` of layer 1, with the
+    plan of the rolled move: (executor, plan, tensors, old phy2log, new phy2log)."""
     from eplb_plugin.comm.torch_dist import TorchCommunicator
     from eplb_plugin.executor import Executor
     from eplb_plugin.transfer import plan_transfer
@@ -218,13 +220,17 @@ def _fault_mid_chunk(rank: int, world_size: int) -> dict:
     topo, old, new = _rolled_layouts(world_size)
     tensors = make_tensors(old, rank, topo.slots_per_gpu)
 
-    def fault(point: str, index: int) -> None:
-        if rank == 1 and point == "pack" and index == 1:
-            raise RuntimeError("injected failure")
+    def fault(at: str, index: int) -> None:
+        if rank == 1 and at == point and index == 1:
+            raise RuntimeError(message)
 
     ex = Executor(tensors, topo, TorchCommunicator(timeout_s=60), staging_bytes=1 << 20,
                   fault=fault)  # fmt: skip
-    plan = plan_transfer(old, new, topo, ex.bytes_per_slot)
+    return ex, plan_transfer(old, new, topo, ex.bytes_per_slot), tensors, old, new
+
+
+def _fault_mid_chunk(rank: int, world_size: int) -> dict:
+    ex, plan, tensors, old, new = _faulty_move(rank, world_size, "pack", "injected failure")
     (chunk,) = ex.chunks(plan, 0)
     assert chunk == [0, 1, 2]
     failed = ex.run_chunk(plan, chunk)
@@ -242,20 +248,7 @@ def _fault_mid_chunk(rank: int, world_size: int) -> dict:
 
 
 def _fault_in_commit(rank: int, world_size: int) -> dict:
-    from eplb_plugin.comm.torch_dist import TorchCommunicator
-    from eplb_plugin.executor import Executor
-    from eplb_plugin.transfer import plan_transfer
-
-    topo, old, new = _rolled_layouts(world_size)
-    tensors = make_tensors(old, rank, topo.slots_per_gpu)
-
-    def fault(point: str, index: int) -> None:
-        if rank == 1 and point == "commit" and index == 1:
-            raise RuntimeError("injected commit failure")
-
-    ex = Executor(tensors, topo, TorchCommunicator(timeout_s=60), staging_bytes=1 << 20,
-                  fault=fault)  # fmt: skip
-    plan = plan_transfer(old, new, topo, ex.bytes_per_slot)
+    ex, plan, *_ = _faulty_move(rank, world_size, "commit", "injected commit failure")
     result = ex.run_chunk(plan, [0, 1, 2])
     return {"ok": result.ok, "inconsistent": result.inconsistent, "error": result.error}
 
