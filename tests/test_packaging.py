@@ -49,16 +49,20 @@ def test_wheel_contains_only_eplb_plugin(tmp_path):
     assert "eplb_plugin/integrations/__init__.py" in names
 
 
+def _python_out(code: str) -> str:
+    """What ``code`` prints when run by this interpreter in a fresh process, stripped."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def test_core_imports_no_engine():
     code = (
         "import sys, eplb_plugin, eplb_plugin.cli.main\n"
         "bad = [m for m in ('vllm', 'sglang', 'transformers', 'deep_ep') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == ""
+    assert _python_out(code) == ""
 
 
 @pytest.mark.parametrize(
@@ -79,10 +83,7 @@ def test_engine_plugin_entry_points_installed_and_inert(group, value):
         "ep.load()()\n"
         "print(','.join(m for m in ('vllm', 'sglang', 'deep_ep') if m in sys.modules))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert out == ""
+    assert _python_out(code) == ""
 
 
 def test_ci_runs_exactly_the_readme_test_command():

@@ -20,7 +20,14 @@ from collections.abc import Mapping
 
 from eplb_plugin.config import EplbConfig, cli_flag
 
-from .plugin import ENV_CONFIG, ENV_POLICY, ENV_POLICY_OPTIONS, ENV_V2_RUNNER, config_to_env
+from .plugin import (
+    ENV_CONFIG,
+    ENV_POLICY,
+    ENV_POLICY_OPTIONS,
+    ENV_V2_RUNNER,
+    check_v1_runner,
+    config_to_env,
+)
 
 ENTRY_GROUP = "vllm.general_plugins"
 ENTRY_NAME = "eplb_plugin"
@@ -118,11 +125,7 @@ def build_launch(
         if config.policy_options:
             env[ENV_POLICY_OPTIONS] = json.dumps(config.policy_options, sort_keys=True)
     else:
-        if env.get(ENV_V2_RUNNER, "").strip().lower() in ("1", "true"):
-            raise ValueError(
-                f"{ENV_V2_RUNNER}={env[ENV_V2_RUNNER]}: the plugin balancer runs in vLLM's V1 "
-                "model runner; unset it"
-            )
+        check_v1_runner(env)
         env[ENV_CONFIG] = config_to_env(config)
         env[ENV_V2_RUNNER] = "0"
     return argv, env

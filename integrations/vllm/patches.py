@@ -243,14 +243,18 @@ _WRAPPERS = {
 }
 
 
-def patch_class(cls: type, methods: tuple[str, ...]) -> list[str]:
-    """Wrap ``methods`` defined on ``cls`` itself (not inherited); returns those wrapped now."""
+def patch_class(
+    cls: type, methods: tuple[str, ...], wrappers: dict[str, Callable] | None = None
+) -> list[str]:
+    """Wrap ``methods`` defined on ``cls`` itself (not inherited) with ``wrappers`` (default:
+    the runner wrappers); returns those wrapped now."""
+    wrappers = _WRAPPERS if wrappers is None else wrappers
     done = []
     for name in methods:
         fn = cls.__dict__.get(name)
         if fn is None or _marked(fn):
             continue
-        setattr(cls, name, _WRAPPERS[name](fn))
+        setattr(cls, name, wrappers[name](fn))
         done.append(name)
     if done:
         logger.debug("eplb-plugin: patched %s.%s", cls.__name__, ", ".join(done))
@@ -285,9 +289,7 @@ def _refuse_load_model(orig: Callable) -> Callable:
 def _patch_v2_runner_module(module) -> None:
     # vLLM picks the V2 runner by default where Triton has a backend (GPUs): refuse it loudly
     # rather than serve without the balancer that the launcher reported enabled
-    fn = module.GPUModelRunner.__dict__.get("load_model")
-    if fn is not None and not _marked(fn):
-        module.GPUModelRunner.load_model = _refuse_load_model(fn)
+    patch_class(module.GPUModelRunner, ("load_model",), {"load_model": _refuse_load_model})
 
 
 # ---------------------------------------------------------------------- policy registry

@@ -98,6 +98,15 @@ def policy_options_from_env(environ: Mapping[str, str]) -> dict:
     return options
 
 
+def check_v1_runner(environ: Mapping[str, str]) -> None:
+    """ValueError when ``environ`` asks vLLM for its V2 model runner, which is not hooked."""
+    value = environ.get(ENV_V2_RUNNER, "")
+    if value.strip().lower() in ("1", "true"):
+        raise ValueError(
+            f"{ENV_V2_RUNNER}={value}: the plugin balancer runs in vLLM's V1 model runner; unset it"
+        )
+
+
 def config_to_env(config: EplbConfig) -> str:
     """The value of ``EPLB_VLLM_CONFIG`` that rebuilds ``config``."""
     return json.dumps(config.to_dict(), sort_keys=True)
@@ -144,11 +153,7 @@ def enable(config: EplbConfig) -> None:
         )
     if _ACTIVE["config"] == config:
         return
-    use_v2 = os.environ.get(ENV_V2_RUNNER, "").strip().lower()
-    if use_v2 in ("1", "true"):
-        raise ValueError(
-            f"{ENV_V2_RUNNER}={use_v2}: the plugin balancer runs in vLLM's V1 model runner"
-        )
+    check_v1_runner(os.environ)
     # vLLM reads it when it builds its config, after plugins load; children inherit it
     os.environ[ENV_V2_RUNNER] = "0"
     _ACTIVE["config"] = config
