@@ -11,6 +11,9 @@ _SUBPACKAGES = {
     "eplb_plugin.kernels": "kernels",
     "eplb_plugin.integrations": "integrations",
 }
+# examples/ (real routing traces, a load trace) ships inside the wheel as data, so that
+# `eplb demo` from a plain `pip install .` replays the same real trace as from a clone.
+_DATA_PACKAGES = {"eplb_plugin.examples": "examples"}
 
 
 def _find(root: str, prefix: str) -> dict[str, str]:
@@ -31,6 +34,7 @@ package_dir = {"eplb_plugin": "eplb_plugin"}
 package_dir.update(_find("eplb_plugin", "eplb_plugin"))
 for pkg, folder in _SUBPACKAGES.items():
     package_dir.update(_find(folder, pkg))
+package_dir.update(_DATA_PACKAGES)
 
 setup(
     name="eplb-plugin",
@@ -41,7 +45,7 @@ setup(
     python_requires=">=3.10",
     packages=sorted(package_dir),
     package_dir=package_dir,
-    package_data={"eplb_plugin": ["examples/*.safetensors", "examples/*.npz", "examples/*.md"]},
+    package_data={"eplb_plugin.examples": ["*.md", "*.npy", "traces/*.npz", "traces/*.md"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -34,19 +34,71 @@ def test_no_top_level_kernels_or_integrations_installed(tmp_path):
         assert origin == "None" or not origin.startswith(str(ROOT)), line
 
 
+def _build_wheel(dest: pathlib.Path) -> pathlib.Path:
+    """Build the project's wheel into ``dest`` (no dependencies, no isolation) and return it."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*cmd, "-w", str(dest), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = dest.glob("eplb_plugin-*.whl")
+    return wheel
+
+
 @pytest.mark.slow
 def test_wheel_contains_only_eplb_plugin(tmp_path):
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    (wheel,) = tmp_path.glob("eplb_plugin-*.whl")
+    wheel = _build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
     assert tops == {"eplb_plugin"}, tops
     assert "eplb_plugin/kernels/__init__.py" in names
     assert "eplb_plugin/integrations/__init__.py" in names
+
+
+@pytest.mark.slow
+def test_wheel_installs_with_the_bundled_traces(tmp_path):
+    """A plain (non-editable) install carries examples/: `eplb demo` replays the real trace."""
+    import sysconfig
+    import venv
+
+    wheel = _build_wheel(tmp_path / "dist")
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", purelib, wheel],
+        check=True,
+        capture_output=True,
+    )
+    # torch and the other dependencies come from this environment, appended after the fresh
+    # one's own site-packages; a .pth line adds the folder without running this environment's
+    # .pth files, so the editable install of the source tree stays out of sight.
+    (pathlib.Path(purelib) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    code = (
+        "import eplb_plugin, numpy as np\n"
+        "from eplb_plugin.cli.demo import bundled_trace\n"
+        "path = bundled_trace()\n"
+        "print(eplb_plugin.__file__)\n"
+        "print(path)\n"
+        "print(np.load(path)['topk_ids'].shape)\n"
+    )
+    out = subprocess.run(
+        [python, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out[0].startswith(purelib), out
+    assert out[1].startswith(purelib) and out[1].endswith("esft_intent.npz"), out
+    assert out[2] == "(8222, 26, 6)", out
+    help_text = subprocess.run(
+        [python, "-m", "eplb_plugin.cli.main", "demo", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--trace" in help_text
 
 
 def _python_out(code: str) -> str:

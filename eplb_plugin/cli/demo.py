@@ -41,8 +41,14 @@ ROUTINGS = ("trace", "skewed", "model")
 
 
 def bundled_trace() -> pathlib.Path:
-    """``examples/traces/esft_intent.npz`` of the source tree (real DeepSeek-V2-Lite routing)."""
-    return pathlib.Path(__file__).resolve().parents[2] / "examples" / "traces" / "esft_intent.npz"
+    """``examples/traces/esft_intent.npz`` (real DeepSeek-V2-Lite routing): inside the installed
+    package (a wheel ships examples/ as ``eplb_plugin/examples``), else in the source tree."""
+    package = pathlib.Path(__file__).resolve().parents[1]
+    for root in (package / "examples", package.parent / "examples"):
+        path = root / "traces" / "esft_intent.npz"
+        if path.is_file():
+            return path
+    return package / "examples" / "traces" / "esft_intent.npz"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -153,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
     if args.trace is not None and routing != "trace":
         raise ValueError(f"--trace is only used with --routing trace, not {routing!r}")
     say = (lambda *a, **k: None) if args.json else print
+    if routing == "skewed" and args.routing is None:
+        say(
+            f"the bundled trace {bundled_trace()} is not installed: replaying a synthetic "
+            "skewed trace instead"
+        )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="eplb-demo-") as work:
         model_path = args.model or _build_tiny(work, args.seed, say)
