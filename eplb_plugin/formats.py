@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .layout import ExpertLayout, Topology
 
 SGLANG_LAYOUT_KEY = "physical_to_logical_map"
@@ -287,7 +287,7 @@ def write_sglang_dump(path: str | os.PathLike, load: torch.Tensor, rank: int = 0
     count = check_counts(load.to(torch.int64), "load")
     count = count.unsqueeze(0) if count.dim() == 2 else count
     obj = {"rank": rank, SGLANG_COUNT_KEY: count, "average_utilization_rate_over_window": None}
-    _atomic_write(os.fspath(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(os.fspath(path), lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -329,10 +329,10 @@ def write_sglang_layout(
         raise ValueError(f"SGLang layout file {path!r} must end with .pt or .json")
     phy2log = sglang_phy2log(layout, layer_ids, num_layers)
     if suffix == ".pt":
-        _atomic_write(path, lambda tmp: torch.save({SGLANG_LAYOUT_KEY: phy2log}, tmp))
+        atomic_write(path, lambda tmp: torch.save({SGLANG_LAYOUT_KEY: phy2log}, tmp))
     else:
         text = json.dumps({SGLANG_LAYOUT_KEY: phy2log.tolist()}, separators=(",", ":"))
-        _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_sglang_layout(
@@ -390,16 +390,3 @@ def read_layout(path: str | os.PathLike, ep_size: int | None = None, **kwargs) -
     if ep_size is None:
         raise ValueError(f"layout {path!r} is in SGLang form (no topology): give the EP size")
     return read_sglang_layout(path, ep_size, **kwargs)
-
-
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".eplb-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

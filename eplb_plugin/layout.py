@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
+
+from .fileio import atomic_write
 
 LAYOUT_FORMAT = "eplb-layout"
 LAYOUT_VERSION = 1
@@ -353,17 +354,7 @@ class ExpertLayout:
             "logcnt": self.logcnt.contiguous(),
             "replica_share": self.replica_share.contiguous(),
         }
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".layout-", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ExpertLayout:

@@ -7,11 +7,9 @@ by :func:`write_report_png` (extra ``plot``).
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
 
+from .fileio import atomic_write
 from .layout import balancedness_of
 
 
@@ -112,16 +110,8 @@ def write_report_png(
     line.set_title("balancedness over steps")
     line.legend(loc="lower right")
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
     return path

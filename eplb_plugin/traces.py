@@ -8,13 +8,13 @@ Load trace: a [L, E] or [steps, L, E] array of non-negative counts in one of
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .policies import check_load
 
 LOAD_KEY = "load"
@@ -89,10 +89,8 @@ def write_load(path: str | os.PathLike, load: torch.Tensor) -> None:
     suffix = Path(path).suffix.lower()
     if suffix not in LOAD_SUFFIXES:
         raise ValueError(f"load file {path!r}: unknown suffix {suffix!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".load-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if suffix in (".pt", ".pth"):
             torch.save({LOAD_KEY: load}, tmp)
         elif suffix == ".npy":
@@ -105,11 +103,8 @@ def write_load(path: str | os.PathLike, load: torch.Tensor) -> None:
             from safetensors.torch import save_file
 
             save_file({LOAD_KEY: load.contiguous()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------- routing traces

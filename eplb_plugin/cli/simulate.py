@@ -6,11 +6,11 @@ import argparse
 import json
 import math
 import os
-import tempfile
 
 import torch
 
 from ..dispatch import DISPATCH_MODES, WATERFILL_ITERS
+from ..fileio import atomic_write
 from ..layout import Topology
 from ..policies import available_policies
 from ..simulate import (
@@ -317,15 +317,7 @@ def write_plot(path: str, results: list[ReplayResult], title: str, interval: int
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
