@@ -173,3 +173,12 @@ def test_eplb_rebalances_keep_logits_exact(checkpoints, skewed_trace, family, ra
         assert fault.stats["failures"] == 1 and "failed" in events
         # the balancer keeps serving and rebalancing after the abandoned chunk
         assert "done" in events[events.index("failed") :]
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")
+def test_greedy_decode_uses_the_current_cache_keyword(checkpoints):
+    """transformers 5.2x renamed the forward's ``past_key_values`` to ``cache`` (the old name
+    warns and goes away in 5.40): decoding must pass whichever the installed version has."""
+    model = load_model(checkpoints["deepseek_v3"])
+    toks, _ = greedy_decode(model, prompts(2), steps=3)
+    assert toks.shape == (2, 3)

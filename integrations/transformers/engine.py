@@ -17,6 +17,7 @@ reports and writes them to a result file that :func:`run_engine` returns as ``Ru
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import queue as queue_mod
 import tempfile
@@ -140,13 +141,14 @@ def greedy_decode(
     if seq_ids is None:
         seq_ids = torch.arange(prompts.shape[0])
     cache = transformers.DynamicCache(config=model.config)
+    cache_kw = cache_keyword(model)
     ids, position = prompts, 0
     tokens, logits = [], []
     with torch.no_grad():
         for step in range(steps):
             if routing is not None:
                 routing.set_batch(seq_ids, position, ids.shape[1])
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
             last = out.logits[:, -1, :].float()
             nxt = last.argmax(-1)
             tokens.append(nxt)
@@ -158,6 +160,13 @@ def greedy_decode(
                 after_forward(step)
     toks = torch.stack(tokens, 1) if tokens else prompts.new_zeros(prompts.shape[0], 0)
     return toks, (torch.stack(logits, 1) if record_logits else None)
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` where transformers has it (5.2x; the old
+    ``past_key_values`` warns there and goes away in 5.40), else ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def load_rank_model(path: str, rank: int, device: str = "cpu") -> torch.nn.Module:
