@@ -4,12 +4,18 @@ A chunk is transactional across ranks:
 
 1. **stage**: in rounds (one bounded ``all_to_all`` each), every rank packs the old contents
    of the slots it sends and receives the slots it needs into a staging arena. No expert
-   tensor is written. A local failure (say, packing raises) does not stop the rank: it keeps
-   taking part in the remaining rounds with meaningless bytes so that no peer waits on it;
-2. **vote**: one all-reduce; the chunk commits only if every rank staged successfully;
+   tensor is written. Before each round, and once after the last, the ranks vote (one
+   all-reduce of "all fine so far" on the control group) and all stop at the first vote that
+   fails. A rank that fails locally (the arena cannot be allocated, packing raises, an
+   exchange raises before its bytes went out) votes no at its next vote, so its peers learn
+   of it at once instead of waiting on a collective it will not join. A rank whose exchange
+   raised locally joins that exchange once more from throwaway buffers first, since its
+   peers are already inside it;
+2. **vote**: the vote after the last round; the chunk commits only if every rank staged;
 3. **commit** (local, no communication): the local shuffle (``shuffle_experts``: kept slots,
    local copies), then received slots (``unpack_slots``), then fan-out copies of received
-   slots. The caller then switches the mapping tensors.
+   slots; a second vote confirms that every rank committed. The caller then switches the
+   mapping tensors.
 
 On a failed vote every rank discards its staging and keeps its old weights (they were never
 written). On a communication error or timeout the communicator is broken; the rank keeps its
@@ -117,9 +123,10 @@ class Executor:
         staging_bytes: per-rank budget of the staging arena.
         bytes_per_slot: bytes of one slot over a layer's tensors (default: measured; every
             layer must have the same).
-        fault: test hook ``fault(point, index)`` called at ``("pack", layer)`` before packing
-            a layer's sends, ``("exchange", round)`` before each exchange and
-            ``("commit", layer)`` before committing a layer; it may raise or sleep.
+        fault: test hook ``fault(point, index)`` called at ``("stage", first layer)`` before
+            the chunk's arena is set up, ``("pack", layer)`` before packing a layer's sends,
+            ``("exchange", round)`` inside each exchange, before the bytes go out, and
+            ``("commit", layer)`` before committing a layer; it may raise, sleep or exit.
     """
 
     def __init__(
@@ -227,19 +234,36 @@ class Executor:
 
     # ------------------------------------------------------------------ one chunk
     def run_chunk(self, plan: TransferPlan, layers: list[int]) -> ChunkResult:
-        """Stage, vote and commit ``layers`` of ``plan`` on this rank (collective)."""
+        """Stage, vote and commit ``layers`` of ``plan`` on this rank (collective).
+
+        Every round's exchange is preceded by a vote on the control group, and one more
+        vote follows the last round: all ranks stop at the first vote that fails. A rank
+        whose staging fails locally (the arena, packing, an exchange that raised before its
+        bytes went out) votes no at its next vote, so its peers abandon the chunk at that
+        vote instead of waiting for bytes that never come.
+        """
         start = time.perf_counter()
-        r, bps = self.rank, plan.bytes_per_slot
-        rounds, recv_sizes, send_sizes, arena_bytes = self._sizes(plan, layers)
-        received = sum(recv_sizes)
-        result = ChunkResult(layers=list(layers), ok=False, arena_bytes=arena_bytes)
-        if self._arena is not None and self._arena.numel() >= arena_bytes:
-            arena = self._arena[:arena_bytes]
-        else:
-            arena = torch.empty(arena_bytes, dtype=torch.uint8, device=self.device)
-        scratch = arena[received:]
+        r = self.rank
+        result = ChunkResult(layers=list(layers), ok=False)
         error: str | None = None
+        rounds: list[list[Transfer]] = []
+        try:
+            if self.fault is not None:
+                self.fault("stage", layers[0] if layers else -1)
+            rounds, recv_sizes, send_sizes, arena_bytes = self._sizes(plan, layers)
+            result.arena_bytes = arena_bytes
+            if self._arena is not None and self._arena.numel() >= arena_bytes:
+                arena = self._arena[:arena_bytes]
+            else:
+                arena = torch.empty(arena_bytes, dtype=torch.uint8, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - told to the peers by the first vote
+            error = self._describe(exc, "staging", None, layers)
+            log.error(error)
+            rounds = []
         segments: list[tuple[int, list[Transfer]]] = []  # (arena offset, transfers) per source
+        if error is None:
+            received = sum(recv_sizes)
+            scratch = arena[received:]
         offset = 0
         for k, rnd in enumerate(rounds):
             mine = [t for t in rnd if t.src_rank == r]
@@ -250,47 +274,104 @@ class Executor:
                 except _LayerError as exc:
                     error = self._describe(exc.cause, "packing", exc.layer, layers)
                     log.error(error)
+            if not self._vote(error is None, result, layers):
+                break
             ranks = range(self.comm.world_size)
-            send_splits = [bps * sum(1 for t in mine if t.dst_rank == d) for d in ranks]
+            send_splits = [self.bytes_per_slot * sum(1 for t in mine if t.dst_rank == d)
+                           for d in ranks]  # fmt: skip
             recv_splits = [
-                bps * sum(1 for t in rnd if t.dst_rank == r and t.src_rank == s) for s in ranks
+                self.bytes_per_slot * sum(1 for t in rnd if t.dst_rank == r and t.src_rank == s)
+                for s in ranks
             ]
             recv = arena[offset : offset + recv_sizes[k]]
-            for s in range(self.comm.world_size):
+            for s in ranks:
                 from_s = [t for t in rnd if t.dst_rank == r and t.src_rank == s]
                 if from_s:
                     segments.append((offset, from_s))
-                    offset += bps * len(from_s)
-            try:
-                if self.fault is not None:
-                    self.fault("exchange", k)
-                self.comm.all_to_all(send, send_splits, recv, recv_splits)
-            except CommError as exc:
-                result.comm_broken = True
-                result.error = self._describe(exc, "exchanging", None, layers)
-                log.error(result.error)
+                    offset += self.bytes_per_slot * len(from_s)
+            error = self._exchange(k, send, send_splits, recv, recv_splits, result, layers)
+            if result.comm_broken:
                 return self._finish(result, start)
-            except Exception as exc:  # noqa: BLE001 - e.g. the fault hook: as a comm failure
-                result.comm_broken = True
-                result.error = self._describe(exc, "exchanging", None, layers)
-                log.error(result.error)
-                return self._finish(result, start)
-            result.bytes_sent += sum(send_splits)
-            result.bytes_received += sum(recv_splits)
-        try:
-            agreed = self.comm.agree(error is None)
-        except CommError as exc:
-            result.comm_broken = True
-            result.error = self._describe(exc, "voting", None, layers)
-            log.error(result.error)
-            return self._finish(result, start)
-        if not agreed:
+        else:
+            # after the last round (or at once, when staging failed before any round)
+            if self._vote(error is None, result, layers):
+                return self._commit_voted(plan, layers, arena, segments, scratch, result, start)
+        if not result.comm_broken:
             result.error = error or (
                 f"rank {r}: another rank failed to stage layers {layers}; keeping the old layout"
             )
             if error is None:
                 log.warning(result.error)
-            return self._finish(result, start)
+        return self._finish(result, start)
+
+    def _vote(self, ok: bool, result: ChunkResult, layers: list[int]) -> bool:
+        """One staging vote on the control group; a failed collective breaks the chunk."""
+        try:
+            return self.comm.agree(ok)
+        except CommError as exc:
+            result.comm_broken = True
+            result.error = self._describe(exc, "voting", None, layers)
+            log.error(result.error)
+            return False
+
+    def _exchange(
+        self,
+        k: int,
+        send: torch.Tensor,
+        send_splits: list[int],
+        recv: torch.Tensor,
+        recv_splits: list[int],
+        result: ChunkResult,
+        layers: list[int],
+    ) -> str | None:
+        """Round ``k``'s all_to_all; returns this rank's local error (None if fine).
+
+        A local error (the communicator is not broken: nothing went out) is followed by the
+        same exchange from throwaway buffers, because the peers are already inside the
+        collective; the next vote then tells them. A communication error sets
+        ``result.comm_broken``.
+        """
+        try:
+            if self.fault is not None:
+                self.fault("exchange", k)
+            self.comm.all_to_all(send, send_splits, recv, recv_splits)
+        except Exception as exc:  # noqa: BLE001 - local or communication failure, see below
+            doing = f"exchanging round {k} of"
+            if isinstance(exc, CommError) or self.comm.broken:
+                result.comm_broken = True
+                result.error = self._describe(exc, doing, None, layers)
+                log.error(result.error)
+                return result.error
+            error = self._describe(exc, doing, None, layers)
+            log.error(error)
+            try:
+                self.comm.all_to_all(
+                    torch.zeros(sum(send_splits), dtype=torch.uint8, device=self.device),
+                    send_splits,
+                    torch.empty(sum(recv_splits), dtype=torch.uint8, device=self.device),
+                    recv_splits,
+                )
+            except Exception as again:  # noqa: BLE001 - the peers cannot be released: broken
+                result.comm_broken = True
+                result.error = self._describe(again, doing, None, layers)
+                log.error(result.error)
+            return error
+        result.bytes_sent += sum(send_splits)
+        result.bytes_received += sum(recv_splits)
+        return None
+
+    def _commit_voted(
+        self,
+        plan: TransferPlan,
+        layers: list[int],
+        arena: torch.Tensor,
+        segments: list[tuple[int, list[Transfer]]],
+        scratch: torch.Tensor,
+        result: ChunkResult,
+        start: float,
+    ) -> ChunkResult:
+        """Commit after a unanimous staging vote, then confirm with a second vote."""
+        r = self.rank
         commit_error: str | None = None
         try:
             result.slots_changed = self._commit(plan, layers, arena, segments, scratch)

@@ -247,6 +247,35 @@ def _fault_mid_chunk(rank: int, world_size: int) -> dict:
     }
 
 
+def _fail_fast(rank: int, world_size: int, point: str) -> dict:
+    """Rank 1 raises once at ``point``; the others must learn it at the next vote, not after
+    the collective timeout (30 s here)."""
+    from eplb_plugin.comm.torch_dist import TorchCommunicator
+    from eplb_plugin.executor import Executor
+    from eplb_plugin.transfer import plan_transfer
+
+    topo, old, new = _rolled_layouts(world_size)
+    tensors = make_tensors(old, rank, topo.slots_per_gpu)
+    raised = []
+
+    def fault(at: str, index: int) -> None:
+        if rank == 1 and at == point and not raised:
+            raised.append(index)
+            raise RuntimeError(f"injected {point} failure")
+
+    comm = TorchCommunicator(timeout_s=30)
+    ex = Executor(tensors, topo, comm, staging_bytes=1 << 20, fault=fault)
+    plan = plan_transfer(old, new, topo, ex.bytes_per_slot)
+    failed = ex.run_chunk(plan, [0, 1, 2])
+    intact = not wrong_slots(tensors, old, rank)
+    retried = ex.run_chunk(plan, [0, 1, 2])
+    return {
+        "ok": failed.ok, "broken": failed.comm_broken or comm.broken, "error": failed.error,
+        "seconds": failed.seconds, "intact": intact, "retry_ok": retried.ok,
+        "retry_correct": not wrong_slots(tensors, new, rank),
+    }  # fmt: skip
+
+
 def _fault_in_commit(rank: int, world_size: int) -> dict:
     ex, plan, *_ = _faulty_move(rank, world_size, "commit", "injected commit failure")
     result = ex.run_chunk(plan, [0, 1, 2])
@@ -336,6 +365,21 @@ def test_failure_mid_chunk_keeps_every_rank_on_old_weights():
     assert "rank 1" in results[1]["error"] and "layer 1" in results[1]["error"]
     assert "injected failure" in results[1]["error"]
     assert all("another rank failed" in r["error"] for i, r in enumerate(results) if i != 1)
+
+
+@pytest.mark.parametrize("point", ["stage", "exchange"])
+def test_a_local_failure_is_told_to_the_peers_at_once(point):
+    # before: an exchange that raised on one rank left its peers inside the all_to_all until
+    # the 30 s timeout, which then broke the group and disabled rebalancing for good
+    results = run_ranks(_fail_fast, 3, point, timeout=120, env={"EPLB_KERNELS": "torch"})
+    for rank, r in enumerate(results):
+        assert not r["ok"] and not r["broken"], (rank, r)
+        assert r["intact"], f"rank {rank} weights changed by a failed chunk"
+        assert r["retry_ok"] and r["retry_correct"], (rank, r)
+        # far below the 30 s collective timeout the peers waited before
+        assert r["seconds"] < 15, (rank, r["seconds"])
+    assert f"injected {point} failure" in results[1]["error"]
+    assert all("another rank failed" in results[i]["error"] for i in (0, 2))
 
 
 def test_failure_while_committing_is_reported_as_inconsistent_on_every_rank():
