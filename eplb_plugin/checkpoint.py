@@ -113,6 +113,38 @@ def is_moe_layer(model_type: str, config: object, layer: int) -> bool:
 _ALL_MODEL_TYPES = frozenset(t for fam in FAMILIES for t in fam.model_types)
 
 
+def resolve_inside(root: str, name: object, what: str, *, hf_cache: bool = False) -> str:
+    """The path of file ``name`` listed by ``what``, refused unless it lies inside ``root``.
+
+    A name from a file (an index's weight map, an export index) must not reach outside its
+    folder: it must be a relative path without ``..`` and, symlinks resolved, stay under
+    ``root``. With ``hf_cache``, a link from huggingface_hub's cache layout
+    (``<repo>/snapshots/<revision>/<file> -> ../../blobs/<hash>``) is accepted too: that is
+    how every checkpoint downloaded to the default cache is stored.
+
+    Raises:
+        ValueError naming ``what``, the entry and why it is outside.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} names {name!r}, which is not a file name")
+    if os.path.isabs(name):
+        raise ValueError(f"{what} names {name!r}: an absolute path, outside {root!r}")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{what} names {name!r}, which climbs with '..' outside {root!r}")
+    path = os.path.join(root, name)
+    real_root = os.path.realpath(root)
+    target = os.path.realpath(path)
+    allowed = [real_root]
+    if hf_cache and os.path.basename(os.path.dirname(real_root)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(real_root)), "blobs"))
+    if not any(os.path.commonpath([target, top]) == top for top in allowed):
+        raise ValueError(
+            f"{what} names {name!r}, which resolves through a symlink to {target!r}, "
+            f"outside {root!r}"
+        )
+    return path
+
+
 def _bad(path: str, what: str) -> ValueError:
     return ValueError(f"checkpoint file {path!r} is not a valid safetensors file: {what}")
 
@@ -210,16 +242,18 @@ class Checkpoint:
             try:
                 with open(index_path, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"cannot read {index_path!r}: {exc}") from exc
-            files = sorted(set(weight_map.values()))
+            listed_by = f"{index_path!r}"
         else:
             files = sorted(n for n in os.listdir(root) if n.endswith(".safetensors"))
+            listed_by = f"checkpoint {root!r}"
         if not files:
             raise ValueError(f"checkpoint {root!r} holds no .safetensors files")
         tensors: dict[str, TensorInfo] = {}
         for name in files:
-            path = os.path.join(root, name)
+            path = resolve_inside(root, name, listed_by, hf_cache=True)
             if not os.path.isfile(path):
                 raise ValueError(f"{index_path!r} names {name!r}, which does not exist")
             found, _ = read_header(path)

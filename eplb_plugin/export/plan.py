@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint import INDEX_FILE, Checkpoint, ExpertTable, TensorInfo, find_experts
+from ..checkpoint import (
+    INDEX_FILE,
+    Checkpoint,
+    ExpertTable,
+    TensorInfo,
+    find_experts,
+    resolve_inside,
+)
 from ..layout import ExpertLayout
 
 EXPORT_FORMAT = "eplb-export"
@@ -214,6 +221,8 @@ def plan_export(
         and not n.endswith(_WEIGHT_SUFFIXES)
         and os.path.isfile(os.path.join(checkpoint.root, n))
     )
+    for name in side:  # copied into the export: a link out would copy a foreign file
+        resolve_inside(checkpoint.root, name, f"checkpoint {checkpoint.root!r}", hf_cache=True)
     return ExportPlan(checkpoint, table, layout, ep_size, rows, files, side)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..checkpoint import resolve_inside
 from ..layout import ExpertLayout
 from .plan import EXPORT_FORMAT, EXPORT_INDEX, EXPORT_VERSION
 
@@ -40,6 +41,11 @@ class ExportedCheckpoint:
                 f"{path!r} has export version {self.index['version']}; this eplb-plugin "
                 f"reads up to {EXPORT_VERSION}"
             )
+        checked: set[str] = set()
+        for where, name in index_file_names(self.index):
+            if not (isinstance(name, str) and name in checked):
+                resolve_inside(self.root, name, f"{path!r} ({where})")
+                checked.add(name)
         self.layout = ExpertLayout.load(os.path.join(self.root, self.index["layout"]))
         self.ep_size = int(self.index["ep_size"])
         self.num_slots = int(self.index["num_slots"])
@@ -162,6 +168,22 @@ class ExportedCheckpoint:
         for name, parts in fused.items():
             out[name] = torch.stack(parts)
         return out
+
+
+def index_file_names(index: dict) -> Iterator[tuple[str, object]]:
+    """(where in the index, name) of every file an export index names, for checking."""
+    for key in ("layout", "sglang_layout"):
+        if key in index:
+            yield key, index[key]
+    for key in ("side_files", "shared_files", "files"):
+        for name in index.get(key) or ():
+            yield key, name
+    for r, rank in enumerate(index.get("ranks") or ()):
+        for name in rank.get("files") or () if isinstance(rank, dict) else ():
+            yield f"ranks[{r}].files", name
+    for entry in index.get("tensors") or ():
+        if isinstance(entry, dict) and "file" in entry:
+            yield f"file of tensor {entry.get('name')!r}", entry["file"]
 
 
 def _local_name(name: str, heads: list[str], first_slot: int) -> str:
