@@ -27,7 +27,11 @@ def load_figures(gpu_loads: torch.Tensor, start: int = 0) -> dict:
     Returns:
         ``balancedness``: mean over steps of the per-step balancedness;
         ``max_over_mean``: mean over steps and layers of max/mean GPU load;
-        ``gpu_share``: [G] each GPU's share of the mean load, all measured steps and layers;
+        ``gpu_share``: [G] each GPU's share of the mean load, all measured steps and layers
+        (a long-run figure: rebalancing moves the hot spot, so these even out either way);
+        ``busiest_share``: [G] the k-th busiest GPU's load / mean GPU load, GPUs sorted per
+        step and layer, averaged over them: entry 0 equals ``max_over_mean``, and this is the
+        profile the step time follows (the busiest GPU sets the pace);
         ``steps``: steps measured.
     """
     loads = gpu_loads[start:].to(torch.float64)
@@ -36,10 +40,15 @@ def load_figures(gpu_loads: torch.Tensor, start: int = 0) -> dict:
     mean = loads.mean(-1)
     ratio = torch.where(mean > 0, loads.amax(-1) / mean.clamp(min=1e-300), torch.ones_like(mean))
     total = loads.sum((0, 1))
+    ranked = loads.sort(-1, descending=True).values
+    busiest = torch.where(
+        mean[..., None] > 0, ranked / mean[..., None].clamp(min=1e-300), torch.ones_like(ranked)
+    )
     return {
         "balancedness": sum(balancedness_per_step(loads)) / loads.shape[0],
         "max_over_mean": float(ratio.mean()),
         "gpu_share": (total / total.mean().clamp(min=1e-300)).tolist(),
+        "busiest_share": busiest.mean((0, 1)).tolist(),
         "steps": int(loads.shape[0]),
     }
 
@@ -59,7 +68,8 @@ def write_report_png(
     Args:
         path: output .png file (written to a temp file, then renamed).
         expert_loads: [L, E] tokens per logical expert over the run (the same in both runs).
-        gpu_before, gpu_after: [G] share of the mean load per GPU without / with EPLB.
+        gpu_before, gpu_after: [G] ``busiest_share`` of :func:`load_figures` without / with
+            EPLB (k-th busiest GPU's load / mean, per step and layer, averaged).
         balancedness_off, balancedness_on: per-step balancedness of each run.
         rebalance_steps: first step served by each completed rebalance.
         title: figure title.
@@ -91,10 +101,10 @@ def write_report_png(
     bars.bar(gpus - width / 2, gpu_before, width, label="EPLB off", color="#c44e52")
     bars.bar(gpus + width / 2, gpu_after, width, label="EPLB on (after rebalance)", color="#4c72b0")
     bars.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    bars.set_xticks(gpus)
-    bars.set_xlabel("GPU (EP rank)")
-    bars.set_ylabel("load / mean load")
-    bars.set_title("GPU loads before and after")
+    bars.set_xticks(gpus, [str(g + 1) for g in gpus])
+    bars.set_xlabel("GPUs ranked by load in each step and layer (1 = busiest)")
+    bars.set_ylabel("load / mean GPU load")
+    bars.set_title("GPU loads, busiest first (bar 1 = max / mean of the table)")
     bars.set_ylim(0, max(1.35, max(gpu_before + gpu_after) * 1.2))
     bars.legend(loc="upper center", ncol=2)
 

@@ -34,6 +34,9 @@ def test_demo_json_figures_and_report(tmp_path, capsys, torch_kernels):
         assert 0 < out[run]["balancedness"] <= 1
         assert out[run]["max_over_mean"] >= 1
         assert len(out[run]["gpu_share"]) == 2
+        # the report's bars and the table's max/mean are the same figure
+        assert out[run]["busiest_share"][0] == pytest.approx(out[run]["max_over_mean"])
+        assert sum(out[run]["busiest_share"]) == pytest.approx(2)
     assert out["eplb"]["window"] == 3 and out["eplb"]["enable"] is True
     assert out["eplb"]["num_redundant_experts"] == 16  # the demo's default
     data = report.read_bytes()

@@ -302,9 +302,10 @@ def print_summary(s: dict) -> None:
     # from an export, the first run serves the export's offline layout as it is
     first = "export layout" if s.get("export") else "EPLB off"
     print(format_table(["", first, "EPLB on"], rows))
-    print("\nload per GPU, share of the mean:")
-    gpu_rows = [[g, a, b] for g, (a, b) in enumerate(zip(off["gpu_share"], on["gpu_share"]))]
-    print(format_table(["GPU", first, "EPLB on"], gpu_rows))
+    print("\nGPU load / mean GPU load, GPUs ranked by load in each step and layer:")
+    ranked = zip(off["busiest_share"], on["busiest_share"])
+    gpu_rows = [[k + 1, a, b] for k, (a, b) in enumerate(ranked)]
+    print(format_table(["k-th busiest", first, "EPLB on"], gpu_rows))
     verdict = "identical" if s["tokens_identical"] else "DIFFERENT"
     print(f"\ngenerated tokens with EPLB on vs off: {verdict} "
           f"({s['sequences']} sequences x {s['steps']} tokens)")  # fmt: skip
@@ -332,8 +333,8 @@ def _write_report(path, result_off, result_on, summary) -> None:
     write_report_png(
         path,
         result_off.expert_loads.sum(0),
-        summary["off"]["gpu_share"],
-        summary["on"]["gpu_share"],
+        summary["off"]["busiest_share"],
+        summary["on"]["busiest_share"],
         balancedness_per_step(result_off.gpu_loads),
         balancedness_per_step(result_on.gpu_loads),
         done,
