@@ -13,6 +13,10 @@ Two references frame every result (``compare``):
 
 ``gap_closed = (b - baseline) / (oracle - baseline)`` says how much of the loss to shifting
 loads a configuration wins back.
+
+With a :class:`CostSpec` every served step is also timed by the step-time model
+(:mod:`eplb_plugin.costmodel`): the mean over layers of the modelled MoE-layer time, from the
+step's slot loads, the dispatch mode's collectives and the shared all-to-all.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .costmodel import Hardware, MoeShape, layer_us
 from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads
 from .layout import ExpertLayout, Topology
 from .policies import dispatch_option, get_policy, plan
@@ -31,6 +36,39 @@ from .policies import dispatch_option, get_policy, plan
 PREDICTORS = ("window", "ema")
 # DeepSeek-V2-Lite routed expert in bf16: gate, up (2048 x 1408) and down (1408 x 2048).
 DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
+
+
+@dataclass(frozen=True)
+class CostSpec:
+    """What the step-time model needs besides the slot loads.
+
+    Attributes:
+        hardware: GPU and interconnect figures.
+        model: the MoE layer's shape (its ``top_k`` turns counted token-expert pairs back
+            into tokens per GPU for the all-to-all).
+        nodes: nodes the EP ranks span (the all-reduce's inter-node hops).
+    """
+
+    hardware: Hardware
+    model: MoeShape
+    nodes: int = 1
+
+
+def step_layer_us(
+    cost: CostSpec, layout: ExpertLayout, loads: torch.Tensor, dispatch: str, iters: int = 8
+) -> float:
+    """Mean over layers of the modelled MoE-layer time of one step, us.
+
+    Args:
+        loads: [L, P] float64 tokens per slot of the step.
+    """
+    t = layout.topology
+    tokens_per_gpu = float(loads.sum(-1).mean()) / (cost.model.top_k * t.num_gpus)
+    per_layer = layer_us(
+        cost.hardware, cost.model, loads, t.slots_per_gpu, dispatch, cost.nodes,
+        tokens_per_gpu, iters,
+    )  # fmt: skip
+    return float(per_layer.mean())
 
 
 @dataclass
@@ -93,6 +131,8 @@ class ReplayResult:
         balancedness: [scored steps] float64 realized balancedness per step.
         slots_moved: slots whose expert changed at each rebalance after the first.
         plan_ms: wall time of each plan, milliseconds.
+        layer_us: [scored steps] float64 modelled MoE-layer time per step (mean over
+            layers), or None without a cost model.
     """
 
     label: str
@@ -102,10 +142,17 @@ class ReplayResult:
     plan_ms: list[float]
     num_slots: int = 0
     bytes_per_slot: int = 0
+    layer_us: torch.Tensor | None = None
 
     @property
     def mean(self) -> float:
         return float(self.balancedness.mean()) if self.balancedness.numel() else math.nan
+
+    @property
+    def mean_layer_us(self) -> float:
+        if self.layer_us is None or not self.layer_us.numel():
+            return math.nan
+        return float(self.layer_us.mean())
 
     def summary(self) -> dict:
         moved = self.slots_moved
@@ -121,6 +168,7 @@ class ReplayResult:
             "bytes_moved_per_rebalance": mean_moved * self.bytes_per_slot,
             "plan_ms_median": times[len(times) // 2] if times else 0.0,
             "plan_ms_mean": sum(times) / len(times) if times else 0.0,
+            "layer_us": None if self.layer_us is None else self.mean_layer_us,
         }
 
 
@@ -161,6 +209,7 @@ def replay(
     topology: Topology,
     config: SimConfig,
     progress: Callable[[int], None] | None = None,
+    cost: CostSpec | None = None,
 ) -> ReplayResult:
     """Replay one configuration.
 
@@ -169,11 +218,12 @@ def replay(
         topology: the deployment.
         config: policy, dispatch mode, cadence.
         progress: called with 1 after each simulated step.
+        cost: time each step with the step-time model, if given.
     """
     totals = rank_counts.sum(1)  # [S, L, E]
     start = first_scored_step(config)
     layout: ExpertLayout | None = None
-    scores, moved, times = [], [], []
+    scores, moved, times, step_us = [], [], [], []
     for step in range(start, rank_counts.shape[0]):
         if (step - start) % config.interval == 0:
             load = predict(totals[:step], config)
@@ -190,13 +240,22 @@ def replay(
             layout = new
         loads = slot_loads(layout, rank_counts[step], config.dispatch, config.waterfill_iters)
         scores.append(float(step_balancedness(gpu_loads_of(layout, loads))))
+        if cost is not None:
+            step_us.append(
+                step_layer_us(cost, layout, loads, config.dispatch, config.waterfill_iters)
+            )
         if progress is not None:
             progress(1)
     return ReplayResult(
         config.label, list(range(start, rank_counts.shape[0])),
         torch.tensor(scores, dtype=torch.float64), moved, times,
         rank_counts.shape[2] * topology.num_replicas, config.bytes_per_slot,
+        _times(step_us, cost),
     )  # fmt: skip
+
+
+def _times(step_us: list[float], cost: CostSpec | None) -> torch.Tensor | None:
+    return None if cost is None else torch.tensor(step_us, dtype=torch.float64)
 
 
 def oracle(
@@ -204,22 +263,27 @@ def oracle(
     topology: Topology,
     config: SimConfig,
     progress: Callable[[int], None] | None = None,
+    cost: CostSpec | None = None,
 ) -> ReplayResult:
     """DeepSeek's policy planned on each scored step's own counts, static uniform split."""
     totals = rank_counts.sum(1)
     start = first_scored_step(config)
-    scores, times = [], []
+    scores, times, step_us = [], [], []
     for step in range(start, rank_counts.shape[0]):
         tic = time.perf_counter()
         layout = plan(totals[step], topology, "deepseek")
         times.append((time.perf_counter() - tic) * 1e3)
         scores.append(float(step_balancedness(layout.gpu_loads(totals[step]))))
+        if cost is not None:
+            loads = slot_loads(layout, totals[step], "static")
+            step_us.append(step_layer_us(cost, layout, loads, "static"))
         if progress is not None:
             progress(1)
     return ReplayResult(
         "oracle (deepseek on each step's own counts)", list(range(start, rank_counts.shape[0])),
         torch.tensor(scores, dtype=torch.float64), [], times,
         rank_counts.shape[2] * topology.num_replicas, config.bytes_per_slot,
+        _times(step_us, cost),
     )  # fmt: skip
 
 
@@ -242,27 +306,131 @@ def compare(
     topology: Topology,
     configs: Iterable[SimConfig],
     progress: Callable[[int], None] | None = None,
+    cost: CostSpec | None = None,
 ) -> dict:
     """Baseline, oracle and each configuration on the same steps.
 
     Returns:
         ``{"baseline": ReplayResult, "oracle": ReplayResult, "results": [ReplayResult],
-        "gap_closed": [float]}`` (one gap share per configuration).
+        "gap_closed": [float], "speedup": [float] | None}`` (per configuration: the share of
+        the gap closed, and with ``cost`` the modelled throughput against the baseline,
+        baseline MoE-layer time / the configuration's).
     """
     configs = list(configs)
     if not configs:
         raise ValueError("compare needs at least one configuration")
-    base = replay(rank_counts, topology, baseline_config(configs[0]), progress)
+    base = replay(rank_counts, topology, baseline_config(configs[0]), progress, cost)
     base.label = "baseline (deepseek/static, window sum)"
-    best = oracle(rank_counts, topology, configs[0], progress)
-    results = [replay(rank_counts, topology, c, progress) for c in configs]
+    best = oracle(rank_counts, topology, configs[0], progress, cost)
+    results = [replay(rank_counts, topology, c, progress, cost) for c in configs]
     return {
         "baseline": base,
         "oracle": best,
         "results": results,
         "gap_closed": [gap_closed(r.mean, base.mean, best.mean) for r in results],
+        "speedup": None
+        if cost is None
+        else [base.mean_layer_us / r.mean_layer_us for r in results],
     }
 
 
 def num_scored_steps(num_steps: int, config: SimConfig) -> int:
     return max(num_steps - first_scored_step(config), 0)
+
+
+# ------------------------------------------------------------------------- recommendation
+RECOMMEND_MODES = ("static", "local", "global")
+
+
+def synthetic_rank_counts(
+    num_steps: int,
+    num_ranks: int,
+    num_layers: int,
+    model: MoeShape,
+    tokens_per_rank: float,
+    *,
+    skew: float = 0.6,
+    drift: float = 0.1,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Per-rank counts of a drifting synthetic load, for deployments without a trace.
+
+    Per layer each expert has a persistent log-popularity ``N(0, skew^2)`` plus a drift term
+    that moves by ``N(0, drift^2)`` per step (a random walk pulled back towards 0 by 10% per
+    step, so the spread stays bounded); each rank routes ``tokens_per_rank * top_k`` pairs,
+    Poisson per expert around the step's popularity (the noise of a finite batch).
+
+    Returns:
+        [num_steps, num_ranks, num_layers, num_experts] float64 counts.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_layers, model.num_experts)
+    base = torch.randn(shape, generator=gen, dtype=torch.float64) * skew
+    walk = torch.zeros(shape, dtype=torch.float64)
+    out = torch.empty(num_steps, num_ranks, *shape, dtype=torch.float64)
+    pairs = tokens_per_rank * model.top_k
+    for step in range(num_steps):
+        walk = 0.9 * walk + torch.randn(shape, generator=gen, dtype=torch.float64) * drift
+        popularity = torch.softmax(base + walk, -1)
+        # an expert takes at most one of a token's top-k choices
+        mean = (pairs * popularity).clamp(max=tokens_per_rank)
+        out[step] = torch.poisson(mean.expand(num_ranks, *shape).contiguous(), generator=gen)
+    return out
+
+
+def recommend(
+    cost: CostSpec,
+    topology: Topology,
+    tokens_grid: Iterable[int],
+    *,
+    num_layers: int = 4,
+    steps: int = 12,
+    config: SimConfig | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Modelled MoE-layer time of each dispatch mode over a range of batch sizes.
+
+    For every tokens-per-GPU value a synthetic drifting load (:func:`synthetic_rank_counts`)
+    is replayed through the baseline (DeepSeek, static split) and the default policy with
+    each dispatch mode, and every served step is timed by the step-time model.
+
+    Returns:
+        One row per batch size: ``{"tokens_per_gpu", "baseline_us", "<mode>_us",
+        "<mode>_balancedness", "baseline_balancedness", "best", "speedup"}`` where ``best``
+        is the fastest mode and ``speedup`` its throughput against the baseline.
+    """
+    config = config or SimConfig()
+    rows = []
+    for tokens in tokens_grid:
+        counts = synthetic_rank_counts(
+            steps, topology.num_gpus, num_layers, cost.model, tokens, seed=seed
+        )
+        row: dict = {"tokens_per_gpu": tokens}
+        base = replay(counts, topology, baseline_config(config), progress, cost)
+        row["baseline_us"] = base.mean_layer_us
+        row["baseline_balancedness"] = base.mean
+        for mode in RECOMMEND_MODES:
+            options = dict(config.policy_options)
+            sim = SimConfig(
+                policy="default", dispatch=mode, interval=config.interval,
+                window=config.window, policy_options=options,
+                waterfill_iters=config.waterfill_iters,
+            )  # fmt: skip
+            result = replay(counts, topology, sim, progress, cost)
+            row[f"{mode}_us"] = result.mean_layer_us
+            row[f"{mode}_balancedness"] = result.mean
+        best = min(RECOMMEND_MODES, key=lambda m: row[f"{m}_us"])
+        row["best"] = best
+        row["speedup"] = row["baseline_us"] / row[f"{best}_us"]
+        rows.append(row)
+    return rows
+
+
+def crossovers(rows: list[dict]) -> list[tuple[int, int, str, str]]:
+    """``(tokens_below, tokens_above, best_below, best_above)`` where the best mode changes."""
+    return [
+        (a["tokens_per_gpu"], b["tokens_per_gpu"], a["best"], b["best"])
+        for a, b in zip(rows, rows[1:])
+        if a["best"] != b["best"]
+    ]

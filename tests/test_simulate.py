@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,15 +11,21 @@ import torch
 
 from eplb_plugin import Topology, plan
 from eplb_plugin.cli.main import main
+from eplb_plugin.costmodel import get_hardware, get_model, layer_us
+from eplb_plugin.dispatch import slot_loads
 from eplb_plugin.simulate import (
+    CostSpec,
     SimConfig,
     baseline_config,
     compare,
+    crossovers,
     gap_closed,
     oracle,
     predict,
+    recommend,
     replay,
     step_balancedness,
+    synthetic_rank_counts,
 )
 from eplb_plugin.traces import (
     is_routing_trace,
@@ -133,6 +140,50 @@ def test_compare_frames_results(trace) -> None:
     assert math_isnan(gap_closed(0.5, 0.7, 0.7))
 
 
+def test_replay_times_each_step_with_the_cost_model(trace) -> None:
+    counts = steps_from_routing_trace(trace.topk_ids, 128, 4, 32)
+    topology = Topology(40, 1, 1, 8)
+    model = dataclasses.replace(get_model("deepseek-v2-lite"), num_experts=32, top_k=4)
+    cost = CostSpec(get_hardware("h800-ib400-multinode"), model, nodes=1)
+    config = SimConfig(dispatch="global", window=2, interval=2)
+    result = replay(counts, topology, config, cost=cost)
+    assert result.layer_us is not None and result.layer_us.shape == result.balancedness.shape
+    assert replay(counts, topology, config).layer_us is None
+    # step 2 is served by the plan made from steps 0-1: recompute its time by hand
+    layout = plan(counts[:2].sum(1), topology, "default", dispatch="global")
+    loads = slot_loads(layout, counts[2], "global")
+    tokens_per_gpu = 128 / 8  # 128 tokens per step over 8 ranks
+    expected = layer_us(cost.hardware, model, loads, 5, "global", 1, tokens_per_gpu).mean()
+    assert float(result.layer_us[0]) == pytest.approx(float(expected))
+    out = compare(counts, topology, [config], cost=cost)
+    assert out["speedup"] == [pytest.approx(out["baseline"].mean_layer_us / result.mean_layer_us)]
+    assert result.summary()["layer_us"] == pytest.approx(result.mean_layer_us)
+
+
+def test_synthetic_rank_counts_and_recommend() -> None:
+    model = dataclasses.replace(get_model("deepseek-v3"), num_experts=32)
+    counts = synthetic_rank_counts(3, 4, 2, model, 64, seed=1)
+    assert counts.shape == (3, 4, 2, 32) and (counts >= 0).all()
+    # each rank routes about tokens * top_k pairs (Poisson around it)
+    assert counts.sum(-1).mean() == pytest.approx(64 * 8, rel=0.1)
+    assert torch.equal(counts, synthetic_rank_counts(3, 4, 2, model, 64, seed=1))
+    cost = CostSpec(get_hardware("h800-ib400-multinode"), model, nodes=1)
+    rows = recommend(cost, Topology(40, 1, 1, 8), [4, 4096], num_layers=2, steps=6,
+                     config=SimConfig(window=2, interval=2))  # fmt: skip
+    assert [r["tokens_per_gpu"] for r in rows] == [4, 4096]
+    for r in rows:
+        assert r["best"] in ("static", "local", "global")
+        assert r[f"{r['best']}_us"] == min(r["static_us"], r["local_us"], r["global_us"])
+        assert r["speedup"] == pytest.approx(r["baseline_us"] / r[f"{r['best']}_us"])
+    # at 4 tokens per GPU expert reads are memory-bound: balance saves nothing, so the
+    # water-fill and the all-reduce are pure cost and static wins
+    assert rows[0]["best"] == "static"
+    fake = [
+        {"tokens_per_gpu": t, "best": b} for t, b in ((1, "static"), (2, "static"), (4, "global"))
+    ]
+    assert crossovers(fake) == [(2, 4, "static", "global")]
+
+
 def math_isnan(x: float) -> bool:
     return x != x
 
@@ -213,6 +264,28 @@ def test_cli_table(traces_dir, capsys) -> None:
     assert "deepseek/global" in out and "default/global" in out and "GB moved" in out
 
 
+def test_cli_reports_modelled_time(traces_dir, capsys) -> None:
+    args = _cli(traces_dir / "esft_intent.npz", "--compare", "--json", "--dispatch", "static",
+                "--hardware", "h200-nvlink-node", "--hw-param", "waterfill_us=5")  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cost_model"]["hardware"]["waterfill_us"] == 5.0
+    assert out["cost_model"]["model"]["name"] == "deepseek-v2-lite"
+    base, _, static = out["results"]
+    assert base["throughput_vs_baseline"] == 1.0
+    assert static["throughput_vs_baseline"] == pytest.approx(base["layer_us"] / static["layer_us"])
+
+
+def test_cli_recommend(capsys) -> None:
+    args = ["simulate", "--recommend", "--replicas", "288", "--gpus", "32", "--nodes", "4",
+            "--tokens-per-gpu", "2,4096", "--layers", "1", "--window", "2", "--interval", "1",
+            "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "deepseek-v3 (hidden 7168, 256 experts, top-8) on 32 GPUs / 4 nodes" in out
+    assert "tokens/GPU" in out and ("recommended dispatch" in out or "answer changes" in out)
+
+
 def test_cli_load_trace(tmp_path, capsys) -> None:
     path = tmp_path / "load.npy"
     np.save(path, np.random.default_rng(0).integers(0, 50, size=(8, 2, 64)).astype(np.float32))
@@ -229,6 +302,10 @@ def test_cli_load_trace(tmp_path, capsys) -> None:
         (["--dispatch", "fast"], "--dispatch"),
         (["--window", "100"], "none to score"),
         (["--policy", "nope"], "--policy"),
+        (["--hardware", "tpu"], "hardware preset"),
+        (["--hw-param", "hbm_gbps"], "--hw-param"),
+        (["--hw-param", "speed=3"], "unknown hardware parameter"),
+        (["--model", "gpt"], "model preset"),
     ],
 )
 def test_cli_bad_input(traces_dir, capsys, extra: list[str], match: str) -> None:

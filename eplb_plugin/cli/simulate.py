@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 
 import torch
 
+from ..costmodel import HARDWARE, MODELS, get_hardware, get_model, waterfill_us
 from ..dispatch import DISPATCH_MODES, WATERFILL_ITERS
 from ..fileio import atomic_write
 from ..layout import Topology
@@ -16,10 +18,13 @@ from ..policies import available_policies
 from ..simulate import (
     DSV2_LITE_EXPERT_BYTES,
     PREDICTORS,
+    CostSpec,
     ReplayResult,
     SimConfig,
     compare,
+    crossovers,
     num_scored_steps,
+    recommend,
     replay,
 )
 from ..traces import is_routing_trace, read_load, read_routing_trace, steps_from_routing_trace
@@ -38,7 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--trace",
-        required=True,
         help="routing trace (.npz with topk_ids [T, L, K]) or load trace ([steps, L, E] in "
         ".pt/.npy/.npz/.safetensors; each rank is then given an equal share of each step)",
     )
@@ -105,6 +109,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also run the vLLM/SGLang baseline (deepseek, window sum, static uniform) and "
         "an oracle (deepseek on each step's own counts); report the share of the gap closed",
     )
+    p.add_argument(
+        "--hardware",
+        default="h800-ib400-multinode",
+        help=f"hardware preset of the step-time model ({', '.join(HARDWARE)}; default "
+        "h800-ib400-multinode)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"MoE shape preset of the step-time model ({', '.join(MODELS)}; default "
+        "deepseek-v2-lite for a trace, deepseek-v3 for --recommend)",
+    )
+    p.add_argument(
+        "--hw-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one hardware figure, e.g. waterfill_us=5 or hbm_gbps=3000 (repeatable)",
+    )
+    p.add_argument(
+        "--recommend",
+        action="store_true",
+        help="no trace: model each dispatch mode for the deployment (--gpus EP ranks, --nodes, "
+        "--replicas, --model, --hidden) over --tokens-per-gpu on a synthetic drifting load, "
+        "print the fastest mode per batch size and where the answer changes",
+    )
+    p.add_argument(
+        "--tokens-per-gpu",
+        default="1,2,4,8,16,32,64,128,256,512,1024,2048,4096,8192",
+        help="with --recommend: comma-separated tokens per GPU per step to evaluate",
+    )
+    p.add_argument("--hidden", type=int, help="with --recommend: model hidden size (override)")
+    p.add_argument(
+        "--layers", type=int, default=4, help="with --recommend: synthetic layers (default 4)"
+    )
     p.add_argument("--plot", help="write a PNG of balancedness over steps here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -169,10 +208,45 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     return configs
 
 
+def _positive_ints(value: str, name: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} {value!r} must be comma-separated integers") from None
+    if not items or any(v < 1 for v in items):
+        raise ValueError(f"--{name} {value!r} must list integers >= 1")
+    return sorted(set(items))
+
+
+def cost_from_args(args: argparse.Namespace, num_experts: int | None) -> CostSpec:
+    """The step-time model's hardware, MoE shape and node count from the options."""
+    overrides: dict[str, float] = {}
+    for item in args.hw_param:
+        name, sep, value = item.partition("=")
+        try:
+            overrides[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--hw-param {item!r} must be NAME=NUMBER")
+    hardware = get_hardware(args.hardware, **overrides)
+    default = "deepseek-v3" if args.recommend else "deepseek-v2-lite"
+    model = get_model(args.model or default)
+    if num_experts is not None and num_experts != model.num_experts:
+        model = dataclasses.replace(model, num_experts=num_experts)
+    if getattr(args, "hidden", None) is not None:
+        model = dataclasses.replace(model, hidden=args.hidden)
+    return CostSpec(hardware, model, args.nodes)
+
+
 def run(args: argparse.Namespace) -> int:
     # the replay runs many small tensor ops: extra intra-op threads only add overhead
     torch.set_num_threads(1)
     topology = topology_from_args(args)
+    if args.recommend:
+        return run_recommend(args, topology)
+    if not args.trace:
+        raise ValueError("--trace is required (or --recommend for a deployment without one)")
     configs = configs_from_args(args)
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot {args.plot!r} must end with .png")
@@ -180,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         _check_writable(args.plot)
     rank_counts = load_rank_counts(args, topology)
     topology.check_experts(rank_counts.shape[-1])
+    cost = cost_from_args(args, rank_counts.shape[-1])
     scored = num_scored_steps(rank_counts.shape[0], configs[0])
     if scored == 0:
         raise ValueError(
@@ -190,15 +265,16 @@ def run(args: argparse.Namespace) -> int:
     progress = _progress(scored * runs, disable=args.no_progress)
     try:
         if args.compare:
-            outcome = compare(rank_counts, topology, configs, progress.update)
+            outcome = compare(rank_counts, topology, configs, progress.update, cost)
             results = [outcome["baseline"], outcome["oracle"], *outcome["results"]]
             gaps = [0.0, 1.0, *outcome["gap_closed"]]
         else:
-            results = [replay(rank_counts, topology, c, progress.update) for c in configs]
+            results = [replay(rank_counts, topology, c, progress.update, cost) for c in configs]
             gaps = None
     finally:
         progress.close()
     summary = _summary(args, topology, rank_counts, results, gaps)
+    summary["cost_model"] = _cost_dict(cost)
     if args.plot:
         write_plot(args.plot, results, summary["title"], args.interval)
         summary["plot"] = args.plot
@@ -214,7 +290,10 @@ def run(args: argparse.Namespace) -> int:
 def _progress(total: int, disable: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="simulate", unit="step", disable=disable, leave=False)
+    # disable=None: tqdm draws only on a terminal (a pipe or log file would get every redraw)
+    return tqdm(
+        total=total, desc="simulate", unit="step", disable=True if disable else None, leave=False
+    )
 
 
 def _summary(
@@ -226,10 +305,12 @@ def _summary(
 ) -> dict:
     steps, ranks, layers, experts = rank_counts.shape
     rows = []
+    base_us = results[0].mean_layer_us if gaps is not None else math.nan
     for i, result in enumerate(results):
         row = result.summary()
         if gaps is not None:
             row["gap_closed"] = None if math.isnan(gaps[i]) else gaps[i]
+            row["throughput_vs_baseline"] = base_us / result.mean_layer_us
         rows.append(row)
     title = (
         f"{os.path.basename(args.trace)}: {layers} layers x {experts} experts -> "
@@ -258,6 +339,9 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
     compare_mode = "gap_closed" in summary["results"][0]
     if compare_mode:
         header.append("gap closed")
+    header += ["layer us (model)"]
+    if compare_mode:
+        header.append("vs baseline")
     header += ["slots moved/rebal", "% slots", "GB moved/rebal", "plan ms (median)"]
     rows = []
     for r in summary["results"]:
@@ -266,6 +350,9 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
             gap = r["gap_closed"]
             row.append("n/a" if gap is None else f"{100 * gap:.1f}%")
         oracle = r["label"].startswith("oracle")
+        row.append(f"{r['layer_us']:.1f}")
+        if compare_mode:
+            row.append(f"{r['throughput_vs_baseline']:.3f}x")
         row += [
             "-" if oracle else f"{r['slots_moved_per_rebalance']:.1f}",
             "-" if oracle else f"{100 * r['slots_moved_fraction']:.1f}",
@@ -278,8 +365,78 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
         "slots moved: per rebalance after the first (the first replaces the starting layout); "
         f"bytes at {args.bytes_per_slot} per slot"
     )
+    model = summary["cost_model"]
+    print(
+        f"layer us: modelled MoE-layer time per step (mean over layers and steps), hardware "
+        f"{model['hardware']['name']}, model {model['model']['name']}; vs baseline: modelled "
+        "throughput against the baseline (docs/policy.md, step-time model)"
+    )
     if args.plot:
         print(f"plot written to {args.plot}")
+
+
+def _cost_dict(cost: CostSpec) -> dict:
+    return {
+        "hardware": dataclasses.asdict(cost.hardware),
+        "model": dataclasses.asdict(cost.model),
+        "nodes": cost.nodes,
+    }
+
+
+def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
+    """``--recommend``: the fastest dispatch mode per batch size for one deployment."""
+    grid = _positive_ints(args.tokens_per_gpu, "tokens-per-gpu")
+    if isinstance(args.layers, bool) or args.layers < 1:
+        raise ValueError(f"--layers must be >= 1, got {args.layers}")
+    cost = cost_from_args(args, args.experts)
+    topology.check_experts(cost.model.num_experts)
+    config = SimConfig(
+        interval=args.interval, window=args.window, waterfill_iters=args.waterfill_iters
+    )
+    steps = config.window + 2 * config.interval
+    progress = _progress(len(grid) * 4 * (steps - config.window), disable=args.no_progress)
+    try:
+        rows = recommend(
+            cost, topology, grid, num_layers=args.layers, steps=steps, config=config,
+            progress=progress.update,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    changes = crossovers(rows)
+    wf = waterfill_us(cost.hardware, args.waterfill_iters)
+    if args.json:
+        out = {"cost_model": _cost_dict(cost), "topology": topology.to_dict(), "rows": rows}
+        out["crossovers"] = [list(c) for c in changes]
+        out["waterfill_us"] = wf
+        print(json.dumps(out, indent=2))
+        return 0
+    m = cost.model
+    print(
+        f"{m.name} (hidden {m.hidden}, {m.num_experts} experts, top-{m.top_k}) on "
+        f"{topology.num_gpus} GPUs / {topology.num_nodes} nodes, {topology.num_replicas} slots; "
+        f"hardware {cost.hardware.name}; water-fill {wf:.0f} us per layer"
+    )
+    header = ["tokens/GPU", "baseline us", "static us", "local us", "global us", "best", "speedup"]
+    table = [
+        [
+            r["tokens_per_gpu"], f"{r['baseline_us']:.1f}", f"{r['static_us']:.1f}",
+            f"{r['local_us']:.1f}", f"{r['global_us']:.1f}", r["best"], f"{r['speedup']:.3f}x",
+        ]
+        for r in rows
+    ]  # fmt: skip
+    print(format_table(header, table))
+    print(
+        "modelled MoE-layer time per step (mean over layers and steps) on a synthetic drifting "
+        "load; speedup: the best mode's throughput against the baseline (deepseek, static)"
+    )
+    if not changes:
+        print(f"recommended dispatch: {rows[0]['best']} at every batch size evaluated")
+    for below, above, best_below, best_above in changes:
+        print(
+            f"the answer changes between {below} and {above} tokens per GPU: "
+            f"{best_below} below, {best_above} above"
+        )
+    return 0
 
 
 def _check_writable(path: str) -> None:

@@ -1,0 +1,363 @@
+"""Step-time model of one MoE layer: what each dispatch mode costs and what its balance saves.
+
+One MoE layer of one step is modelled as (all times in microseconds)::
+
+    t_layer = max over GPUs g of t_expert(g) + t_dispatch + t_combine + t_mode
+
+- ``t_expert(g) = max(flops_g / gemm_rate, bytes_g / hbm_bandwidth)``: the grouped GEMM of the
+  GPU's experts is bound by its arithmetic (``6 * hidden * intermediate`` FLOP per routed token:
+  gate, up and down projections) or by its memory reads (the weights of every slot that
+  received at least one token, plus the tokens' activations in and out), whichever is larger.
+  Small decode batches are memory-bound: every active expert's weights are read whatever
+  its token count, so balancing tokens changes little there; large batches are
+  compute-bound and the most loaded GPU sets the pace.
+- ``t_dispatch``, ``t_combine``: DeepEP's low-latency all-to-all at this EP size, the same
+  for every dispatch mode (DeepEP README latencies at 128 tokens per GPU and hidden 7168,
+  scaled linearly in tokens and hidden size above that; below 128 tokens the 128-token
+  latency is kept, an estimate: the kernels' latency there is not published).
+- ``t_mode``: ``global`` dispatch all-reduces ``E`` int32 counts per layer on the critical
+  path (NCCL's own latency model: tree or ring with the LL protocol, whichever is faster,
+  intra-node hops over NVLink and inter-node hops over the network, plus bytes / bandwidth);
+  ``local`` and ``global`` run the water-fill on the device: ``waterfill_us`` per layer when
+  set, else the number of device kernels the torch water-fill launches (30 plus 36 per
+  sweep, counted with the torch profiler) times ``kernel_us``, the time of one tiny kernel
+  replayed in a CUDA graph (an estimate: it has not been measured on a GPU here);
+  ``static`` pays nothing.
+
+Every figure a preset uses, and where it comes from, is listed in ``docs/policy.md``
+("Step-time model"). All parameters can be overridden (``dataclasses.replace``, or
+``eplb simulate --hw-param name=value``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .dispatch import check_dispatch
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU type and its interconnect.
+
+    Attributes:
+        name: preset name.
+        gpus_per_node: GPUs per node (NVLink domain).
+        hbm_gbps: memory bandwidth the expert GEMMs achieve, GB/s.
+        gemm_tflops: arithmetic rate the expert GEMMs achieve, TFLOP/s.
+        a2a_ep: EP sizes of the dispatch/combine latency table, ascending.
+        dispatch_us: dispatch latency per EP size at ``a2a_ref_tokens`` tokens per GPU.
+        combine_us: combine latency per EP size, idem.
+        a2a_ref_tokens: tokens per GPU of the latency table.
+        a2a_ref_hidden: hidden size of the latency table.
+        ar_base_us: NCCL base latency of an all-reduce (tree / LL protocol).
+        ar_ring_base_us: NCCL base latency of a ring all-reduce (LL protocol).
+        ar_nvlink_hop_us: per-hop latency inside a node (NVLink, LL).
+        ar_net_tree_hop_us: per-hop latency between nodes, tree (LL).
+        ar_net_ring_hop_us: per-hop latency between nodes, ring (LL).
+        ar_net_overhead_us: per-step network post overhead of an inter-node ring.
+        ar_gbps: all-reduce algorithm bandwidth of the LL protocol, GB/s (tiny messages:
+            the bytes term is negligible next to the latency).
+        kernel_us: time of one tiny kernel replayed in a CUDA graph, us (estimate).
+        waterfill_us: device time of one water-fill per layer, us; negative (default):
+            estimated from its kernel count and ``kernel_us``. A fused water-fill kernel
+            would be one launch: set it to that kernel's measured time.
+    """
+
+    name: str
+    gpus_per_node: int
+    hbm_gbps: float
+    gemm_tflops: float
+    a2a_ep: tuple[int, ...]
+    dispatch_us: tuple[float, ...]
+    combine_us: tuple[float, ...]
+    a2a_ref_tokens: int = 128
+    a2a_ref_hidden: int = 7168
+    ar_base_us: float = 6.8
+    ar_ring_base_us: float = 6.6
+    ar_nvlink_hop_us: float = 0.6
+    ar_net_tree_hop_us: float = 5.0
+    ar_net_ring_hop_us: float = 2.7
+    ar_net_overhead_us: float = 1.0
+    ar_gbps: float = 19.0
+    kernel_us: float = 2.0
+    waterfill_us: float = -1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("name", "a2a_ep", "dispatch_us", "combine_us"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"Hardware.{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value) or (value < 0 and f.name != "waterfill_us"):
+                raise ValueError(f"Hardware.{f.name} must be finite and >= 0, got {value!r}")
+        for name in ("gpus_per_node", "hbm_gbps", "gemm_tflops", "a2a_ref_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Hardware.{name} must be > 0, got {getattr(self, name)!r}")
+        n = len(self.a2a_ep)
+        if n == 0 or len(self.dispatch_us) != n or len(self.combine_us) != n:
+            raise ValueError("Hardware: a2a_ep, dispatch_us and combine_us need equal, >0 lengths")
+        if list(self.a2a_ep) != sorted(set(self.a2a_ep)) or self.a2a_ep[0] < 1:
+            raise ValueError(f"Hardware.a2a_ep must be ascending EP sizes, got {self.a2a_ep}")
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """The routed experts of one MoE layer.
+
+    Attributes:
+        name: preset name.
+        hidden: model hidden size H.
+        intermediate: expert intermediate size I (each expert: gate and up H x I, down I x H).
+        top_k: experts per token.
+        num_experts: routed (logical) experts E.
+        weight_bytes: bytes per expert weight element (1 for FP8, 2 for BF16).
+        act_bytes: activation bytes per hidden element read and written per routed token
+            (FP8 in, BF16 out: 3).
+    """
+
+    name: str
+    hidden: int
+    intermediate: int
+    top_k: int
+    num_experts: int
+    weight_bytes: float = 1.0
+    act_bytes: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "intermediate", "top_k", "num_experts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoeShape.{name} must be a positive integer, got {value!r}")
+        for name in ("weight_bytes", "act_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"MoeShape.{name} must be a number > 0, got {value!r}")
+
+    @property
+    def expert_bytes(self) -> float:
+        return 3.0 * self.hidden * self.intermediate * self.weight_bytes
+
+    @property
+    def flops_per_token(self) -> float:
+        return 6.0 * self.hidden * self.intermediate
+
+
+# DeepEP README, low-latency kernels (H800, CX7 400 Gb/s InfiniBand, 128 tokens per batch,
+# hidden 7168, top-8, FP8 dispatch, BF16 combine).
+_DEEPEP_LL_EP = (8, 16, 32, 64, 128, 256)
+_DEEPEP_LL_DISPATCH = (77.0, 118.0, 155.0, 173.0, 192.0, 194.0)
+_DEEPEP_LL_COMBINE = (114.0, 195.0, 273.0, 314.0, 369.0, 360.0)
+
+HARDWARE: dict[str, Hardware] = {
+    # H800 SXM: DeepGEMM README (H800) reaches 2047-2064 GB/s in masked grouped GEMMs of
+    # 256 tokens per expert and 1093-1297 TFLOP/s in contiguous grouped FP8 GEMMs.
+    "h800-ib400-multinode": Hardware(
+        name="h800-ib400-multinode",
+        gpus_per_node=8,
+        hbm_gbps=2050.0,
+        gemm_tflops=1200.0,
+        a2a_ep=_DEEPEP_LL_EP,
+        dispatch_us=_DEEPEP_LL_DISPATCH,
+        combine_us=_DEEPEP_LL_COMBINE,
+    ),  # fmt: skip
+    # H200 SXM: same Hopper compute as the H800/H100 (datasheet), HBM3e 4.8 TB/s against the
+    # H800's 3.35 TB/s: the achieved bandwidth is the H800's scaled by 4.8 / 3.35 (estimate).
+    # DeepEP's EP-8 row is measured over RDMA; inside one NVLink node it is an upper bound.
+    "h200-nvlink-node": Hardware(
+        name="h200-nvlink-node",
+        gpus_per_node=8,
+        hbm_gbps=2050.0 * 4.8 / 3.35,
+        gemm_tflops=1200.0,
+        a2a_ep=_DEEPEP_LL_EP,
+        dispatch_us=_DEEPEP_LL_DISPATCH,
+        combine_us=_DEEPEP_LL_COMBINE,
+        ar_gbps=87.7,
+    ),  # fmt: skip
+    "h200-ib400-multinode": Hardware(
+        name="h200-ib400-multinode",
+        gpus_per_node=8,
+        hbm_gbps=2050.0 * 4.8 / 3.35,
+        gemm_tflops=1200.0,
+        a2a_ep=_DEEPEP_LL_EP,
+        dispatch_us=_DEEPEP_LL_DISPATCH,
+        combine_us=_DEEPEP_LL_COMBINE,
+    ),  # fmt: skip
+}
+
+MODELS: dict[str, MoeShape] = {
+    # config.json of deepseek-ai/DeepSeek-V3: hidden 7168, moe_intermediate 2048, 8 of 256
+    # routed experts, FP8 weights.
+    "deepseek-v3": MoeShape("deepseek-v3", 7168, 2048, 8, 256, weight_bytes=1.0),
+    # deepseek-ai/DeepSeek-V2-Lite: hidden 2048, moe_intermediate 1408, 6 of 64, BF16 (the
+    # model of the bundled traces).
+    "deepseek-v2-lite": MoeShape(
+        "deepseek-v2-lite", 2048, 1408, 6, 64, weight_bytes=2.0, act_bytes=4.0
+    ),
+}
+
+
+def get_hardware(name: str, **overrides: float) -> Hardware:
+    """A preset, with some fields replaced (``ValueError`` naming an unknown one)."""
+    if name not in HARDWARE:
+        raise ValueError(f"unknown hardware preset {name!r}; available: {', '.join(HARDWARE)}")
+    known = {f.name for f in fields(Hardware)} - {"name", "a2a_ep", "dispatch_us", "combine_us"}
+    for key in overrides:
+        if key not in known:
+            settable = ", ".join(sorted(known))
+            raise ValueError(f"unknown hardware parameter {key!r}; settable: {settable}")
+    return replace(HARDWARE[name], **overrides)
+
+
+def get_model(name: str) -> MoeShape:
+    if name not in MODELS:
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def _interp_ep(hw: Hardware, table: tuple[float, ...], ep: int) -> float:
+    """Latency at ``ep`` ranks: the table's, linear in log2(EP) between rows, clamped."""
+    xs = [math.log2(e) for e in hw.a2a_ep]
+    x = math.log2(max(ep, 1))
+    if x <= xs[0]:
+        return table[0]
+    if x >= xs[-1]:
+        return table[-1]
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return table[i - 1] + w * (table[i] - table[i - 1])
+    return table[-1]  # pragma: no cover
+
+
+def all_to_all_us(hw: Hardware, ep: int, tokens_per_gpu: float, hidden: int) -> float:
+    """Dispatch + combine time of one layer, us (the same for every dispatch mode)."""
+    if ep <= 1:
+        return 0.0
+    scale = max(tokens_per_gpu / hw.a2a_ref_tokens, 1.0) * hidden / hw.a2a_ref_hidden
+    return (_interp_ep(hw, hw.dispatch_us, ep) + _interp_ep(hw, hw.combine_us, ep)) * scale
+
+
+def allreduce_us(hw: Hardware, nbytes: float, ranks: int, nodes: int) -> float:
+    """NCCL all-reduce of ``nbytes`` over ``ranks`` GPUs on ``nodes`` nodes, us.
+
+    NCCL's tuning model (``src/graph/tuning.cc``), LL protocol: tree latency
+    ``base + 2 ((ranks/nodes - 1) nvlink_hop + log2(nodes) net_hop)``; ring latency
+    ``base + (2 (ranks - 1) - n_inter) intra + n_inter net_hop`` with ``n_inter = 2 nodes``
+    across nodes; the faster of the two, plus ``nbytes / bandwidth``.
+    """
+    if ranks <= 1:
+        return 0.0
+    nodes = max(1, min(nodes, ranks))
+    per_node = ranks / nodes
+    tree = hw.ar_base_us + 2 * (
+        (per_node - 1) * hw.ar_nvlink_hop_us + math.log2(nodes) * hw.ar_net_tree_hop_us
+    )
+    steps = 2 * (ranks - 1)
+    inter = 2 * nodes if nodes > 1 else 0
+    intra = max(hw.ar_nvlink_hop_us, hw.ar_net_overhead_us) if nodes > 1 else hw.ar_nvlink_hop_us
+    ring = hw.ar_ring_base_us + (steps - inter) * intra + inter * hw.ar_net_ring_hop_us
+    return min(tree, ring) + nbytes / (hw.ar_gbps * 1e3)
+
+
+# device kernels of one ``waterfill_shares`` call: fixed part and per sweep (torch profiler,
+# top-level ops that launch a kernel; views and reshapes excluded)
+WATERFILL_KERNELS_FIXED = 30
+WATERFILL_KERNELS_PER_SWEEP = 36
+
+
+def waterfill_us(hw: Hardware, iters: int) -> float:
+    """Device time of one water-fill of ``iters`` sweeps per layer, us."""
+    if hw.waterfill_us >= 0:
+        return hw.waterfill_us
+    return (WATERFILL_KERNELS_FIXED + WATERFILL_KERNELS_PER_SWEEP * iters) * hw.kernel_us
+
+
+def mode_overhead_us(
+    hw: Hardware, model: MoeShape, dispatch: str, ranks: int, nodes: int, iters: int = 8
+) -> float:
+    """What the dispatch mode itself adds to a layer, us (``iters``: water-fill sweeps)."""
+    if check_dispatch(dispatch) == "static":
+        return 0.0
+    cost = waterfill_us(hw, iters)
+    if dispatch == "global":
+        cost += allreduce_us(hw, 4.0 * model.num_experts, ranks, nodes)
+    return cost
+
+
+def expert_us(
+    hw: Hardware, model: MoeShape, gpu_tokens: torch.Tensor, gpu_active: torch.Tensor
+) -> torch.Tensor:
+    """Expert GEMM time of each GPU (roofline of compute and memory reads).
+
+    Args:
+        gpu_tokens: [..., G] float routed tokens (token-expert pairs) per GPU.
+        gpu_active: [..., G] float slots per GPU that received at least one token.
+    Returns:
+        [..., G] float64 microseconds.
+    """
+    tokens = gpu_tokens.double()
+    compute = tokens * model.flops_per_token / (hw.gemm_tflops * 1e6)
+    nbytes = gpu_active.double() * model.expert_bytes + tokens * model.hidden * model.act_bytes
+    memory = nbytes / (hw.hbm_gbps * 1e3)
+    return torch.maximum(compute, memory)
+
+
+def layer_us(
+    hw: Hardware,
+    model: MoeShape,
+    slot_load: torch.Tensor,
+    slots_per_gpu: int,
+    dispatch: str,
+    nodes: int,
+    tokens_per_gpu: float,
+    iters: int = 8,
+) -> torch.Tensor:
+    """Modelled time of each MoE layer in one step.
+
+    Args:
+        slot_load: [L, P] float tokens each slot receives (``slot_loads``).
+        slots_per_gpu: P / G.
+        dispatch: the mode serving the step.
+        nodes: nodes the G GPUs span.
+        tokens_per_gpu: tokens each GPU routes this step (before top-k), for the all-to-all.
+        iters: water-fill sweeps of ``local``/``global``.
+    Returns:
+        [L] float64 microseconds.
+    """
+    num_gpus = slot_load.shape[-1] // slots_per_gpu
+    per_gpu = slot_load.double().unflatten(-1, (num_gpus, slots_per_gpu))
+    # apportionment rounds to whole tokens: a slot with under half a token gets none
+    active = (per_gpu >= 0.5).double().sum(-1)
+    experts = expert_us(hw, model, per_gpu.sum(-1), active).amax(-1)
+    fixed = all_to_all_us(hw, num_gpus, tokens_per_gpu, model.hidden)
+    return experts + fixed + mode_overhead_us(hw, model, dispatch, num_gpus, nodes, iters)
+
+
+def balanced_layer_us(
+    hw: Hardware,
+    model: MoeShape,
+    ep: int,
+    nodes: int,
+    tokens_per_gpu: float,
+    slots_per_gpu: int,
+    balancedness: float,
+    dispatch: str,
+    iters: int = 8,
+) -> float:
+    """Layer time when the busiest GPU carries ``1 / balancedness`` of the mean load and every
+    slot is active: the closed form behind ``eplb simulate --recommend``'s table."""
+    if not 0 < balancedness <= 1:
+        raise ValueError(f"balancedness must lie in (0, 1], got {balancedness!r}")
+    peak = torch.tensor([tokens_per_gpu * model.top_k / balancedness])
+    active = torch.tensor([float(slots_per_gpu)])
+    experts = float(expert_us(hw, model, peak, active)[0])
+    return (
+        experts
+        + all_to_all_us(hw, ep, tokens_per_gpu, model.hidden)
+        + mode_overhead_us(hw, model, dispatch, ep, nodes, iters)
+    )
