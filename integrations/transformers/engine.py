@@ -212,7 +212,7 @@ def attach_routing(trace_path: str | None, model: torch.nn.Module):
 # ---------------------------------------------------------------------- validation
 def validate_spec(spec: EngineSpec) -> None:
     """Every check that can fail before a process starts (ValueError naming the input)."""
-    from .models import check_checkpoint
+    from .loading import check_checkpoint
     from .patch import ep_topology
 
     if isinstance(spec.ranks, bool) or not isinstance(spec.ranks, int) or spec.ranks < 1:
@@ -446,7 +446,10 @@ def run_engine(spec: EngineSpec, progress: bool = True) -> list[RunResult]:
             for r in range(spec.ranks)
         ]
         total = spec.steps * len(spec.runs)
-        bar = tqdm(total=total, disable=not progress, desc="decode", unit="step", leave=False)
+        # disable=None: a bar only on a terminal, never redraws into a pipe or log file
+        bar = tqdm(
+            total=total, disable=None if progress else True, desc="decode", unit="step", leave=False
+        )
         bar.set_postfix_str(f"starting {spec.ranks} ranks")
         deadline = time.monotonic() + spec.timeout_s
         done: set[int] = set()
