@@ -6,8 +6,8 @@ becomes a :class:`TensorInfo` with the absolute byte range of its data, so a ten
 (or one expert's rows of a fused tensor) can later be copied or hashed without
 materialising anything else.
 
-Routed-expert tensors are recognised by a small per-family naming table
-(:data:`FAMILIES`). Two forms exist on disk:
+Routed-expert tensors are recognised by the naming of each model family
+(:mod:`eplb_plugin.families`, grouped here as :data:`FAMILIES`). Two forms exist on disk:
 
 - per expert (every released DeepSeek-V2/V3, Qwen-MoE and Mixtral checkpoint, and what
   transformers 5.x ``save_pretrained`` writes by default): ``{head}.{expert}.{tail}``,
@@ -26,6 +26,9 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
+
+from .families import FAMILIES as MODEL_FAMILIES
+from .families import ModelFamily, is_moe_layer
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
@@ -67,50 +70,33 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ExpertFamily:
-    """How one model family names its routed experts on disk."""
+    """A checkpoint naming group: the model types of :data:`eplb_plugin.families.FAMILIES`
+    whose routed experts have the same names on disk."""
 
-    name: str
+    name: str  # the group, e.g. "deepseek" (recorded in an export's index)
     model_types: tuple[str, ...]  # config.json "model_type" values
     module: str  # path of the experts module inside a decoder layer
     num_experts_key: str  # config.json key giving the routed expert count
-    projections: tuple[str, ...]  # per-expert projection names (documentation, error hints)
 
 
-FAMILIES: tuple[ExpertFamily, ...] = (
-    ExpertFamily("deepseek", ("deepseek_v2", "deepseek_v3", "kimi_k2"), "mlp.experts",
-                 "n_routed_experts", ("gate_proj", "up_proj", "down_proj")),
-    ExpertFamily("qwen_moe", ("qwen2_moe", "qwen3_moe"), "mlp.experts",
-                 "num_experts", ("gate_proj", "up_proj", "down_proj")),
-    ExpertFamily("mixtral", ("mixtral",), "block_sparse_moe.experts",
-                 "num_local_experts", ("w1", "w2", "w3")),
-)  # fmt: skip
+def _naming_groups() -> tuple[ExpertFamily, ...]:
+    groups: dict[str, list[ModelFamily]] = {}
+    for fam in MODEL_FAMILIES.values():
+        groups.setdefault(fam.naming, []).append(fam)
+    out = []
+    for name, members in groups.items():
+        first = members[0]
+        for fam in members:
+            if (fam.disk_module, fam.num_experts_key) != (first.disk_module, first.num_experts_key):
+                raise RuntimeError(f"model families of naming group {name!r} disagree on disk")
+        types = tuple(fam.name for fam in members)
+        out.append(ExpertFamily(name, types, first.disk_module, first.num_experts_key))
+    return tuple(out)
 
 
-def is_moe_layer(model_type: str, config: object, layer: int) -> bool:
-    """Whether decoder layer ``layer`` has routed experts, by the model code's own rule.
-
-    Args:
-        model_type: config.json's ``model_type``.
-        config: the (text) config, as a dict or an object with attributes.
-    """
-
-    def field(name: str, default: object) -> object:
-        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        return default if value is None else value
-
-    if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
-        freq = int(field("moe_layer_freq", 1))
-        return layer >= int(field("first_k_dense_replace", 0)) and layer % freq == 0
-    if model_type in ("qwen2_moe", "qwen3_moe"):
-        return (
-            layer not in field("mlp_only_layers", [])
-            and int(field("num_experts", 0)) > 0
-            and (layer + 1) % int(field("decoder_sparse_step", 1)) == 0
-        )
-    return True
-
-
-_ALL_MODEL_TYPES = frozenset(t for fam in FAMILIES for t in fam.model_types)
+# The families table grouped by checkpoint naming, in detection order.
+FAMILIES: tuple[ExpertFamily, ...] = _naming_groups()
+_ALL_MODEL_TYPES = frozenset(MODEL_FAMILIES)
 
 
 def resolve_inside(root: str, name: object, what: str, *, hf_cache: bool = False) -> str:

@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         run_engine,
         validate_spec,
     )
-    from eplb_plugin.integrations.transformers.models import check_checkpoint, require_transformers
+    from eplb_plugin.integrations.transformers.loading import check_checkpoint
+    from eplb_plugin.integrations.transformers.models import require_transformers
 
     require_transformers()
     export = _open_export(args.model)

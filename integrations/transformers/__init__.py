@@ -4,8 +4,8 @@ Import the real ``transformers`` package only inside functions: this sub-package
 as ``eplb_plugin.integrations.transformers`` and must never be imported as ``transformers``.
 """
 
-from .loading import ExportShard, check_export, is_export, load_export_model
-from .models import FAMILIES, MoEFamily, check_checkpoint, family_of, supported_families
+from .loading import ExportShard, check_checkpoint, check_export, is_export, load_export_model
+from .models import FAMILIES, MoEFamily, family_of, supported_families
 from .patch import EplbModel, apply_eplb
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Load one EP rank of a transformers MoE model straight from an ``eplb export`` folder.
+"""Check a checkpoint or an export folder for the transformers integration, and load one
+EP rank of a transformers MoE model straight from an ``eplb export`` folder.
 
 An export (``eplb export``, :mod:`eplb_plugin.export`) holds each EP rank's physical expert
 slots in files of its own. Here a rank
@@ -20,6 +21,7 @@ re-slicing: the full expert set is never allocated on any rank.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -28,7 +30,7 @@ import torch
 from eplb_plugin.export import EXPORT_INDEX, ExportedCheckpoint, open_export
 from eplb_plugin.layout import ExpertLayout
 
-from .models import FAMILIES, MoEFamily, moe_layers, read_config, require_transformers
+from .models import FAMILIES, MoEFamily, moe_layers, require_transformers
 
 
 @dataclass
@@ -146,6 +148,76 @@ def _check_expert_names(export: ExportedCheckpoint, family: MoEFamily) -> None:
                 f"integration: it loads float {'/'.join(sorted(allowed))} per expert (or fused "
                 f"{'/'.join(family.expert_params)}), not quantized weights or their scales"
             )
+
+
+# ---------------------------------------------------------------------- checkpoints
+def read_config(path: str) -> dict:
+    """``config.json`` of a checkpoint folder as a dict; ValueError when it is absent."""
+    if not os.path.isdir(path):
+        raise ValueError(f"model path {path!r} is not a folder")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"model path {path!r} has no config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint_keys(path: str) -> set[str]:
+    """Tensor names stored in a checkpoint folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"model path {path!r} holds no .safetensors file")
+    keys: set[str] = set()
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def check_checkpoint(path: str) -> tuple[MoEFamily, object]:
+    """Validate a local checkpoint before any process starts; returns (family, config).
+
+    Raises ValueError when the family is unsupported or an MoE layer lacks expert tensors
+    (``from_pretrained`` would otherwise fill them with random values and only warn). An
+    ``eplb export`` folder is checked by :func:`check_export` (any EP size).
+    """
+    require_transformers()
+    import transformers
+
+    if os.path.isdir(path) and is_export(path):
+        family, config, _ = check_export(path)
+        return family, config
+
+    family = _family(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    missing = missing_expert_tensors(checkpoint_keys(path), family, config)
+    if missing:
+        shown = ", ".join(missing[:4]) + (
+            f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""
+        )
+        raise ValueError(f"checkpoint {path!r} is missing expert tensors: {shown}")
+    return family, config
+
+
+def missing_expert_tensors(keys: set[str], family: MoEFamily, config) -> list[str]:
+    """Names of expected expert tensors absent from ``keys`` (per-expert or fused form)."""
+    num_experts = family.num_experts(config)
+    missing = []
+    for layer in range(int(config.num_hidden_layers)):
+        if not family.is_moe_layer(config, layer):
+            continue
+        prefix = f"model.layers.{layer}.{family.disk_block}.experts."
+        fused = [prefix + p for p in family.expert_params]
+        if all(k in keys for k in fused):
+            continue
+        for expert in range(num_experts):
+            for param in family.disk_expert_params:
+                name = f"{prefix}{expert}.{param}.weight"
+                if name not in keys:
+                    missing.append(name)
+    return missing
 
 
 # ---------------------------------------------------------------------- loading
