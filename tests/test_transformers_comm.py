@@ -39,9 +39,6 @@ def _exchange_body(rank: int, world_size: int, backend: str) -> float:
         import deep_ep
 
         assert deep_ep.FAKE
-        # the stand-in's Config lacks DeepEP's buffer size hints; it needs no buffer memory
-        deep_ep.Config.get_nvl_buffer_size_hint = lambda self, hidden_bytes, ranks: 0
-        deep_ep.Config.get_rdma_buffer_size_hint = lambda self, hidden_bytes, ranks: 0
         comm = DeepEPAllToAll(dist.group.WORLD, world_size, SLOTS, 64)
     else:
         comm = TorchAllToAll(None, world_size, SLOTS)
@@ -54,7 +51,8 @@ def _exchange_body(rank: int, world_size: int, backend: str) -> float:
 
 @pytest.mark.parametrize("backend", ["torch", "deepep"])
 def test_dispatch_combine_sums_every_slot_once(backend):
-    errors = run_ranks(_exchange_body, 3, backend, timeout=120)
+    # DeepEP has configs for 2, 4, 8, ... ranks only (Buffer.get_dispatch_config)
+    errors = run_ranks(_exchange_body, 3 if backend == "torch" else 2, backend, timeout=120)
     # bf16 rows: one rounding on the way out and one on the way back
     assert max(errors) < 3e-2
 
@@ -69,8 +67,7 @@ def _model_body(rank: int, world_size: int) -> dict[str, float]:
     sys.path.insert(0, FAKES)
     import deep_ep
 
-    deep_ep.Config.get_nvl_buffer_size_hint = lambda self, hidden_bytes, ranks: 0
-    deep_ep.Config.get_rdma_buffer_size_hint = lambda self, hidden_bytes, ranks: 0
+    assert deep_ep.FAKE
     model = build_tiny_model("qwen2_moe", seed=5)  # same weights on every rank
     tokens = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(rank))
     errors = {}

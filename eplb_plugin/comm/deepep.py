@@ -7,11 +7,16 @@ a 16-byte header naming the source rank and row, then payload) sent as bf16 "tok
 single top-k "expert" is the destination rank (``num_experts = world_size``); the header makes
 the receiver independent of the order in which rows arrive.
 
-``deep_ep`` is imported lazily: it needs CUDA GPUs and NVSHMEM and cannot be installed on the
-CPU machines this project is tested on. The tests run this backend against
-``tests/fakes/deep_ep.py``, a stand-in that follows DeepEP's documented ``Buffer`` API on top
-of ``torch.distributed``; it has never run against the real library. Control collectives
-(votes, plans, load counts) stay on ``torch.distributed``, as DeepEP offers none.
+Only DeepEP's normal (high-throughput) kernels are used, never the low-latency ones, and a
+buffer in low-latency mode or an ``ElasticBuffer`` is refused: docs/deepep.md gives the reasons
+and why ``communicator="torch"`` (NCCL) stays the default even where the engine runs DeepEP.
+
+``deep_ep`` is imported lazily: it needs CUDA GPUs and cannot be imported on the CPU machines
+this project is tested on. The calls here are checked statically against the sources of the
+pinned DeepEP wheel (``tests/test_deepep_conformance.py``), and the tests run this backend on
+``tests/fakes/deep_ep.py``, a stand-in with DeepEP's signatures on top of
+``torch.distributed``; it has not run on GPUs. Control collectives (votes, plans, load
+counts) stay on ``torch.distributed``, as DeepEP offers none.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from .torch_dist import TorchCommunicator
 
 HEADER_BYTES = 16
 DEFAULT_ROW_BYTES = 8192
-DEFAULT_NVL_BYTES = 1 << 30
+# the EP sizes DeepEP has a recommended Config for (the keys of Buffer.get_dispatch_config's
+# and get_combine_config's config_map, deep_ep/buffers/legacy.py:245, checked by the tests);
+# dispatch without an explicit config asserts the size is one of them
+DEEPEP_RANK_COUNTS = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 144, 160)
 
 
 def import_deep_ep():
@@ -46,12 +54,16 @@ class DeepEPCommunicator(TorchCommunicator):
         group: EP process group (the Buffer's group).
         timeout_s: timeout of the torch control collectives (DeepEP kernels time out on
             their own, after about 100 s, by aborting).
-        buffer: an existing ``deep_ep.Buffer`` of the engine (default: a new one of
-            ``num_nvl_bytes``).
+        buffer: an existing normal-mode ``deep_ep.Buffer`` on ``group`` (the engine's), large
+            enough for rows of ``row_bytes`` (DeepEP's size hints); default: a new Buffer sized
+            by those hints.
         row_bytes: bytes per dispatched row, a multiple of 16 (bf16 rows of ``row_bytes/2``
             elements; DeepEP needs the hidden size's bytes to be 16-aligned).
-        num_nvl_bytes: NVLink buffer size when creating the Buffer.
+        num_nvl_bytes: NVLink buffer size when creating the Buffer (default: DeepEP's hint).
         control_group: group for votes and broadcasts (default: ``group``).
+    Raises:
+        ValueError: DeepEP missing, an EP size DeepEP has no config for, or a buffer that is
+            an ``ElasticBuffer``, in low-latency mode, or too small for ``row_bytes``.
     """
 
     def __init__(
@@ -60,7 +72,7 @@ class DeepEPCommunicator(TorchCommunicator):
         timeout_s: float = 60.0,
         buffer: object | None = None,
         row_bytes: int = DEFAULT_ROW_BYTES,
-        num_nvl_bytes: int = DEFAULT_NVL_BYTES,
+        num_nvl_bytes: int | None = None,
         control_group: object | None = None,
     ) -> None:
         super().__init__(group, timeout_s, control_group)
@@ -68,9 +80,22 @@ class DeepEPCommunicator(TorchCommunicator):
             raise ValueError(
                 f"row_bytes must be a multiple of 16 larger than {HEADER_BYTES}, got {row_bytes}"
             )
+        if self.world_size not in DEEPEP_RANK_COUNTS:
+            raise ValueError(
+                f"communicator='deepep': DeepEP has no dispatch config for {self.world_size} "
+                f"ranks (it has for {', '.join(map(str, DEEPEP_RANK_COUNTS))}); "
+                "use communicator='torch'"
+            )
         deep_ep = import_deep_ep()
         self.row_bytes = row_bytes
-        self.buffer = buffer if buffer is not None else deep_ep.Buffer(self.group, num_nvl_bytes)
+        nvl, rdma = buffer_size_hints(deep_ep.Buffer, row_bytes, self.world_size)
+        if buffer is None:
+            buffer = deep_ep.Buffer(
+                self.group, nvl if num_nvl_bytes is None else num_nvl_bytes, rdma
+            )
+        else:
+            check_buffer(buffer, nvl, rdma, row_bytes)
+        self.buffer = buffer
 
     def all_to_all(self, send, send_splits, recv, recv_splits) -> None:
         check_splits("send", send, send_splits, self.world_size)
@@ -87,29 +112,14 @@ class DeepEPCommunicator(TorchCommunicator):
 
     def _exchange(self, send, send_splits, recv, recv_splits) -> None:
         payload = self.row_bytes - HEADER_BYTES
-        rows_to = [-(-n // payload) for n in send_splits]
-        num_rows = sum(rows_to)
-        x = torch.zeros(num_rows, self.row_bytes // 2, dtype=torch.bfloat16, device=send.device)
-        table = x.view(torch.uint8)
-        header = torch.empty(num_rows, 2, dtype=torch.int64)
-        dst = torch.empty(num_rows, 1, dtype=torch.int64)
-        row, start = 0, 0
-        for d, n in enumerate(send_splits):
-            for i in range(rows_to[d]):
-                chunk = send[start + i * payload : start + min((i + 1) * payload, n)]
-                table[row, HEADER_BYTES : HEADER_BYTES + chunk.numel()].copy_(chunk)
-                header[row, 0], header[row, 1] = self.rank, i
-                dst[row, 0] = d
-                row += 1
-            start += n
-        if num_rows:
-            table[:, :HEADER_BYTES].copy_(header.view(torch.uint8).view(num_rows, HEADER_BYTES))
-        topk_idx = dst.to(send.device)
-        weights = torch.ones(num_rows, 1, dtype=torch.float32, device=send.device)
+        x, topk_idx = pack_rows(send, send_splits, self.rank, self.row_bytes)
+        weights = torch.ones(x.shape[0], 1, dtype=torch.float32, device=send.device)
+        # synchronous (async_finish=False): the current stream waits for DeepEP's kernels
+        # (legacy.py:358), and the returned EventOverlap holds no event to wait on
         per_rank, per_rdma_rank, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(
             topk_idx, self.world_size
         )
-        recv_x, _, _, _, _, event = self.buffer.dispatch(
+        recv_x, _, _, _, _, _ = self.buffer.dispatch(
             x,
             num_tokens_per_rank=per_rank,
             num_tokens_per_rdma_rank=per_rdma_rank,
@@ -118,8 +128,6 @@ class DeepEPCommunicator(TorchCommunicator):
             topk_idx=topk_idx,
             topk_weights=weights,
         )
-        if event is not None and hasattr(event, "current_stream_wait"):
-            event.current_stream_wait()
         got = recv_x.view(torch.uint8).view(-1, self.row_bytes)
         heads = got[:, :HEADER_BYTES].contiguous().view(torch.int64).view(-1, 2).cpu()
         starts = [sum(recv_splits[:s]) for s in range(self.world_size)]
@@ -137,4 +145,85 @@ class DeepEPCommunicator(TorchCommunicator):
                 recv[starts[s] : starts[s] + n].copy_(rows.reshape(-1)[:n])
 
 
-__all__ = ["DeepEPCommunicator", "import_deep_ep"]
+def pack_rows(
+    send: torch.Tensor, send_splits: list[int], rank: int, row_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut each destination's bytes into rows of ``row_bytes``: a 16-byte header (int64 source
+    rank, int64 row number within that destination) and up to ``row_bytes - 16`` payload bytes,
+    zero-padded.
+
+    Args:
+        send: [sum(send_splits)] uint8 bytes, grouped by destination rank.
+        send_splits: bytes for each destination rank.
+    Returns:
+        x: [num_rows, row_bytes // 2] bfloat16 (the bytes, viewed as DeepEP's token dtype);
+        topk_idx: [num_rows, 1] int64 destination rank of each row (its "expert").
+    """
+    payload = row_bytes - HEADER_BYTES
+    rows_to = [-(-n // payload) for n in send_splits]
+    num_rows = sum(rows_to)
+    x = torch.zeros(num_rows, row_bytes // 2, dtype=torch.bfloat16, device=send.device)
+    table = x.view(torch.uint8)
+    header = torch.empty(num_rows, 2, dtype=torch.int64)
+    header[:, 0] = rank
+    dst = torch.empty(num_rows, 1, dtype=torch.int64)
+    row, start = 0, 0
+    for d, (n, r) in enumerate(zip(send_splits, rows_to)):
+        full, rest = divmod(n, payload)
+        block = table[row : row + r, HEADER_BYTES:]
+        if full:
+            block[:full].copy_(send[start : start + full * payload].view(full, payload))
+        if rest:
+            block[full, :rest].copy_(send[start + full * payload : start + n])
+        header[row : row + r, 1] = torch.arange(r)
+        dst[row : row + r] = d
+        row, start = row + r, start + n
+    if num_rows:
+        table[:, :HEADER_BYTES].copy_(header.view(torch.uint8).view(num_rows, HEADER_BYTES))
+    return x, dst.to(send.device)
+
+
+def buffer_size_hints(buffer_cls: type, row_bytes: int, world_size: int) -> tuple[int, int]:
+    """(NVLink bytes, RDMA bytes) a normal-mode Buffer needs to dispatch rows of ``row_bytes``
+    on ``world_size`` ranks: DeepEP's own hints for its recommended dispatch config, the rule
+    SGLang and DeepEP's tests size their buffers by (only dispatch is used here, no combine)."""
+    config = buffer_cls.get_dispatch_config(world_size)
+    return (
+        config.get_nvl_buffer_size_hint(row_bytes, world_size),
+        config.get_rdma_buffer_size_hint(row_bytes, world_size),
+    )
+
+
+def check_buffer(buffer: object, nvl_bytes: int, rdma_bytes: int, row_bytes: int) -> None:
+    """Refuse a buffer this communicator must not use (ValueError saying why)."""
+    name = type(buffer).__name__
+    if name == "ElasticBuffer" or not hasattr(buffer, "get_dispatch_layout"):
+        raise ValueError(
+            f"communicator='deepep' takes a deep_ep.Buffer, not a {name}: DeepEP's "
+            "ElasticBuffer (SGLang's --moe-a2a-backend deepep_v2) has another dispatch API; "
+            "use communicator='torch'"
+        )
+    if getattr(buffer, "low_latency_mode", False):
+        raise ValueError(
+            "communicator='deepep' refuses a Buffer in low-latency mode: normal dispatch "
+            "dirties its low-latency buffers, which the engine would then have to clean "
+            "(Buffer.clean_low_latency_buffer); use communicator='torch'"
+        )
+    have_nvl = getattr(buffer, "num_nvl_bytes", 0)
+    have_rdma = getattr(buffer, "num_rdma_bytes", 0)
+    if have_nvl < nvl_bytes or have_rdma < rdma_bytes:
+        raise ValueError(
+            f"communicator='deepep': the Buffer has {have_nvl} NVLink / {have_rdma} RDMA bytes, "
+            f"rows of {row_bytes} bytes need {nvl_bytes} / {rdma_bytes} (DeepEP's size hints); "
+            "pass a smaller row_bytes or no buffer"
+        )
+
+
+__all__ = [
+    "DEEPEP_RANK_COUNTS",
+    "DeepEPCommunicator",
+    "buffer_size_hints",
+    "check_buffer",
+    "import_deep_ep",
+    "pack_rows",
+]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from eplb_plugin.comm.deepep import DEEPEP_RANK_COUNTS
+
 
 @dataclass
 class DispatchHandle:
@@ -127,7 +129,8 @@ class DeepEPAllToAll:
     """Dispatch/combine through DeepEP's normal mode (CUDA + NVSHMEM; imported lazily).
 
     Expert ids passed to DeepEP are physical slots: the logical->physical mapping is done
-    before dispatch, as DeepEP expects. Not exercised by the CPU test suite.
+    before dispatch, as DeepEP expects. Its calls are checked against DeepEP's sources
+    (tests/test_deepep_conformance.py) and run on a CPU stand-in of ``deep_ep``; not on GPUs.
     """
 
     name = "deepep"
@@ -186,7 +189,8 @@ def make_communicator(
     hidden: int,
     device: torch.device,
 ):
-    """``backend``: "torch", "deepep", or "auto" (DeepEP when on CUDA and importable).
+    """``backend``: "torch", "deepep", or "auto" (DeepEP when on CUDA, importable, and the EP
+    size is one DeepEP has a config for: ``DEEPEP_RANK_COUNTS``).
 
     An explicit "deepep" is taken on any device (DeepEP itself refuses what it cannot run;
     the tests use a CPU stand-in of ``deep_ep``).
@@ -200,12 +204,18 @@ def make_communicator(
             raise ValueError("comm backend='deepep' needs an initialized process group")
         return LocalExchange(slots_per_rank)
     if backend == "auto":
-        backend = "deepep" if device.type == "cuda" and _deep_ep_available() else "torch"
+        usable = device.type == "cuda" and world_size in DEEPEP_RANK_COUNTS
+        backend = "deepep" if usable and _deep_ep_available() else "torch"
     if backend == "deepep":
         if group is None:
             group = dist.group.WORLD
-        # float32 activations at most: 4 bytes per hidden element
-        return DeepEPAllToAll(group, world_size, slots_per_rank, hidden * 4)
+        if world_size not in DEEPEP_RANK_COUNTS:
+            raise ValueError(
+                f"comm backend='deepep': DeepEP has no dispatch config for {world_size} ranks "
+                f"(it has for {', '.join(map(str, DEEPEP_RANK_COUNTS))}); use 'torch'"
+            )
+        # rows travel in bf16 whatever the activations' dtype: 2 bytes per hidden element
+        return DeepEPAllToAll(group, world_size, slots_per_rank, hidden * 2)
     return TorchAllToAll(group, world_size, slots_per_rank)
 
 
