@@ -28,7 +28,8 @@ has a lighter most-loaded node, then runs 2-5 per node. ``phase="prefill"`` asks
 ``phase="decode"`` for global placement; by default DeepSeek's rule picks (hierarchical
 when the groups divide evenly over the nodes).
 
-With ``previous=`` the plan is migration-aware (see :mod:`.migration`).
+With ``previous=`` the plan is migration-aware (:func:`plan_with_migration`, its tools in
+:mod:`.migration`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from ..dispatch import DISPATCH_MODES
 from ..layout import ExpertLayout, Topology
+from .migration import align_to_previous, choose_plans, layer_balancedness, repair_counts
 from .placement import (
     _items,
     bldm_pack,
@@ -252,8 +254,6 @@ def default_policy(
     config = DefaultPolicyConfig(**options)  # type: ignore[arg-type]
     load = forecast(weight, steps, config)
     if previous is not None and (config.migration_cost > 0 or config.max_moved < 1):
-        from .migration import plan_with_migration
-
         return plan_with_migration(load, topology, previous, config, steps)
     phy2log = place_layers(load, topology, config)
     return finish_layout(phy2log, load, topology, config, previous)
@@ -281,8 +281,6 @@ def finish_layout(
 ) -> ExpertLayout:
     """Build the validated layout (slots aligned to ``previous`` if given) with its shares."""
     if previous is not None:
-        from .migration import align_to_previous
-
         hierarchical = use_hierarchical(topology, config)
         phy2log = align_to_previous(phy2log, previous.phy2log.numpy(), topology, hierarchical)
     layout = ExpertLayout.from_phy2log(
@@ -294,3 +292,47 @@ def finish_layout(
     if config.shares == "balanced":
         layout = layout.with_share(planned_shares(layout, load))
     return layout
+
+
+def plan_with_migration(
+    load: np.ndarray,
+    topology: Topology,
+    previous: ExpertLayout,
+    config: DefaultPolicyConfig,
+    steps: torch.Tensor | None = None,
+) -> ExpertLayout:
+    """Keep the layout in service except in the layers where changing it pays.
+
+    Two candidates per layer: a *repair* (the placement in service with replica counts
+    updated slot by slot, :func:`~.migration.repair_counts`) and a *re-plan* from scratch aligned to
+    ``previous``. All are scored on the window's steps (or the forecast) under
+    ``config.dispatch`` (the kept placement with shares refreshed for the new load; shares
+    move no weights), and :func:`~.migration.choose_plans` picks per layer with
+    ``config.migration_cost`` and ``config.max_moved``.
+
+    Args:
+        load: [L, E] float64 forecast.
+        steps: [S, L, E] float32 window steps to score on, or None.
+    """
+    hierarchical = use_hierarchical(topology, config)
+    old = previous.phy2log.numpy()
+    candidates = [
+        repair_counts(old, load, topology, hierarchical),
+        align_to_previous(place_layers(load, topology, config), old, topology, hierarchical),
+    ]
+    scenarios = steps if steps is not None else torch.from_numpy(load).float().unsqueeze(0)
+    kept = layer_balancedness(finish_layout(old, load, topology, config), scenarios,
+                              config.dispatch)  # fmt: skip
+    benefit = np.stack([
+        100.0 * (layer_balancedness(finish_layout(c, load, topology, config), scenarios,
+                                    config.dispatch) - kept)
+        for c in candidates
+    ])  # fmt: skip
+    moved = np.stack([(c != old).sum(-1) for c in candidates])
+    choice = choose_plans(
+        benefit, moved, topology.num_replicas, config.migration_cost, config.max_moved
+    )
+    out = old.copy()
+    for c, candidate in enumerate(candidates):
+        out[choice == c] = candidate[choice == c]
+    return finish_layout(out, load, topology, config)

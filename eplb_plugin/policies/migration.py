@@ -1,29 +1,28 @@
 """Migration-aware planning: keep experts where they are unless moving them pays.
 
-Two tools, both per layer and vectorized over layers:
+Tools of the default policy's migration-aware planning, per layer and vectorized over
+layers:
 
 - :func:`align_to_previous` relabels a new plan's GPUs (whole nodes first when placement is
   hierarchical) and orders each GPU's slots so that as many slots as possible keep the
   expert they hold now. GPUs are interchangeable, so this changes no load, only the moves.
-- :func:`plan_with_migration` keeps the layout in service and, layer by layer, takes a
-  repair (replica counts updated one slot at a time) or a from-scratch re-plan, most
-  valuable per moved slot first, while each pays for the slots it moves
-  (``migration_cost``) and the total stays within ``max_moved``. A candidate is taken for a
-  whole layer: each is consistent (every expert keeps a slot), a mix of two within a layer
-  would not be.
+- :func:`repair_counts`, :func:`layer_balancedness` and :func:`choose_plans`: the parts of
+  the default policy's migration-aware planning
+  (:func:`eplb_plugin.policies.default.plan_with_migration`), which keeps the layout in
+  service and, layer by layer, takes a repair (replica counts updated one slot at a time)
+  or a from-scratch re-plan, most valuable per moved slot first, while each pays for the
+  slots it moves (``migration_cost``) and the total stays within ``max_moved``. A
+  candidate is taken for a whole layer: each is consistent (every expert keeps a slot), a
+  mix of two within a layer would not be.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
+from ..dispatch import gpu_loads_of, slot_loads
 from ..layout import ExpertLayout, Topology
-
-if TYPE_CHECKING:
-    from .default import DefaultPolicyConfig
 
 
 def _greedy_match(overlap: np.ndarray) -> np.ndarray:
@@ -122,8 +121,6 @@ def layer_balancedness(layout: ExpertLayout, scenarios: torch.Tensor, dispatch: 
     Args:
         scenarios: [K, L, E] float loads (e.g. the window's steps).
     """
-    from ..dispatch import gpu_loads_of, slot_loads
-
     scores = []
     for load in scenarios:
         gpu = gpu_loads_of(layout, slot_loads(layout, load, dispatch))  # [L, G]
@@ -218,49 +215,3 @@ def repair_counts(
         counts[r, expert[active]] += 1
         place[r, p] = expert[active]
     return place
-
-
-def plan_with_migration(
-    load: np.ndarray,
-    topology: Topology,
-    previous: ExpertLayout,
-    config: DefaultPolicyConfig,
-    steps: torch.Tensor | None = None,
-) -> ExpertLayout:
-    """Keep the layout in service except in the layers where changing it pays.
-
-    Two candidates per layer: a *repair* (the placement in service with replica counts
-    updated slot by slot, :func:`repair_counts`) and a *re-plan* from scratch aligned to
-    ``previous``. All are scored on the window's steps (or the forecast) under
-    ``config.dispatch`` (the kept placement with shares refreshed for the new load; shares
-    move no weights), and :func:`choose_plans` picks per layer with
-    ``config.migration_cost`` and ``config.max_moved``.
-
-    Args:
-        load: [L, E] float64 forecast.
-        steps: [S, L, E] float32 window steps to score on, or None.
-    """
-    from .default import finish_layout, place_layers, use_hierarchical
-
-    hierarchical = use_hierarchical(topology, config)
-    old = previous.phy2log.numpy()
-    candidates = [
-        repair_counts(old, load, topology, hierarchical),
-        align_to_previous(place_layers(load, topology, config), old, topology, hierarchical),
-    ]
-    scenarios = steps if steps is not None else torch.from_numpy(load).float().unsqueeze(0)
-    kept = layer_balancedness(finish_layout(old, load, topology, config), scenarios,
-                              config.dispatch)  # fmt: skip
-    benefit = np.stack([
-        100.0 * (layer_balancedness(finish_layout(c, load, topology, config), scenarios,
-                                    config.dispatch) - kept)
-        for c in candidates
-    ])  # fmt: skip
-    moved = np.stack([(c != old).sum(-1) for c in candidates])
-    choice = choose_plans(
-        benefit, moved, topology.num_replicas, config.migration_cost, config.max_moved
-    )
-    out = old.copy()
-    for c, candidate in enumerate(candidates):
-        out[choice == c] = candidate[choice == c]
-    return finish_layout(out, load, topology, config)
