@@ -16,10 +16,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dispatch import DISPATCH_MODES
+
 PREDICTORS = ("window", "ema")
-DISPATCH_MODES = ("static", "local", "global")
 COMMUNICATORS = ("torch", "deepep")
 PLAN_ON = ("rank0", "all")
+RECORD_FORMATS = ("eplb", "sglang")
 
 # Help text per field; also the documentation of each option (docs/runtime.md lists them).
 _HELP = {
@@ -41,9 +43,20 @@ _HELP = {
     "plan_delay": "engine steps a background plan may take before it is collected "
     "(0 = plan synchronously in the step it is due)",
     "timeout_s": "seconds any rebalance collective may take before it is abandoned",
+    "plan_wait_s": "seconds the step that collects a plan waits for a policy still running "
+    "(0 = take the plan only if it is ready; else it is abandoned until the next interval)",
+    "log_balancedness": "log the realized balancedness every log_balancedness_interval steps "
+    "(one small all-reduce each time)",
+    "log_balancedness_interval": "engine steps between two balancedness log lines",
     "num_groups": "expert groups (DeepSeek's group-limited routing; hierarchical placement)",
     "num_nodes": "nodes the EP ranks span (same-node transfers are preferred)",
     "seed": "seed of the dispatch dither and of policies that use randomness",
+    "record_dir": "folder where rank 0 writes the load window periodically ('' = off)",
+    "record_interval": "engine steps between two writes of the load window (0 = every window)",
+    "record_format": "'eplb': load.safetensors (latest window, overwritten); 'sglang': one "
+    "expert_distribution_recorder_<step>.pt dump per write",
+    "initial_layout": "layout file (eplb .safetensors, SGLang .pt/.json) or `eplb export` "
+    "folder the engine starts from ('' = the engine's own start-up layout)",
 }
 
 
@@ -83,7 +96,9 @@ class EplbConfig:
         ema_decay: EMA decay in (0, 1).
         policy: a registered placement policy (``eplb_plugin.available_policies()``).
         policy_options: keyword options passed to the policy (e.g. the default policy's
-            ``migration_cost`` or ``max_moved``); the policy validates them.
+            ``migration_cost`` or ``max_moved``), checked here against the options the
+            policy accepts (a ValueError names the option and lists the valid ones); the
+            policy's ``dispatch`` comes from the ``dispatch`` field.
         dispatch: ``"static"``, ``"local"`` or ``"global"`` replica choice (docs/dispatch.md).
         min_gain: act only when the predicted balancedness gain (new - current, both in
             [0, 1]) is at least this.
@@ -97,9 +112,27 @@ class EplbConfig:
             the policy runs in a background thread meanwhile. 0 plans synchronously.
         timeout_s: seconds a rebalance collective may take before it is abandoned (every
             rank then keeps its old layout and weights).
+        plan_wait_s: seconds the step that collects a background plan (``plan_delay`` > 0)
+            waits for a policy that has not finished; 0 takes the plan only if it is ready.
+            A plan not ready is abandoned on every rank and planning resumes at the next
+            interval, so a slow or hung policy never holds up a serving step.
+        log_balancedness: log (rank 0, INFO) the realized balancedness of the steps since
+            the previous line, every ``log_balancedness_interval`` steps, as vLLM's option
+            of that name does. Costs one ``[layers, ranks]`` all-reduce per line.
+        log_balancedness_interval: engine steps between two balancedness lines.
         num_groups: expert groups for hierarchical placement.
         num_nodes: nodes the EP ranks span.
         seed: seed for dispatch dithering and randomized policies.
+        record_dir: folder where rank 0 writes the load window (after the cross-rank sum)
+            every ``record_interval`` steps, atomically (:mod:`eplb_plugin.record`); ``""``
+            records nothing.
+        record_interval: steps between two writes; 0 writes every ``window`` steps, so that
+            consecutive writes cover consecutive windows.
+        record_format: ``"eplb"`` (``load.safetensors``, a load trace [steps, L, E] that
+            ``eplb export --load`` reads, overwritten each time) or ``"sglang"`` (one SGLang
+            stat dump per write, ``expert_distribution_recorder_<step>.pt``).
+        initial_layout: a layout file or an ``eplb export`` folder the engine integration
+            starts from instead of its own start-up layout; ``""`` for none.
     """
 
     enable: bool = True
@@ -118,9 +151,16 @@ class EplbConfig:
     plan_on: str = "rank0"
     plan_delay: int = 8
     timeout_s: float = 60.0
+    plan_wait_s: float = 0.0
+    log_balancedness: bool = False
+    log_balancedness_interval: int = 1
     num_groups: int = 1
     num_nodes: int = 1
     seed: int = 0
+    record_dir: str = ""
+    record_interval: int = 0
+    record_format: str = "eplb"
+    initial_layout: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.enable, bool):
@@ -142,6 +182,17 @@ class EplbConfig:
             isinstance(k, str) for k in self.policy_options
         ):
             _fail("policy_options", self.policy_options, "must be a dict with string keys")
+        if "dispatch" in self.policy_options:
+            _fail(
+                "policy_options", self.policy_options,
+                "holds 'dispatch': set EplbConfig.dispatch instead (the policy gets it from there)",
+            )  # fmt: skip
+        from .policies import check_policy_options
+
+        try:
+            check_policy_options(self.policy, self.policy_options)
+        except (TypeError, ValueError) as exc:
+            _fail("policy_options", self.policy_options, str(exc))
         _choice("dispatch", self.dispatch, DISPATCH_MODES)
         self.min_gain = _float("min_gain", self.min_gain)
         if not 0.0 <= self.min_gain <= 1.0:
@@ -154,9 +205,20 @@ class EplbConfig:
         self.timeout_s = _float("timeout_s", self.timeout_s)
         if self.timeout_s <= 0:
             _fail("timeout_s", self.timeout_s, "must be positive")
+        self.plan_wait_s = _float("plan_wait_s", self.plan_wait_s)
+        if self.plan_wait_s < 0:
+            _fail("plan_wait_s", self.plan_wait_s, "must be >= 0")
+        if not isinstance(self.log_balancedness, bool):
+            _fail("log_balancedness", self.log_balancedness, "must be a bool")
+        _int("log_balancedness_interval", self.log_balancedness_interval, 1)
         _int("num_groups", self.num_groups, 1)
         _int("num_nodes", self.num_nodes, 1)
         _int("seed", self.seed, 0)
+        for name in ("record_dir", "initial_layout"):
+            if not isinstance(getattr(self, name), str):
+                _fail(name, getattr(self, name), "must be a path string ('' for none)")
+        _int("record_interval", self.record_interval, 0)
+        _choice("record_format", self.record_format, RECORD_FORMATS)
 
     # ------------------------------------------------------------------ dict / CLI
     @classmethod
@@ -218,6 +280,18 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _cli_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_CLI_TYPES = {dict: _json_object, bool: _cli_bool}
+
+
 def cli_flag(name: str) -> str:
     """``layers_per_step`` -> ``--eplb-layers-per-step``."""
     return "--eplb-" + name.replace("_", "-")
@@ -239,6 +313,7 @@ def add_cli_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         "dispatch": DISPATCH_MODES,
         "communicator": COMMUNICATORS,
         "plan_on": PLAN_ON,
+        "record_format": RECORD_FORMATS,
     }
     parser.add_argument("--enable-eplb", action="store_true", help=_HELP["enable"])
     for f in dataclasses.fields(EplbConfig):
@@ -248,7 +323,7 @@ def add_cli_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -
         parser.add_argument(
             cli_flag(f.name),
             dest=cli_dest(f.name),
-            type=_json_object if isinstance(default, dict) else type(default),
+            type=_CLI_TYPES.get(type(default), type(default)),
             default=None,
             choices=choices.get(f.name),
             metavar=None if f.name in choices else f.name.upper(),

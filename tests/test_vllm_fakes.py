@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from eplb_plugin.config import EplbConfig
-from eplb_plugin.integrations.vllm import launcher, patches, plugin, policy, runtime
-from eplb_plugin.integrations.vllm.ops import map_and_count_op, route
+from eplb_plugin.integrations.common.ops import map_and_count_op
+from eplb_plugin.integrations.vllm import launcher, model, patches, plugin, policy, runtime
 from eplb_plugin.layout import ExpertLayout, Topology
+from eplb_plugin.routing import Router
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from dist_utils import run_ranks  # noqa: E402
@@ -174,7 +175,7 @@ def test_register_refuses_both_modes_and_missing_vllm(monkeypatch):
 def test_enable_is_idempotent_and_exclusive(monkeypatch):
     monkeypatch.setattr(patches, "installed_version", lambda: "0.32.0")
     installs = []
-    monkeypatch.setattr(patches, "install", lambda: installs.append(1))
+    monkeypatch.setattr(patches, "install", lambda active: installs.append(1))
     monkeypatch.setattr(patches, "swap_policy", lambda name, options: installs.append(name))
     try:
         plugin.enable(config())
@@ -251,37 +252,37 @@ def test_grow_slots_keeps_parameter_objects():
 
 def test_describe_layer_refuses_what_it_cannot_serve():
     ok = FakeMoE(FakeExperts(8, groups=2))
-    layer = patches.describe_layer("l", ok)
+    layer = model.describe_layer("l", ok)
     assert (layer.num_experts, layer.num_local, layer.num_groups) == (8, 8, 2)
     mono = FakeMoE(FakeExperts(8, monolithic=True))
     with pytest.raises(ValueError, match="monolithic"):
-        patches.describe_layer("l", mono)
+        model.describe_layer("l", mono)
     own = FakeMoE(FakeExperts(8))
     own.router.eplb_state = object()
     with pytest.raises(ValueError, match="vLLM's own EPLB"):
-        patches.describe_layer("l", own)
+        model.describe_layer("l", own)
     rr = FakeMoE(FakeExperts(8, ep_rank=0, ep_size=2, placement="round_robin"))
     with pytest.raises(ValueError, match="round_robin"):
-        patches.describe_layer("l", rr)
+        model.describe_layer("l", rr)
     bare = SimpleNamespace(router=SimpleNamespace(), routed_experts=FakeExperts(8))
     with pytest.raises(ValueError, match="_apply_eplb_mapping"):
-        patches.describe_layer("l", bare)
+        model.describe_layer("l", bare)
     a2a = FakeMoE(FakeExperts(8, ep_rank=0, ep_size=2))
     parallel = a2a.routed_experts.moe_config.moe_parallel_config
     parallel.use_all2all_kernels, parallel.all2all_backend = True, "deepep_low_latency"
     with pytest.raises(ValueError, match="all-to-all kernels"):
-        patches.describe_layer("l", a2a)
+        model.describe_layer("l", a2a)
 
 
 def test_expert_params_takes_every_per_expert_tensor_or_refuses():
     experts = FakeExperts(8)
     experts.quant = torch.nn.Module()  # a submodule's per-expert scales move too
     experts.quant.w13_weight_scale = torch.nn.Parameter(torch.ones(8, 3), requires_grad=False)
-    names = [name for name, _ in patches.expert_params(experts, 8)]
+    names = [name for name, _ in model.expert_params(experts, 8)]
     assert names == ["w13_weight", "w2_weight", "quant.w13_weight_scale"]
     experts.quant.table = torch.nn.Parameter(torch.ones(5, 3), requires_grad=False)
     with pytest.raises(ValueError, match=r"quant.table has shape \(5, 3\)"):
-        patches.expert_params(experts, 8)
+        model.expert_params(experts, 8)
 
 
 def test_moe_layers_skips_layers_of_other_models():
@@ -290,7 +291,7 @@ def test_moe_layers_skips_layers_of_other_models():
     ctx = runner.vllm_config.compilation_config
     ctx.static_all_moe_layers.append("drafter.layers.0.mlp.experts")
     ctx.static_forward_context["drafter.layers.0.mlp.experts"] = stray
-    assert [m.name for m in patches.moe_layers(runner)] == [
+    assert [m.name for m in model.moe_layers(runner)] == [
         "model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]  # fmt: skip
 
 
@@ -302,7 +303,7 @@ def _forward(rt: runtime.VllmEplb, runner, ids_per_layer: list[torch.Tensor]) ->
 
 def test_runtime_maps_counts_and_rebalances_in_place():
     runner = fake_runner(num_layers=2, num_experts=8, groups=2)
-    layers = patches.moe_layers(runner)
+    layers = model.moe_layers(runner)
     rt = runtime.VllmEplb(config(), layers)
     assert rt.topology == Topology(12, 2, 1, 1)
     for moe in runner.moes:
@@ -367,11 +368,11 @@ def test_runner_patches_gate_counting_to_real_steps(monkeypatch):
     assert patches.patch_class(Runner, ("load_model", "execute_model", "eplb_step")) == [
         "load_model", "execute_model", "eplb_step"]  # fmt: skip
     assert patches.patch_class(Runner, ("load_model", "execute_model", "eplb_step")) == []
-    monkeypatch.setitem(plugin._ACTIVE, "config", config(interval=100))
+    monkeypatch.setitem(patches._STATE, "active", lambda: config(interval=100))
     r = Runner(fake_runner())
     r.load_model()
     rt = runtime.runtime_of(r)
-    assert rt is not None and runtime.attach(r) is rt  # attached once
+    assert rt is not None and runtime.attach(r, config()) is rt  # attached once
     r.eplb_step(is_dummy=True)  # vLLM's dummy runs: no Balancer step
     assert rt.balancer.steps == 0 and r.vllm_steps == 1
     assert r.execute_model(SimpleNamespace(total_num_scheduled_tokens=5)) == "output"
@@ -384,17 +385,15 @@ def test_runner_patches_gate_counting_to_real_steps(monkeypatch):
 
 
 def test_attach_without_config_or_layers(monkeypatch):
-    monkeypatch.setitem(plugin._ACTIVE, "config", None)
     runner = fake_runner()
-    assert runtime.attach(runner) is None
-    monkeypatch.setitem(plugin._ACTIVE, "config", config())
+    assert runtime.attach(runner, None) is None
     empty = fake_runner(num_layers=0)
     empty.model = torch.nn.Linear(1, 1)
-    assert runtime.attach(empty) is None
+    assert runtime.attach(empty, config()) is None
     with pytest.raises(ValueError, match="EP size 1 must divide|differ"):
         bad = fake_runner(num_layers=2)
         bad.moes[1].routed_experts.global_num_experts = 6
-        runtime.VllmEplb(config(), patches.moe_layers(bad))
+        runtime.VllmEplb(config(), model.moe_layers(bad))
 
 
 # ---------------------------------------------------------------------- the op
@@ -402,7 +401,7 @@ def test_op_equals_map_and_count_and_traces_in_one_graph():
     from eplb_plugin.kernels.map_and_count import map_and_count
 
     runner = fake_runner(num_layers=2, num_experts=8)
-    rt = runtime.VllmEplb(config(dispatch="local"), patches.moe_layers(runner))
+    rt = runtime.VllmEplb(config(dispatch="local"), model.moe_layers(runner))
     ids = skewed_ids(32, 8, 2, seed=3)
     m = rt.balancer.maps
     want_counts = torch.zeros_like(rt.balancer.counts)
@@ -419,25 +418,21 @@ def test_op_equals_map_and_count_and_traces_in_one_graph():
     assert torch.equal(rt.balancer.counts, want_counts)
     got = hook(ids)  # eager: same again
     assert torch.equal(got, want) and torch.equal(rt.balancer.counts, 2 * want_counts)
-    assert torch.ops.eplb_plugin.vllm_map_and_count is not None
+    assert torch.ops.eplb_plugin.map_and_count is not None
     assert map_and_count_op() is map_and_count_op()
 
 
 def test_global_dispatch_in_one_process_is_local_dispatch():
     runner = fake_runner(num_layers=1, num_experts=8)
-    rt = runtime.VllmEplb(config(dispatch="global"), patches.moe_layers(runner))
+    rt = runtime.VllmEplb(config(dispatch="global"), model.moe_layers(runner))
     m, b = rt.balancer.maps, rt.balancer
     ids = skewed_ids(40, 8, 2, seed=5)
     nv = torch.tensor(40)
     seed = torch.tensor(0)
     local_counts = torch.zeros_like(b.counts)
-    local = route(SimpleNamespace(config=config(dispatch="local"), topology=b.topology,
-                                  comm=b.comm),
-                  ids, m.log2phy, m.logcnt, m.replica_share, m.phy2log, local_counts, nv,
-                  seed, 0)  # fmt: skip
+    local = Router("local", b.comm)(ids, m, local_counts, 0, nv, seed=seed)
     glob_counts = torch.zeros_like(b.counts)
-    glob = route(b, ids, m.log2phy, m.logcnt, m.replica_share, m.phy2log, glob_counts, nv,
-                 seed, 0)  # fmt: skip
+    glob = rt.router(ids, m, glob_counts, 0, nv, seed=seed)
     assert torch.equal(local_counts, glob_counts)
     assert torch.equal(m.phy2log[0][glob.long()], ids.long())
     assert torch.equal(m.phy2log[0][local.long()], ids.long())
@@ -449,7 +444,7 @@ def _ep_body(rank: int, world_size: int, dispatch: str) -> dict:
 
     runner = fake_runner(num_layers=2, num_experts=8, ep_rank=rank, ep_size=world_size)
     cfg = config(dispatch=dispatch, interval=3, plan_delay=1)
-    rt = runtime.VllmEplb(cfg, patches.moe_layers(runner), group=dist.group.WORLD)
+    rt = runtime.VllmEplb(cfg, model.moe_layers(runner), group=dist.group.WORLD)
     assert rt.slots_per_rank == 6 and rt.ep_size == 2
     for moe in runner.moes:
         assert moe.routed_experts.map_updates == 1  # vLLM's expert map rebuilt for 12 slots
@@ -493,7 +488,7 @@ def test_expert_parallel_two_ranks_move_weights_between_ranks(dispatch):
 def _tp_body(rank: int, world_size: int) -> list:
     """Tensor parallelism without EP: vLLM's world group exists, every rank has all slots."""
     runner = fake_runner(num_layers=2, num_experts=8)
-    rt = runtime.VllmEplb(config(), patches.moe_layers(runner))  # group: vLLM's (none)
+    rt = runtime.VllmEplb(config(), model.moe_layers(runner))  # group: vLLM's (none)
     assert rt.balancer.comm.world_size == 1 and rt.ep_size == 1
     for step in range(6):
         ids = [skewed_ids(16, 8, 2, seed=10 * step + layer) for layer in range(2)]
@@ -584,14 +579,14 @@ def test_v2_model_runner_is_refused_while_the_balancer_is_on(monkeypatch):
     patches._patch_v2_runner_module(module)
     patches._patch_v2_runner_module(module)  # idempotent
     assert V2Runner().load_model() == "loaded"  # plugin off: vLLM as is
-    monkeypatch.setattr(plugin, "active_config", lambda: config())
+    monkeypatch.setitem(patches._STATE, "active", lambda: config())
     with pytest.raises(RuntimeError, match="V1 model runner.*VLLM_USE_V2_MODEL_RUNNER=0"):
         V2Runner().load_model()
 
 
 def test_enable_selects_the_v1_model_runner(monkeypatch):
     monkeypatch.setattr(patches, "installed_version", lambda: "0.32.0")
-    monkeypatch.setattr(patches, "install", lambda: None)
+    monkeypatch.setattr(patches, "install", lambda active: None)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="V1 model runner"):
         plugin.enable(config())
@@ -634,7 +629,7 @@ def test_launcher_policy_only_and_passthrough():
     with pytest.raises(ValueError, match="--eplb-dispatch"):
         launcher.build_launch(config(dispatch="local", layers_per_step=1), ["serve", "m", "-ep"],
                               {}, policy_only=True)  # fmt: skip
-    with pytest.raises(ValueError, match="--eplb-layers-per-step 3"):
+    with pytest.raises(ValueError, match='"layers_per_step": 3'):
         launcher.builtin_eplb_config(config(layers_per_step=3, plan_delay=8, min_gain=0.01))
     off = EplbConfig(enable=False)
     assert launcher.build_launch(off, ["serve", "m", "--eplb-config", "{}"], {}) == (

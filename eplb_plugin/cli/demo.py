@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from ..config import EplbConfig, add_cli_options, cli_dest
-from .common import format_table
+from ..config import EplbConfig
+from .common import add_eplb_options, eplb_config_from_args, format_table
 
 # The demo's EPLB settings: a real engine re-plans every few thousand steps; the demo runs
 # tens of steps, so it records a short window and re-plans often. Any --eplb-* option given
@@ -84,13 +84,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the tiny model and prompts")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
-    add_cli_options(p)
+    add_eplb_options(p, DEMO_EPLB, enable_option=False)
     p.set_defaults(func=run)
 
 
 def demo_config(args: argparse.Namespace, export=None) -> EplbConfig:
     """The EPLB-on run's config: the demo's defaults (an export's slot count and topology
-    where ``export`` is given), then every --eplb-* option given."""
+    where ``export`` is given), then every EPLB setting given (--eplb-*, --eplb-config)."""
     values = dict(DEMO_EPLB)
     if export is not None:
         topology = export.layout.topology
@@ -98,11 +98,8 @@ def demo_config(args: argparse.Namespace, export=None) -> EplbConfig:
             num_redundant_experts=export.num_slots - export.num_experts,
             num_nodes=topology.num_nodes, num_groups=topology.num_groups,
         )  # fmt: skip
-    for name in EplbConfig.field_names():
-        value = getattr(args, cli_dest(name), None)
-        if name != "enable" and value is not None:
-            values[name] = value
-    return EplbConfig(**values)
+    config, _ = eplb_config_from_args("eplb demo", args, values)
+    return config
 
 
 def _open_export(model: str | None):

@@ -1,16 +1,19 @@
 """``eplb sglang launch_server ...``: SGLang's server with this project's EPLB.
 
-Every argument this command does not know goes to SGLang's ``launch_server`` unchanged. The
-``--enable-eplb`` / ``--eplb-*`` options are this project's (``eplb_plugin.config``) and are
-not passed on; instead the launcher
+Every argument this command does not know goes to SGLang's ``launch_server`` unchanged.
+``--enable-eplb``, ``--eplb-config`` and the first-class ``--eplb-*`` options are this
+project's (the same in ``eplb demo`` and ``eplb vllm``) and are not passed on; then
 
 - with ``--enable-eplb``: runs the plugin balancer and keeps SGLang's own EPLB off (SGLang's
-  ``--enable-eplb`` is never passed, and SGLang's own EPLB options are refused), passes
-  ``--ep-num-redundant-experts R`` (R = ``--eplb-num-redundant-experts``) so that SGLang
-  allocates the physical slots, and sets ``EPLB_SGLANG_CONFIG``;
-- with ``--eplb-policy-only``: runs SGLang's own EPLB (passes ``--enable-eplb``) and only
-  swaps its placement algorithm for ``--eplb-policy`` (``EPLB_SGLANG_POLICY``, with
-  ``--eplb-policy-options`` in ``EPLB_SGLANG_POLICY_OPTIONS``);
+  ``--enable-eplb`` is never passed). SGLang's own EPLB and recorder options are read as
+  the balancer's settings (``eplb_plugin.engine_fields.SGLANG_OPTIONS``:
+  ``--ep-num-redundant-experts``, ``--eplb-rebalance-num-iterations``,
+  ``--eplb-rebalance-layers-per-chunk``, ``--expert-distribution-recorder-buffer-size``, ...);
+  ``--ep-num-redundant-experts R`` is passed so that SGLang allocates the physical slots;
+  the EplbConfig goes in ``EPLB_SGLANG_CONFIG``;
+- with ``--eplb-policy-only``: runs SGLang's own EPLB (passes ``--enable-eplb`` and SGLang's
+  options unchanged) and only swaps its placement algorithm for the policy
+  (``EPLB_SGLANG_POLICY``, with its options in ``EPLB_SGLANG_POLICY_OPTIONS``);
 
 then replaces itself by ``python -m eplb_plugin.integrations.sglang.launch <SGLang args>``,
 which switches the integration on in every SGLang process (docs/sglang.md). ``--dry-run``
@@ -20,25 +23,19 @@ prints the environment and command instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
 import sys
 
-from ..config import EplbConfig, add_cli_options, cli_dest
+from .common import add_eplb_options, eplb_config_from_args
 
+PROG = "eplb sglang"
 LAUNCH_MODULE = "eplb_plugin.integrations.sglang.launch"
 ACTIONS = ("launch_server",)
-
-# SGLang's options of its own EPLB (they would configure a manager that stays off).
-SGLANG_EPLB_OPTIONS = (
-    "--eplb-algorithm",
-    "--eplb-rebalance-num-iterations",
-    "--eplb-rebalance-layers-per-chunk",
-    "--eplb-min-rebalancing-utilization-threshold",
-    "--ep-dispatch-algorithm",
-)
 REDUNDANT_OPTION = "--ep-num-redundant-experts"
+ITERATIONS_OPTION = "--eplb-rebalance-num-iterations"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,12 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "sglang",
         help="launch SGLang with eplb-plugin's balancer or policy",
         description="Launch SGLang's server (`eplb sglang launch_server --model-path M "
-        "--tp 8 --ep 8 ... --enable-eplb --eplb-num-redundant-experts 32`). Options this "
-        "command does not define go to SGLang unchanged.",
+        "--tp 8 --ep 8 ... --enable-eplb --ep-num-redundant-experts 32`). SGLang's own EPLB "
+        "and recorder options configure the plugin balancer; options this command does not "
+        "define go to SGLang unchanged.",
+        epilog="Field table: docs/sglang.md.",
         allow_abbrev=False,
     )
     p.add_argument("action", choices=ACTIONS, help="what to launch (SGLang's launch_server)")
-    add_cli_options(p)
+    add_eplb_options(p)
     p.add_argument(
         "--eplb-policy-only",
         action="store_true",
@@ -68,21 +67,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, accepts_extra=True)
 
 
-def _given(argv: list[str], option: str) -> str | None:
-    """The value of ``option`` in ``argv`` (``--opt V`` or ``--opt=V``), or None."""
-    for i, arg in enumerate(argv):
-        if arg == option:
-            if i + 1 >= len(argv):
+def take_sglang_options(extra: list[str]) -> tuple[list[tuple[str, str, object]], list[str], dict]:
+    """SGLang's EPLB and recorder options in ``extra``, read as the balancer's settings.
+
+    Returns:
+        ([(option, EplbConfig field, value)], the arguments SGLang still gets,
+        {option: value as given}).
+    Raises:
+        ValueError: an option the balancer cannot honour, or a bad value, named.
+    """
+    from ..engine_fields import SGLANG_HARMLESS, SGLANG_OPTIONS
+
+    sources: list[tuple[str, str, object]] = []
+    rest: list[str] = []
+    given: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        i += 1
+        option, eq, value = arg.partition("=")
+        entry = SGLANG_OPTIONS.get(option)
+        if entry is None:
+            rest.append(arg)
+            continue
+        if not eq:
+            if i >= len(extra):
                 raise ValueError(f"{option} needs a value")
-            return argv[i + 1]
-        if arg.startswith(option + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _eplb_options_given(args: argparse.Namespace) -> list[str]:
-    names = [n for n in EplbConfig.field_names() if n != "enable"]
-    return [n for n in names if getattr(args, cli_dest(n), None) is not None]
+            value = extra[i]
+            i += 1
+        given[option] = value
+        if entry.refused:
+            if value.strip() in SGLANG_HARMLESS.get(option, ()):
+                continue  # SGLang's default, which the plugin matches
+            raise ValueError(
+                f"{option} {value} configures SGLang's own EPLB, which stays off under "
+                f"--enable-eplb (the plugin balancer): {entry.refused}"
+            )
+        if entry.field is not None:
+            sources.append((option, entry.field, entry.convert(value)))
+        if entry.passed_on:
+            rest += [arg] if eq else [option, value]
+    return sources, rest, given
 
 
 def build_launch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
@@ -98,8 +123,7 @@ def build_launch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
         ENV_POLICY_OPTIONS,
     )
 
-    extra = list(args.extra)
-    if "--enable-eplb" in extra:  # parse_known_args only leaves it after '--'
+    if "--enable-eplb" in args.extra:  # parse_known_args only leaves it after '--'
         raise ValueError("--enable-eplb is this launcher's own option; give it once")
     env: dict[str, str] = {}
     if args.eplb_policy_only:
@@ -108,50 +132,46 @@ def build_launch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
                 "--enable-eplb (the plugin balancer) and --eplb-policy-only (SGLang's own EPLB "
                 "with this project's policy) exclude each other"
             )
-        others = [n for n in _eplb_options_given(args) if n not in ("policy", "policy_options")]
+        if args.eplb_policy is not None:
+            from ..policies import get_policy
+
+            get_policy(args.eplb_policy)  # names the policy and the known ones
+        config, given = eplb_config_from_args(PROG, args, {"enable": True})
+        others = sorted(given - {"policy", "policy_options", "enable"})
         if others:
-            flags = ", ".join("--eplb-" + n.replace("_", "-") for n in others)
             raise ValueError(
-                f"{flags}: options of the plugin balancer have no effect with "
+                f"{', '.join(others)}: settings of the plugin balancer have no effect with "
                 "--eplb-policy-only (SGLang's own EPLB options, e.g. "
                 "--eplb-rebalance-num-iterations and --ep-num-redundant-experts, apply)"
             )
-        policy = args.eplb_policy or "default"
-        from ..policies import get_policy
-
-        get_policy(policy)
-        env[ENV_POLICY] = policy
-        options = getattr(args, cli_dest("policy_options"), None)
-        if options:
-            env[ENV_POLICY_OPTIONS] = json.dumps(options, sort_keys=True)
+        env[ENV_POLICY] = config.policy
+        if config.policy_options:
+            env[ENV_POLICY_OPTIONS] = json.dumps(config.policy_options, sort_keys=True)
         if args.eplb_swap_algorithms:
             env[ENV_ALGORITHMS] = args.eplb_swap_algorithms
-        return env, ["--enable-eplb", *extra]
+        return env, ["--enable-eplb", *args.extra]
     if args.eplb_swap_algorithms:
         raise ValueError("--eplb-swap-algorithms applies only with --eplb-policy-only")
     if not args.enable_eplb:
-        given = _eplb_options_given(args)
+        config, given = eplb_config_from_args(PROG, args)
         if given:
             raise ValueError(
-                f"--eplb-{given[0].replace('_', '-')} given without --enable-eplb or "
-                "--eplb-policy-only: say which EPLB to run"
+                f"{sorted(given)[0]} given without --enable-eplb or --eplb-policy-only: say "
+                "which EPLB to run"
             )
-        return env, extra
-    config = EplbConfig.from_cli(args)
-    for option in SGLANG_EPLB_OPTIONS:
-        if _given(extra, option) is not None or any(a == option for a in extra):
-            raise ValueError(
-                f"{option} configures SGLang's own EPLB, which stays off under --enable-eplb "
-                "(the plugin balancer); use the --eplb-* options of `eplb sglang --help`"
-            )
-    redundant = _given(extra, REDUNDANT_OPTION)
-    if redundant is not None:
-        if redundant.strip() != str(config.num_redundant_experts):
-            raise ValueError(
-                f"{REDUNDANT_OPTION} {redundant} disagrees with --eplb-num-redundant-experts "
-                f"{config.num_redundant_experts}; give only --eplb-num-redundant-experts"
-            )
-    elif config.num_redundant_experts:
+        return env, list(args.extra)
+    sources, extra, sglang_given = take_sglang_options(list(args.extra))
+    args.extra = extra
+    config, given = eplb_config_from_args(PROG, args, engine_sources=sources)
+    changes: dict = {}
+    if ITERATIONS_OPTION in sglang_given and "window" not in given:
+        changes["window"] = config.interval  # SGLang's recorder buffer defaults to it
+    if config.record_dir and "record_format" not in given:
+        changes["record_format"] = "sglang"  # the dump form SGLang users read
+    if changes:
+        config = dataclasses.replace(config, **changes)
+    extra = list(args.extra)
+    if REDUNDANT_OPTION not in sglang_given and config.num_redundant_experts:
         extra += [REDUNDANT_OPTION, str(config.num_redundant_experts)]
     from ..integrations.sglang.plugin import config_to_env
 

@@ -1,11 +1,14 @@
 """``eplb vllm COMMAND ...``: vLLM's CLI with eplb-plugin's balancer behind ``--enable-eplb``.
 
-    eplb vllm serve MODEL --enable-eplb --eplb-num-redundant-experts 4 [vLLM options ...]
+    eplb vllm serve MODEL --enable-eplb --eplb-config '{"window_size": 1000, ...}' [vLLM options]
 
-``--enable-eplb`` and the ``--eplb-*`` options have the names and meanings of ``eplb demo``;
-every other argument goes to vLLM unchanged. vLLM's built-in EPLB stays off. With
+vLLM's own ``--enable-eplb --eplb-config '{...}'`` (and ``--eplb-config.KEY VALUE``,
+underscore spellings included) is taken as it is, vLLM's ``EPLBConfig`` keys mapped onto the
+plugin's fields (``eplb_plugin.engine_fields.VLLM_FIELDS``); the plugin's own fields go in the
+same JSON. The first-class ``--eplb-*`` options are those of ``eplb demo`` and ``eplb
+sglang``. Every other argument goes to vLLM unchanged; vLLM's built-in EPLB stays off. With
 ``--eplb-policy-only`` vLLM's built-in EPLB runs instead and only its placement policy is
-eplb-plugin's (``--eplb-policy``). See docs/vllm.md.
+eplb-plugin's. See docs/vllm.md.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import EplbConfig, add_cli_options
+from .common import add_eplb_options, eplb_config_from_args
+
+PROG = "eplb vllm"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "vllm",
         help="run vLLM (e.g. `eplb vllm serve MODEL`) with eplb-plugin's balancer",
         description="Run vLLM's own CLI with eplb-plugin's expert-parallel load balancer "
-        "inside every vLLM worker. --enable-eplb and the --eplb-* options configure it; "
-        "every other argument (the vLLM command, the model, vLLM's options) is passed to "
-        "vLLM unchanged. vLLM's built-in EPLB is kept off.",
-        epilog="vLLM's own options: `vllm serve --help`.",
+        "inside every vLLM worker. vLLM's --enable-eplb --eplb-config '{...}' configure it "
+        "(vLLM's EPLBConfig keys and the plugin's fields in one JSON); every other argument "
+        "(the vLLM command, the model, vLLM's options) is passed to vLLM unchanged. vLLM's "
+        "built-in EPLB is kept off.",
+        epilog="vLLM's own options: `vllm serve --help`. Field table: docs/vllm.md.",
         allow_abbrev=False,
     )
-    add_cli_options(p)
+    add_eplb_options(p)
     p.add_argument(
         "--eplb-policy-only",
         action="store_true",
@@ -45,10 +51,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from eplb_plugin.integrations.vllm.launcher import build_launch, describe, run_vllm
 
-    config = EplbConfig.from_cli(args)
-    argv, env = build_launch(config, list(args.extra), os.environ,
-                             policy_only=args.eplb_policy_only)  # fmt: skip
+    config, _ = eplb_config_from_args(PROG, args)
+    argv, env = build_launch(
+        config, list(args.extra), os.environ, policy_only=args.eplb_policy_only,
+        vllm_keys=vllm_only_keys(args),
+    )  # fmt: skip
     if args.eplb_dry_run:
         print(describe(argv, env))
         return 0
     return run_vllm(argv, env)
+
+
+def vllm_only_keys(args: argparse.Namespace) -> dict:
+    """vLLM EPLBConfig keys given that the plugin has no field for (the policy swap passes
+    them to vLLM's own EPLB)."""
+    from ..engine_fields import VLLM_COMMUNICATORS
+
+    found: dict = {}
+    for obj in [*(getattr(args, "eplb_config", None) or []), getattr(args, "eplb_dotted", {})]:
+        for key, value in obj.items():
+            if key == "enable_migration_batching" or (
+                key == "communicator" and value in VLLM_COMMUNICATORS
+            ):
+                found[key] = value
+    return found

@@ -1,13 +1,14 @@
 """``eplb vllm ...``: run vLLM's own CLI with the balancer switched on in every vLLM process.
 
-The launcher is an edge: it turns ``--enable-eplb`` / ``--eplb-*`` into an EplbConfig, puts it
-in ``EPLB_VLLM_CONFIG`` (inherited by the engine core and the workers, where the
-``vllm.general_plugins`` entry point reads it) and hands every other argument to vLLM
-unchanged. vLLM's built-in EPLB is never also on: its ``--enable-eplb`` is the one this
-launcher consumes, and its ``--eplb-config`` is refused.
+The launcher is an edge: ``eplb vllm`` turns ``--enable-eplb`` / ``--eplb-config`` (vLLM's
+own flags, with vLLM's EPLBConfig keys and the plugin's fields) / ``--eplb-*`` into an
+EplbConfig, this module puts it in ``EPLB_VLLM_CONFIG`` (inherited by the engine core and the
+workers, where the ``vllm.general_plugins`` entry point reads it) and hands every other
+argument to vLLM unchanged. vLLM's built-in EPLB is never also on: its flags are consumed by
+the launcher, never passed on.
 
 With ``--eplb-policy-only`` it does the opposite: vLLM's own EPLB runs
-(``--enable-eplb --eplb-config {...}`` built from the same ``--eplb-*`` options) and only its
+(``--enable-eplb --eplb-config {...}`` built from the same settings) and only its
 placement policy is ours (``EPLB_VLLM_POLICY``).
 """
 
@@ -18,7 +19,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from eplb_plugin.config import EplbConfig, cli_flag
+from eplb_plugin.config import EplbConfig
 
 from .plugin import (
     ENV_CONFIG,
@@ -37,7 +38,8 @@ ENTRY_VALUE = "eplb_plugin.integrations.vllm:register"
 _VLLM_EPLB = ("--enable-eplb", "--enable_eplb", "--eplb-config", "--eplb_config")
 # EplbConfig fields vLLM's built-in EPLB has an equivalent for (policy-only mode).
 _BUILTIN_FIELDS = {"enable", "num_redundant_experts", "window", "interval", "policy",
-                   "policy_options", "layers_per_step"}  # fmt: skip
+                   "policy_options", "layers_per_step", "log_balancedness",
+                   "log_balancedness_interval"}  # fmt: skip
 _OUR_ENV = (ENV_CONFIG, ENV_POLICY, ENV_POLICY_OPTIONS)
 
 
@@ -51,27 +53,35 @@ def vllm_eplb_args(argv: list[str]) -> list[str]:
     return found
 
 
-def builtin_eplb_config(config: EplbConfig) -> dict:
+def builtin_eplb_config(config: EplbConfig, vllm_keys: Mapping[str, object] | None = None) -> dict:
     """vLLM's ``--eplb-config`` equivalent of ``config`` (policy-only mode).
 
     ``layers_per_step`` 0 (all layers in one step) maps to vLLM's synchronous mode, 1 to its
-    asynchronous mode (one layer per step); options vLLM's EPLB has no equivalent for are a
-    ValueError naming them.
+    asynchronous mode (one layer per step); settings vLLM's EPLB has no equivalent for are a
+    ValueError naming them. ``vllm_keys``: vLLM EPLBConfig keys the plugin has no field for
+    (``communicator`` with a vLLM backend, ``enable_migration_batching``), passed on as given.
     """
     default = EplbConfig()
+    from eplb_plugin.cli.common import FIRST_CLASS, eplb_flag
+
     unsupported = [
-        cli_flag(name)
+        eplb_flag(name) if name in FIRST_CLASS else f'"{name}"'
         for name in config.field_names()
         if name not in _BUILTIN_FIELDS and getattr(config, name) != getattr(default, name)
     ]
     if config.layers_per_step not in (0, 1):
-        unsupported.append(f"{cli_flag('layers_per_step')} {config.layers_per_step}")
+        unsupported.append(f'"layers_per_step": {config.layers_per_step}')
     if unsupported:
         raise ValueError(
             f"--eplb-policy-only keeps vLLM's own EPLB, which has no equivalent of "
             f"{', '.join(unsupported)}; drop them or use the plugin balancer (no "
             "--eplb-policy-only)"
         )
+    logging = {
+        name: getattr(config, name)
+        for name in ("log_balancedness", "log_balancedness_interval")
+        if name in config.field_names() and getattr(config, name) != getattr(default, name)
+    }
     return {
         "num_redundant_experts": config.num_redundant_experts,
         "window_size": config.window,
@@ -79,12 +89,14 @@ def builtin_eplb_config(config: EplbConfig) -> dict:
         "use_async": config.layers_per_step == 1,
         # The name stays vLLM's "default": the plugin swaps what that name runs.
         "policy": "default",
+        **logging,
+        **(vllm_keys or {}),
     }
 
 
 def build_launch(
     config: EplbConfig, vllm_args: list[str], environ: Mapping[str, str], *,
-    policy_only: bool = False,
+    policy_only: bool = False, vllm_keys: Mapping[str, object] | None = None,
 ) -> tuple[list[str], dict[str, str]]:  # fmt: skip
     """The vLLM CLI arguments and the environment of ``eplb vllm``.
 
@@ -93,6 +105,7 @@ def build_launch(
         vllm_args: every other argument, e.g. ``["serve", "MODEL", "--port", "8000"]``.
         environ: the environment to start from.
         policy_only: keep vLLM's EPLB and only swap its policy.
+        vllm_keys: vLLM EPLBConfig keys without a plugin field, for the policy swap.
     Returns:
         (argv for vLLM's CLI without the program name, environment).
     Raises:
@@ -108,11 +121,13 @@ def build_launch(
         if policy_only:
             raise ValueError("--eplb-policy-only needs --enable-eplb")
         if config != EplbConfig(enable=False):
-            raise ValueError("--eplb-* options were given without --enable-eplb")
+            raise ValueError(
+                "EPLB settings (--eplb-config, --eplb-*) were given without --enable-eplb"
+            )
         return argv, env
     if own:
         raise ValueError(
-            f"vLLM's own EPLB option(s) {' '.join(own)} conflict with the launcher's "
+            f"vLLM's own EPLB option(s) {' '.join(own)} were left for vLLM next to the launcher's "
             "--enable-eplb/--eplb-* options; use only the latter"
         )
     if policy_only:
@@ -120,7 +135,8 @@ def build_launch(
             raise ValueError(
                 "vLLM's built-in EPLB needs expert parallelism: add --enable-expert-parallel"
             )
-        argv += ["--enable-eplb", "--eplb-config", json.dumps(builtin_eplb_config(config))]
+        builtin = builtin_eplb_config(config, vllm_keys)
+        argv += ["--enable-eplb", "--eplb-config", json.dumps(builtin)]
         env[ENV_POLICY] = config.policy
         if config.policy_options:
             env[ENV_POLICY_OPTIONS] = json.dumps(config.policy_options, sort_keys=True)
