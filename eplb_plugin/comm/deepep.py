@@ -88,7 +88,11 @@ class DeepEPCommunicator(TorchCommunicator):
             )
         deep_ep = import_deep_ep()
         self.row_bytes = row_bytes
-        nvl, rdma = buffer_size_hints(deep_ep.Buffer, row_bytes, self.world_size)
+        # DeepEP's own hints for its recommended dispatch config (the rule SGLang and DeepEP's
+        # tests size buffers by; only dispatch is used here, no combine)
+        config = deep_ep.Buffer.get_dispatch_config(self.world_size)
+        nvl = config.get_nvl_buffer_size_hint(row_bytes, self.world_size)
+        rdma = config.get_rdma_buffer_size_hint(row_bytes, self.world_size)
         if buffer is None:
             buffer = deep_ep.Buffer(
                 self.group, nvl if num_nvl_bytes is None else num_nvl_bytes, rdma
@@ -183,17 +187,6 @@ def pack_rows(
     return x, dst.to(send.device)
 
 
-def buffer_size_hints(buffer_cls: type, row_bytes: int, world_size: int) -> tuple[int, int]:
-    """(NVLink bytes, RDMA bytes) a normal-mode Buffer needs to dispatch rows of ``row_bytes``
-    on ``world_size`` ranks: DeepEP's own hints for its recommended dispatch config, the rule
-    SGLang and DeepEP's tests size their buffers by (only dispatch is used here, no combine)."""
-    config = buffer_cls.get_dispatch_config(world_size)
-    return (
-        config.get_nvl_buffer_size_hint(row_bytes, world_size),
-        config.get_rdma_buffer_size_hint(row_bytes, world_size),
-    )
-
-
 def check_buffer(buffer: object, nvl_bytes: int, rdma_bytes: int, row_bytes: int) -> None:
     """Refuse a buffer this communicator must not use (ValueError saying why)."""
     name = type(buffer).__name__
@@ -222,7 +215,6 @@ def check_buffer(buffer: object, nvl_bytes: int, rdma_bytes: int, row_bytes: int
 __all__ = [
     "DEEPEP_RANK_COUNTS",
     "DeepEPCommunicator",
-    "buffer_size_hints",
     "check_buffer",
     "import_deep_ep",
     "pack_rows",
