@@ -2,7 +2,8 @@
 
 Per engine step, ``map_and_count`` adds the tokens this rank routes to every physical slot
 into ``counts`` ([L, P] int32, on the device). :meth:`LoadRecorder.record` (once per step)
-moves them into the ring window ([W, L, P] float32) and the EMA, and zeroes ``counts``: all
+moves them into the ring window ([W, L, P] float32) and, with the ``ema`` predictor, the EMA
+(:class:`~eplb_plugin.predictor.EmaLoad`), and zeroes ``counts``: all
 device ops, no host synchronisation. Every window row remembers which layout was in force
 when it was counted, so converting slots to logical experts stays right across a rebalance
 in the middle of the window. Ranks are summed (one all-reduce) only when a plan is due.
@@ -19,6 +20,7 @@ import os
 import torch
 
 from .comm.base import Communicator, LocalCommunicator
+from .predictor import EmaLoad, check_predictor
 from .traces import read_load, write_load
 
 
@@ -32,14 +34,15 @@ class LoadRecorder:
         window: W steps kept.
         phy2log: [L, P] int the layout in force now.
         device: where counts, window and EMA live (the experts' device).
-        predictor: ``"window"`` or ``"ema"``: what :meth:`logical_load` returns.
+        predictor: ``"window"`` or ``"ema"``: what :meth:`logical_load` returns
+            (:mod:`eplb_plugin.predictor`).
         ema_decay: EMA decay per step, in (0, 1).
         comm: communicator for the cross-rank sums (default: one rank).
 
     Attributes:
         counts: [L, P] int32, the buffer ``map_and_count`` adds into during a step.
         window: [W, L, P] float32 ring of recorded steps.
-        ema: [L, E] float32 EMA of logical loads (per step).
+        ema: the :class:`~eplb_plugin.predictor.EmaLoad` of logical loads.
         steps: steps recorded so far.
     """
 
@@ -64,10 +67,7 @@ class LoadRecorder:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if predictor not in ("window", "ema"):
-            raise ValueError(f"predictor must be 'window' or 'ema', got {predictor!r}")
-        if not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay!r}")
+        check_predictor(predictor, ema_decay)
         self.num_layers, self.num_slots, self.num_experts = num_layers, num_slots, num_experts
         self.window_size = window
         self.device = torch.device(device)
@@ -77,7 +77,7 @@ class LoadRecorder:
         L, P, E = num_layers, num_slots, num_experts
         self.counts = torch.zeros(L, P, dtype=torch.int32, device=self.device)
         self.window = torch.zeros(window, L, P, dtype=torch.float32, device=self.device)
-        self.ema = torch.zeros(L, E, dtype=torch.float32, device=self.device)
+        self.ema = EmaLoad((L, E), ema_decay, window, device=self.device)
         self._scaled = torch.empty(L, P, dtype=torch.float32, device=self.device)
         self._row_version = [-1] * window  # layout version of each window row (-1: empty)
         self._layouts: dict[int, torch.Tensor] = {}  # version -> [L, P] int64 on device
@@ -105,9 +105,7 @@ class LoadRecorder:
         self.window[row].copy_(self.counts)
         self._row_version[row] = self._version
         if self.predictor == "ema":
-            torch.mul(self.counts, 1.0 - self.ema_decay, out=self._scaled)
-            self.ema.mul_(self.ema_decay)
-            self.ema.scatter_add_(1, self._layouts[self._version], self._scaled)
+            self.ema.add_slots(self.counts, self._layouts[self._version], self._scaled)
         self.counts.zero_()
         self._pos = (row + 1) % self.window_size
         self.filled = min(self.filled + 1, self.window_size)
@@ -155,7 +153,7 @@ class LoadRecorder:
     def local_load(self) -> torch.Tensor:
         """[L, E] float64 this rank's load for the predictor (window sum or EMA), device."""
         if self.predictor == "ema":
-            return self.ema.to(torch.float64)
+            return self.ema.load().to(torch.float64)
         rows = self._rows()
         shape = (self.num_layers, self.num_experts)
         total = torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -168,8 +166,8 @@ class LoadRecorder:
     def logical_load(self, reduce: bool = True) -> torch.Tensor:
         """[L, E] float64 load on the host, summed over ranks when ``reduce`` (collective).
 
-        The window predictor sums the window's steps; the EMA predictor returns the EMA
-        (tokens per step).
+        The window predictor sums the window's steps; the EMA predictor returns the EMA of
+        all steps, bias-corrected and scaled to the window's steps (the same scale).
         """
         load = self.local_load()
         if reduce and self.comm.world_size > 1:
@@ -213,7 +211,8 @@ class LoadRecorder:
         :meth:`dump`, ``eplb`` tools or an SGLang/vLLM statistics dump converted by
         ``eplb_plugin.traces``). Call it on every rank: rank 0 keeps the counts (placed on each
         expert's first slot of the layout in force), the others add zero steps, so the
-        cross-rank sum sees the trace once. Only the last ``window`` steps are kept.
+        cross-rank sum sees the trace once. Only the last ``window`` steps are kept in the
+        window; the EMA predictor takes in every step.
         """
         trace = read_load(path)
         if trace.dim() == 2:
@@ -223,7 +222,8 @@ class LoadRecorder:
                 f"load trace {os.fspath(path)!r} has [layers, experts] = "
                 f"{list(trace.shape[1:])}, expected [{self.num_layers}, {self.num_experts}]"
             )
-        trace = trace[-self.window_size :].to(self.device)
+        every_step = trace.to(self.device)
+        trace = every_step[-self.window_size :]
         phy2log = self._layouts[self._version]
         shape = (self.num_layers, self.num_experts)
         first = torch.full(shape, self.num_slots, dtype=torch.int64, device=self.device)
@@ -240,20 +240,11 @@ class LoadRecorder:
             self._row_version[row] = self._version
             self._pos = (row + 1) % self.window_size
             self.filled = min(self.filled + 1, self.window_size)
-        if self.predictor == "ema" and self.comm.rank == 0:
-            for step in trace:
-                self.ema.mul_(self.ema_decay).add_(step, alpha=1.0 - self.ema_decay)
+        if self.predictor == "ema":  # every step; other ranks add zero steps, as in the window
+            for step in every_step:
+                self.ema.add(step if self.comm.rank == 0 else torch.zeros_like(step))
         self._drop_unused_layouts()
         return int(trace.shape[0])
-
-    def reset(self) -> None:
-        """Forget every recorded step and the EMA (keeps the layout in force)."""
-        self.window.zero_()
-        self.ema.zero_()
-        self.counts.zero_()
-        self._row_version = [-1] * self.window_size
-        self._pos = self.filled = 0
-        self._drop_unused_layouts()
 
 
 __all__ = ["LoadRecorder"]

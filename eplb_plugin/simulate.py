@@ -32,8 +32,9 @@ from .costmodel import Hardware, MoeShape, layer_us
 from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads
 from .layout import ExpertLayout, Topology
 from .policies import dispatch_option, get_policy, plan
+from .predictor import PREDICTORS as PREDICTORS  # re-exported for the CLI
+from .predictor import check_predictor, predict_from_history
 
-PREDICTORS = ("window", "ema")
 # DeepSeek-V2-Lite routed expert in bf16: gate, up (2048 x 1408) and down (1408 x 2048).
 DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
 
@@ -107,10 +108,7 @@ class SimConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
-        if not isinstance(self.ema_decay, (int, float)) or not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay!r}")
+        check_predictor(self.predictor, self.ema_decay)
         if isinstance(self.bytes_per_slot, bool) or not isinstance(self.bytes_per_slot, int):
             raise ValueError(f"bytes_per_slot must be an integer, got {self.bytes_per_slot!r}")
         if self.bytes_per_slot < 0:
@@ -194,14 +192,10 @@ def predict(history: torch.Tensor, config: SimConfig) -> torch.Tensor:
         ``window``: [W', L, E] float32, the last W steps (``plan`` sums them, and policies
         that model the step-to-step variation use them one by one);
         ``ema``: [L, E] float32, the exponential moving average of all steps so far
-        (``ema_decay`` per step), scaled to W steps.
+        (``ema_decay`` per step), scaled to W steps: the runtime's EMA
+        (:mod:`eplb_plugin.predictor`).
     """
-    if config.predictor == "window":
-        return history[-config.window :]
-    age = torch.arange(history.shape[0] - 1, -1, -1, dtype=torch.float64)
-    weights = config.ema_decay**age
-    weights = weights / weights.sum() * min(config.window, history.shape[0])
-    return (history.double() * weights.view(-1, 1, 1)).sum(0).to(torch.float32)
+    return predict_from_history(history, config.predictor, config.window, config.ema_decay)
 
 
 def replay(

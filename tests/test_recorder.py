@@ -67,18 +67,53 @@ def test_rebalance_mid_window_converts_each_step_with_its_own_layout():
 
 
 def test_ema_tracks_logical_load_across_layouts():
+    """The EMA predictor: bias-corrected (no pull towards zero in the first steps) and
+    scaled to the window's steps, like the window predictor's sum."""
     a, b = layouts()
     gen = torch.Generator().manual_seed(1)
     rec = LoadRecorder(L, P, E, 4, a.phy2log, predictor="ema", ema_decay=0.8)
-    ema = torch.zeros(L, E, dtype=torch.float64)
+    steps = []
     for step in range(9):
         layout = a if step % 2 else b
         rec.set_layout(layout.phy2log)
-        logical = torch.randint(0, 30, (L, E), generator=gen)
-        rec.counts.copy_(spread(logical, layout))
+        steps.append(torch.randint(0, 30, (L, E), generator=gen).double())
+        rec.counts.copy_(spread(steps[-1], layout))
         rec.record()
-        ema = 0.8 * ema + 0.2 * logical
-    assert torch.allclose(rec.logical_load(), ema, rtol=1e-5)
+        # oracle: the weighted mean written out, newest step weighing 1
+        weights = [0.8**age for age in range(len(steps) - 1, -1, -1)]
+        mean = sum(w * x for w, x in zip(weights, steps)) / sum(weights)
+        assert torch.allclose(rec.logical_load(), min(4, len(steps)) * mean, rtol=1e-5)
+    constant = LoadRecorder(L, P, E, 4, a.phy2log, predictor="ema", ema_decay=0.99)
+    for _ in range(2):
+        constant.counts.fill_(3)
+        constant.record()
+    want = torch.full((L,), 2 * 3.0 * P, dtype=torch.float64)  # 2 steps of 3 tokens a slot
+    assert torch.allclose(constant.logical_load().sum(-1), want)
+
+
+def test_recorder_and_simulator_predict_alike(tmp_path):
+    """One predictor: the runtime's recorder and the replay simulator give the same load
+    after the same steps, for both predictors."""
+    from eplb_plugin.simulate import SimConfig, predict
+    from eplb_plugin.traces import write_load
+
+    a, _ = layouts()
+    gen = torch.Generator().manual_seed(3)
+    history = torch.randint(0, 50, (7, L, E), generator=gen).float()
+    for predictor in ("window", "ema"):
+        rec = LoadRecorder(L, P, E, 3, a.phy2log, predictor=predictor, ema_decay=0.7)
+        for step in history:
+            rec.counts.copy_(spread(step, a))
+            rec.record()
+        config = SimConfig(window=3, predictor=predictor, ema_decay=0.7)
+        sim = predict(history, config)
+        sim = sim.sum(0) if predictor == "window" else sim
+        assert torch.allclose(rec.logical_load(), sim.double(), rtol=1e-5), predictor
+        # a trace loaded into the window counts as recorded steps
+        write_load(tmp_path / f"{predictor}.npz", history)
+        loaded = LoadRecorder(L, P, E, 3, a.phy2log, predictor=predictor, ema_decay=0.7)
+        loaded.load(tmp_path / f"{predictor}.npz")
+        assert torch.allclose(loaded.logical_load(), sim.double(), rtol=1e-5), predictor
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".pt", ".safetensors"])
