@@ -61,6 +61,8 @@ class Hardware:
         ar_net_overhead_us: per-step network post overhead of an inter-node ring.
         ar_gbps: all-reduce algorithm bandwidth of the LL protocol, GB/s (tiny messages:
             the bytes term is negligible next to the latency).
+        a2a_hidden: fraction of the dispatch + combine time hidden behind other work (0:
+            serial; DeepSeek's two-micro-batch overlap hides most of it).
         kernel_us: time of one tiny kernel replayed in a CUDA graph, us (estimate).
         waterfill_us: device time of one water-fill per layer, us; negative (default):
             estimated from its kernel count and ``kernel_us``. A fused water-fill kernel
@@ -83,6 +85,7 @@ class Hardware:
     ar_net_ring_hop_us: float = 2.7
     ar_net_overhead_us: float = 1.0
     ar_gbps: float = 19.0
+    a2a_hidden: float = 0.0
     kernel_us: float = 2.0
     waterfill_us: float = -1.0
 
@@ -95,6 +98,8 @@ class Hardware:
                 raise ValueError(f"Hardware.{f.name} must be a number, got {value!r}")
             if not math.isfinite(value) or (value < 0 and f.name != "waterfill_us"):
                 raise ValueError(f"Hardware.{f.name} must be finite and >= 0, got {value!r}")
+        if self.a2a_hidden > 1:
+            raise ValueError(f"Hardware.a2a_hidden must lie in [0, 1], got {self.a2a_hidden!r}")
         for name in ("gpus_per_node", "hbm_gbps", "gemm_tflops", "a2a_ref_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Hardware.{name} must be > 0, got {getattr(self, name)!r}")
@@ -235,11 +240,13 @@ def _interp_ep(hw: Hardware, table: tuple[float, ...], ep: int) -> float:
 
 
 def all_to_all_us(hw: Hardware, ep: int, tokens_per_gpu: float, hidden: int) -> float:
-    """Dispatch + combine time of one layer, us (the same for every dispatch mode)."""
+    """Dispatch + combine time of one layer left on the critical path, us (the same for
+    every dispatch mode; ``a2a_hidden`` of it overlaps other work)."""
     if ep <= 1:
         return 0.0
     scale = max(tokens_per_gpu / hw.a2a_ref_tokens, 1.0) * hidden / hw.a2a_ref_hidden
-    return (_interp_ep(hw, hw.dispatch_us, ep) + _interp_ep(hw, hw.combine_us, ep)) * scale
+    both = _interp_ep(hw, hw.dispatch_us, ep) + _interp_ep(hw, hw.combine_us, ep)
+    return both * scale * (1.0 - hw.a2a_hidden)
 
 
 def allreduce_us(hw: Hardware, nbytes: float, ranks: int, nodes: int) -> float:

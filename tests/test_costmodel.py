@@ -51,6 +51,8 @@ def test_all_to_all_interpolates_in_log_ep_and_scales_with_tokens_and_hidden() -
     assert all_to_all_us(HW, 4, 300, 2000) == pytest.approx(30.0 * 3 * 2)
     # below the table's tokens the table's latency is kept
     assert all_to_all_us(HW, 4, 10, 1000) == pytest.approx(30.0)
+    overlapped = dataclasses.replace(HW, a2a_hidden=0.75)
+    assert all_to_all_us(overlapped, 4, 100, 1000) == pytest.approx(7.5)
 
 
 def test_allreduce_follows_nccls_tree_and_ring_latency_model() -> None:
@@ -123,6 +125,7 @@ def test_presets_and_overrides() -> None:
         ({"kernel_us": -1.0}, "kernel_us"),
         ({"ar_gbps": math.inf}, "ar_gbps"),
         ({"a2a_ep": (16, 4)}, "a2a_ep"),
+        ({"a2a_hidden": 1.5}, "a2a_hidden"),
         ({"dispatch_us": (1.0,)}, "equal"),
     ],
 )

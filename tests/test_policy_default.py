@@ -169,12 +169,36 @@ def test_phase_presets() -> None:
         ({"refine_rounds": -2}, "refine_rounds"),
         ({"max_moved": 1.5}, "max_moved"),
         ({"migration_cost": -1}, "migration_cost"),
+        ({"threads": -1}, "threads"),
         ({"bogus": 1}, "bogus"),
     ],
 )
 def test_bad_options(options: dict, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         plan(_load(1, 16, seed=0), Topology(20, 1, 1, 4), "default", **options)
+
+
+def test_planning_bounds_torch_threads_and_restores_them() -> None:
+    seen = []
+    before = torch.get_num_threads()
+    original = torch.set_num_threads
+
+    def spy(count: int) -> None:
+        seen.append(count)
+        original(count)
+
+    torch.set_num_threads = spy
+    try:
+        torch.set_num_threads(2)
+        seen.clear()
+        plan(_load(1, 16, seed=0), Topology(20, 1, 1, 4), "default", threads=1)
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+        seen.clear()
+        plan(_load(1, 16, seed=0), Topology(20, 1, 1, 4), "default", threads=0)
+        assert seen == []
+    finally:
+        torch.set_num_threads = original
+        original(before)
 
 
 def test_prior_depends_on_dispatch() -> None:
@@ -215,6 +239,33 @@ def test_rebalance_experts_drop_in() -> None:
 def test_replica_counts_is_deepseeks_greedy() -> None:
     weight = np.array([[10.0, 1.0, 4.0, 3.0]])
     assert replica_counts(weight, 7).tolist() == [[3, 1, 2, 1]]
+
+
+def _greedy_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
+    logcnt = np.ones(weight.shape, dtype=np.int64)
+    for _ in range(num_slots - weight.shape[1]):
+        logcnt[np.arange(weight.shape[0]), (weight / logcnt).argmax(-1)] += 1
+    return logcnt
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "ties", "zeros", "wide"])
+def test_replica_counts_bisection_equals_the_greedy_loop(kind: str) -> None:
+    # many redundant slots take the bisection path; ties and zero loads must still be
+    # broken as the greedy breaks them (lowest expert first)
+    rng = np.random.default_rng({"lognormal": 0, "ties": 1, "zeros": 2, "wide": 3}[kind])
+    for _ in range(20):
+        rows, experts = int(rng.integers(1, 5)), int(rng.integers(2, 60))
+        slots = experts + int(rng.integers(9, 3 * experts + 10))
+        shape = (rows, experts)
+        if kind == "lognormal":
+            weight = rng.lognormal(0, 1, shape)
+        elif kind == "ties":
+            weight = rng.integers(0, 4, shape).astype(float)
+        elif kind == "zeros":
+            weight = np.zeros(shape)
+        else:
+            weight = np.round(rng.lognormal(0, 2, shape) * 3)
+        assert np.array_equal(replica_counts(weight, slots), _greedy_counts(weight, slots))
 
 
 def test_bldm_gives_every_gpu_the_same_count_and_beats_sorted_dealing() -> None:

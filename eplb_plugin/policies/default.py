@@ -34,6 +34,9 @@ With ``previous=`` the plan is migration-aware (:func:`plan_with_migration`, its
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +86,9 @@ class DefaultPolicyConfig:
             a moved slot must win back before it moves; 0 plans from scratch.
         max_moved: with ``previous=``, the largest fraction of slots one rebalance may
             move (1.0 = no cap).
+        threads: torch intra-op threads while planning (0 = leave torch's setting alone).
+            The plan is numpy and small torch ops: more threads only add synchronisation,
+            and inside a serving process they compete with the serving loop for cores.
     """
 
     dispatch: str = "static"
@@ -93,6 +99,7 @@ class DefaultPolicyConfig:
     refine_rounds: int = 8
     migration_cost: float = 0.0
     max_moved: float = 1.0
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.dispatch not in DISPATCH_MODES:
@@ -109,9 +116,10 @@ class DefaultPolicyConfig:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not isinstance(self.max_moved, (int, float)) or not 0.0 <= self.max_moved <= 1.0:
             raise ValueError(f"max_moved must lie in [0, 1], got {self.max_moved!r}")
-        value = self.refine_rounds
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"refine_rounds must be an integer >= 0, got {value!r}")
+        for name in ("refine_rounds", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
     @property
     def connect(self) -> bool:
@@ -235,6 +243,30 @@ def planned_shares(layout: ExpertLayout, load: np.ndarray) -> torch.Tensor:
     )  # fmt: skip
 
 
+_THREADS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads (0: unchanged), then restore.
+
+    torch's setting is process-wide: concurrent plans are serialised on a lock so that one
+    does not restore the other's value while it still plans.
+    """
+    if count <= 0:
+        yield
+        return
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        if before != count:
+            torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            if before != count:
+                torch.set_num_threads(before)
+
+
 def default_policy(
     weight: torch.Tensor,
     topology: Topology,
@@ -252,6 +284,17 @@ def default_policy(
         steps: [S, L, E] float32 per-step loads of the window (oldest first), if known.
     """
     config = DefaultPolicyConfig(**options)  # type: ignore[arg-type]
+    with torch_threads(config.threads):
+        return _plan(weight, topology, previous, steps, config)
+
+
+def _plan(
+    weight: torch.Tensor,
+    topology: Topology,
+    previous: ExpertLayout | None,
+    steps: torch.Tensor | None,
+    config: DefaultPolicyConfig,
+) -> ExpertLayout:
     load = forecast(weight, steps, config)
     if previous is not None and (config.migration_cost > 0 or config.max_moved < 1):
         return plan_with_migration(load, topology, previous, config, steps)

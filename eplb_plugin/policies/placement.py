@@ -30,10 +30,38 @@ def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
         [rows, E] int64 replicas per expert, summing to ``num_slots`` per row.
     """
     rows, num_experts = weight.shape
+    extra = num_slots - num_experts
     logcnt = np.ones((rows, num_experts), dtype=np.int64)
+    if extra > 8 and rows:
+        # The greedy's k-th extra replica of expert e is decided by the value w_e / k, and
+        # the values are handed out in descending order. Bisect for a level above which at
+        # most ``extra`` of them lie, give those at once, and leave the rest (ties at the
+        # level) to the greedy loop below: the same result as ``extra`` greedy steps.
+        weight = np.asarray(weight, dtype=np.float64)
+        lo = np.zeros(rows)
+        hi = weight.max(-1) + 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            fits = np.floor(weight / mid[:, None]).sum(-1) <= extra
+            hi = np.where(fits, mid, hi)
+            lo = np.where(fits, lo, mid)
+        level = hi[:, None]
+        more = np.floor(weight / level).astype(np.int64)
+        # floor() of a rounded quotient may be off by one: count exactly w / k >= level
+        more += weight / (more + 1) >= level
+        more -= (more > 0) & (weight / np.maximum(more, 1) < level)
+        # a rounded quotient may also have let the bisection overshoot: hand back the
+        # smallest values given (the greedy's last picks) until the row fits
+        row = np.arange(rows)
+        while (over := more.sum(-1) > extra).any():
+            last = np.where(more > 0, weight / np.maximum(more, 1), np.inf)[:, ::-1].argmin(-1)
+            more[row[over], num_experts - 1 - last[over]] -= 1
+        logcnt = more + 1
     row = np.arange(rows)
-    for _ in range(num_slots - num_experts):
-        logcnt[row, (weight / logcnt).argmax(-1)] += 1
+    for _ in range(num_slots - int(logcnt.sum(-1).min()) if rows else 0):
+        short = logcnt.sum(-1) < num_slots
+        pick = (weight / logcnt).argmax(-1)
+        logcnt[row[short], pick[short]] += 1
     return logcnt
 
 
