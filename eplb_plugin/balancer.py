@@ -1,11 +1,8 @@
 """``Balancer``: the controller a serving engine calls once per step.
 
     balancer = Balancer(config, layout, expert_tensors, group=ep_group)
-    # in the router, per MoE layer (or balancer.route(topk_ids, layer, num_valid)):
-    phys = map_and_count(topk_ids, balancer.maps.log2phy, balancer.maps.logcnt,
-                         balancer.maps.replica_share, balancer.counts, layer, num_valid,
-                         dispatch=config.dispatch, phy2log=balancer.maps.phy2log,
-                         slots_per_gpu=balancer.layout.topology.slots_per_gpu)
+    # in the router, per MoE layer (eplb_plugin.routing.Router over balancer.maps):
+    phys = balancer.route(topk_ids, layer, num_valid)
     report = balancer.step()       # once per engine step, after the forward, on every rank
     balancer.stats, balancer.layout
     balancer.close()
@@ -44,32 +41,14 @@ from .comm.base import CommError, LocalCommunicator
 from .config import EplbConfig
 from .executor import ChunkResult, Executor, FaultHook, InconsistentWeightsError
 from .layout import ExpertLayout, balancedness_of
+from .maps import ExpertMaps
 from .policies import dispatch_option
 from .policies import plan as plan_layout
 from .recorder import LoadRecorder
+from .routing import Router
 from .transfer import TransferPlan, align_slots, plan_transfer
 
 log = logging.getLogger("eplb_plugin.runtime")
-
-
-@dataclass
-class BalancerMaps:
-    """Device mapping tensors read by the router; written in place on every commit.
-
-    Allocated once at their maximum size so that pointers captured in CUDA graphs stay valid.
-
-    Attributes:
-        phy2log: [L, P] int64 logical expert of each slot.
-        log2phy: [L, E, Xmax] int64 slots of each expert, -1 padded; Xmax = P - E + 1 (the
-            most replicas one expert can have), fixed for the life of the balancer.
-        logcnt: [L, E] int64 replicas per expert.
-        replica_share: [L, P] float32 share of its expert's tokens each slot receives.
-    """
-
-    phy2log: torch.Tensor
-    log2phy: torch.Tensor
-    logcnt: torch.Tensor
-    replica_share: torch.Tensor
 
 
 @dataclass
@@ -146,7 +125,7 @@ class Balancer:
         fault: test hook passed to the Executor (see ``Executor``).
 
     Attributes:
-        maps: BalancerMaps on the experts' device.
+        maps: ExpertMaps on the experts' device (written in place on every commit).
         counts: [L, P] int32 device buffer that ``map_and_count`` adds this step's counts to.
         layout: host ExpertLayout in force (per layer, the last committed one).
         stats: BalancerStats.
@@ -215,14 +194,8 @@ class Balancer:
         self.bytes_per_slot = self.executor.bytes_per_slot
         self.layout = layout
         L, P, E = layout.num_layers, layout.num_slots, layout.num_experts
-        width = P - E + 1  # the most replicas one expert can have
-        self.maps = BalancerMaps(
-            phy2log=torch.empty(L, P, dtype=torch.int64, device=self.device),
-            log2phy=torch.full((L, E, width), -1, dtype=torch.int64, device=self.device),
-            logcnt=torch.empty(L, E, dtype=torch.int64, device=self.device),
-            replica_share=torch.empty(L, P, dtype=torch.float32, device=self.device),
-        )
-        self._write_maps(layout, list(range(L)))
+        self.maps = ExpertMaps.of(layout, self.device)
+        self.router = Router(config.dispatch, self.comm)
         self.recorder = LoadRecorder(
             L, P, E, config.window, layout.phy2log,
             device=self.device, predictor=config.predictor, ema_decay=config.ema_decay,
@@ -242,10 +215,6 @@ class Balancer:
         self._move_at: int | None = None
         self.disabled_reason: str | None = None
         self._closed = False
-        # route()'s buffers, kept so that steady-state routing allocates nothing: the op's
-        # workspace (grown to the largest batch seen) and global dispatch's split
-        self._workspace: torch.Tensor | None = None
-        self._water_share: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ routing helper
     def route(
@@ -259,45 +228,13 @@ class Balancer:
     ) -> torch.Tensor:
         """Logical ``topk_ids`` [N, K] -> physical slots [N, K], counting into ``counts``.
 
-        ``map_and_count`` with this balancer's maps and ``config.dispatch``. For ``global``
-        dispatch it first all-reduces the layer's per-expert counts over the ranks (one
-        small collective per layer: every rank must route every layer) and passes the
-        water-filled shares as a static split.
+        The :class:`~eplb_plugin.routing.Router` of ``config.dispatch`` over this balancer's
+        maps; ``global`` dispatch all-reduces the layer's per-expert counts over the ranks
+        (one small collective per layer: every rank must route every layer).
         """
-        from eplb_plugin.kernels import map_and_count, map_and_count_workspace_size
-
-        if num_valid is None:
-            num_valid = topk_ids.shape[0]
-        m = self.maps
-        dispatch = self.config.dispatch
-        share = m.replica_share
-        if dispatch == "global":
-            from eplb_plugin.kernels.waterfill import waterfill_shares
-
-            ids = topk_ids[:num_valid].reshape(-1).long()
-            ids = ids[ids >= 0]
-            counts = torch.bincount(ids, minlength=self.layout.num_experts).to(torch.float64)
-            self.comm.all_reduce(counts, op="sum")
-            rows = slice(layer, layer + 1)
-            water = waterfill_shares(
-                counts.to(torch.float32, copy=True).unsqueeze(0).to(self.device),
-                m.phy2log[rows], m.log2phy[rows], m.logcnt[rows],
-                self.topology.slots_per_gpu, m.replica_share[rows],
-            )  # fmt: skip
-            if self._water_share is None:
-                self._water_share = m.replica_share.clone()
-            share = self._water_share  # the op reads only row `layer`
-            share[layer] = water[0]
-            dispatch = "static"
-        num_tokens, top_k = topk_ids.shape
-        needed = map_and_count_workspace_size(num_tokens, top_k, self.layout.num_experts)
-        if self._workspace is None or self._workspace.numel() < needed:
-            self._workspace = torch.empty(needed, dtype=torch.int32, device=topk_ids.device)
-        return map_and_count(
-            topk_ids, m.log2phy, m.logcnt, share, self.counts, layer, num_valid,
-            dispatch=dispatch, phy2log=m.phy2log, slots_per_gpu=self.topology.slots_per_gpu,
-            seed=seed, out=out, workspace=self._workspace,
-        )  # fmt: skip
+        return self.router(
+            topk_ids, self.maps, self.counts, layer, num_valid, seed=seed, out=out
+        )
 
     # ------------------------------------------------------------------ the step
     def step(self) -> StepReport | None:
@@ -564,23 +501,8 @@ class Balancer:
         self.layout = ExpertLayout.from_phy2log(
             phy2log, self.topology, self.layout.num_experts, replica_share=share
         )
-        self._write_maps(self.layout, layers)
+        self.maps.write(self.layout, layers)
         self.recorder.set_layout(self.layout.phy2log)
-
-    def _write_maps(self, layout: ExpertLayout, layers: list[int]) -> None:
-        """Copy ``layers`` of ``layout`` into the device maps, in place (same storage)."""
-        m = self.maps
-        index = torch.tensor(layers, dtype=torch.long, device=self.device)
-        rows = torch.tensor(layers, dtype=torch.long)
-        width = m.log2phy.shape[2]
-        if layout.log2phy.shape[2] > width:
-            raise ValueError(f"layout needs {layout.log2phy.shape[2]} replicas, maps hold {width}")
-        log2phy = torch.full((len(layers), layout.num_experts, width), -1, dtype=torch.int64)
-        log2phy[:, :, : layout.log2phy.shape[2]] = layout.log2phy[rows]
-        m.phy2log.index_copy_(0, index, layout.phy2log[rows].to(self.device))
-        m.log2phy.index_copy_(0, index, log2phy.to(self.device))
-        m.logcnt.index_copy_(0, index, layout.logcnt[rows].to(self.device))
-        m.replica_share.index_copy_(0, index, layout.replica_share[rows].to(self.device))
 
     def _disable(self, reason: str) -> StepReport:
         self.disabled_reason = reason
@@ -611,4 +533,4 @@ class Balancer:
             self.comm.close()
 
 
-__all__ = ["Balancer", "BalancerMaps", "BalancerStats", "StepReport"]
+__all__ = ["Balancer", "BalancerStats", "StepReport"]

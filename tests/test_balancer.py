@@ -39,7 +39,7 @@ def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
         min_gain=0.0, staging_bytes=1 << 16,
     )  # fmt: skip
     bal, tensors = single_rank(config)
-    ptrs = [t.data_ptr() for t in vars(bal.maps).values()]
+    ptrs = [t.data_ptr() for t in bal.maps.tensors()]
     gen = torch.Generator().manual_seed(0)
     events = {}
     for _ in range(11):
@@ -57,7 +57,7 @@ def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
         10: ("done", [2]),
     }  # fmt: skip
     assert bal.stats.rebalances == 1 and bal.stats.slots_moved > 0
-    assert [t.data_ptr() for t in vars(bal.maps).values()] == ptrs  # CUDA-graph safe
+    assert [t.data_ptr() for t in bal.maps.tensors()] == ptrs  # CUDA-graph safe
     assert not wrong_slots(tensors, bal.layout.phy2log, 0)
     m, lay = bal.maps, bal.layout
     assert torch.equal(m.phy2log, lay.phy2log) and torch.equal(m.logcnt, lay.logcnt)

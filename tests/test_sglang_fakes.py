@@ -112,11 +112,10 @@ class FakeBalancer:
     cannot take (several EP ranks)."""
 
     def __init__(self, config, layout, expert_tensors, group=None, rank=None, world_size=None):
-        from eplb_plugin.balancer import BalancerMaps
+        from eplb_plugin.maps import ExpertMaps
 
         self.config, self.layout, self.rank = config, layout, rank
-        self.maps = BalancerMaps(layout.phy2log.clone(), layout.log2phy.clone(),
-                                 layout.logcnt.clone(), layout.replica_share.clone())  # fmt: skip
+        self.maps = ExpertMaps.of(layout)
         self.counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
         self.stats, self.comm, self.events = {}, None, []
         self.closed = False

@@ -31,20 +31,29 @@ the plugin runs in SGLang processes that never load a model.
 
 from __future__ import annotations
 
-import functools
-import importlib.abc
-import importlib.machinery
 import inspect
 import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..common.hooks import (
+    MARK,
+    RUNTIME_ATTR,
+    PostImportHooks,
+    SupportedVersions,
+    after_call,
+    around_forward,
+    resolve,
+    unwrap,
+    wrap,
+)
+
 logger = logging.getLogger("sglang.eplb_plugin")
 
-SUPPORTED_MIN = (0, 5, 23)
-SUPPORTED_BELOW = (0, 6, 0)
-SUPPORTED_RANGE = ">=0.5.23,<0.6"
+VERSIONS = SupportedVersions("SGLang", (0, 5, 23), (0, 6, 0), "pip install sglang==0.5.23")
+SUPPORTED_RANGE = VERSIONS.range
+parse_version, version_supported = VERSIONS.parse, VERSIONS.supported
 
 ALGORITHMS_MODULE = "sglang.srt.eplb.eplb_algorithms"
 DISPATCH_MODULE = "sglang.srt.eplb.expert_location_dispatch"
@@ -64,37 +73,12 @@ TARGETS = (
     (RUNNER_MODULE, "ModelRunner.forward", ("self", "forward_batch")),
 )  # fmt: skip
 
-# The attribute a patched function carries (the original is its ``__wrapped__``).
-_MARK = "__eplb_plugin_patch__"
-# The attribute of a ModelRunner that holds its runtime (SglangEplb).
-RUNTIME_ATTR = "_eplb_plugin_runtime"
-
-# The target model runner's runtime of this process (draft runners get none).
-_STATE: dict[str, Any] = {"runtime": None}
+# The target model runner's runtime of this process (draft runners get none), and what new
+# model runners get: the plugin switch's ``active_config`` (set by ``install``).
+_STATE: dict[str, Any] = {"runtime": None, "active": lambda: None}
 
 
 # ---------------------------------------------------------------------- version
-def parse_version(version: str) -> tuple[int, int, int]:
-    """``"0.5.23"``, ``"0.5.23.post1"``, ``"0.5.24rc0+cu13"`` -> (0, 5, 23) / ... / (0, 5, 24)."""
-    parts = []
-    for piece in version.split("+")[0].split(".")[:3]:
-        digits = ""
-        for ch in piece:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            raise ValueError(f"cannot read SGLang version {version!r}")
-        parts.append(int(digits))
-    while len(parts) < 3:
-        parts.append(0)
-    return parts[0], parts[1], parts[2]
-
-
-def version_supported(version: str) -> bool:
-    return SUPPORTED_MIN <= parse_version(version) < SUPPORTED_BELOW
-
-
 def installed_version() -> str:
     """The installed SGLang's version; ValueError when SGLang is not installed."""
     import importlib.metadata as metadata
@@ -102,43 +86,23 @@ def installed_version() -> str:
     try:
         return metadata.version("sglang")
     except metadata.PackageNotFoundError as exc:
-        raise ValueError(
-            f"SGLang is not installed in this environment (the SGLang integration needs "
-            f"sglang{SUPPORTED_RANGE})"
-        ) from exc
+        raise VERSIONS.not_installed() from exc
 
 
 def check_version(version: str | None = None) -> str:
     """Return the SGLang version, or raise ValueError when the patches were not written for it."""
-    version = installed_version() if version is None else version
-    if not version_supported(version):
-        raise ValueError(
-            f"eplb-plugin's SGLang integration patches SGLang internals and was written for "
-            f"SGLang {SUPPORTED_RANGE}; this environment has SGLang {version}. Install a "
-            "supported SGLang or an eplb-plugin release made for this one."
-        )
-    return version
+    return VERSIONS.check(installed_version() if version is None else version)
 
 
 def check_signature(fn: Callable, expected: tuple[str, ...], where: str) -> None:
     """ValueError unless ``fn``'s leading parameters are ``expected`` (names, in order)."""
-    fn = inspect.unwrap(fn, stop=lambda f: not getattr(f, _MARK, False))
+    fn = inspect.unwrap(fn, stop=lambda f: not getattr(f, MARK, False))
     params = list(inspect.signature(fn).parameters)
     if tuple(params[: len(expected)]) != tuple(expected):
         raise ValueError(
             f"SGLang's {where} takes ({', '.join(params)}); eplb-plugin's patch was written for "
             f"({', '.join(expected)}, ...): this SGLang is not one the integration supports"
         )
-
-
-def resolve(module: Any, path: str) -> tuple[Any, str, Any]:
-    """(owner, attribute name, raw attribute) of ``path`` (``"Cls.method"`` or ``"fn"``)."""
-    owner = module
-    *parents, name = path.split(".")
-    for parent in parents:
-        owner = getattr(owner, parent)
-    raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-    return owner, name, raw
 
 
 def check_targets(modules: tuple[str, ...] | None = None) -> None:
@@ -162,91 +126,21 @@ def check_targets(modules: tuple[str, ...] | None = None) -> None:
 
 
 # ---------------------------------------------------------------------- patching
-def _patched(raw: Any) -> bool:
-    fn = raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw
-    return bool(getattr(fn, _MARK, False))
-
-
 def _set(module: Any, path: str, make: Callable[[Callable], Callable]) -> None:
-    """Replace ``module.path`` by ``make(original)`` (idempotent), keeping classmethods
-    classmethods, and rebind modules that imported the original by name."""
-    owner, name, raw = resolve(module, path)
-    if _patched(raw):
-        return
-    is_classmethod = isinstance(raw, classmethod)
-    original = raw.__func__ if is_classmethod else raw
-    new = make(original)
-    functools.update_wrapper(new, original)
-    new.__wrapped__ = original
-    setattr(new, _MARK, True)
-    setattr(owner, name, classmethod(new) if is_classmethod else new)
-    if not is_classmethod and owner is module:
-        _rebind(original, new)
+    """Replace ``module.path`` by ``make(original)`` (idempotent); modules of SGLang that
+    imported a module-level original by name are rebound."""
+    owner, name, _ = resolve(module, path)
+    wrap(owner, name, make, rebind="sglang")
 
 
 def _unset(module: Any, path: str) -> None:
-    owner, name, raw = resolve(module, path)
-    if not _patched(raw):
-        return
-    is_classmethod = isinstance(raw, classmethod)
-    fn = raw.__func__ if is_classmethod else raw
-    original = fn.__wrapped__
-    setattr(owner, name, classmethod(original) if is_classmethod else original)
-    if not is_classmethod and owner is module:
-        _rebind(fn, original)
+    owner, name, _ = resolve(module, path)
+    unwrap(owner, name, rebind="sglang")
 
 
-def _rebind(old: Any, new: Any) -> None:
-    """Point SGLang modules' ``from X import name`` bindings of ``old`` at ``new``."""
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not mod_name.startswith("sglang"):
-            continue
-        for attr, value in list(vars(mod).items()):
-            if value is old:
-                setattr(mod, attr, new)
-
-
-class _PatchingLoader(importlib.abc.Loader):
-    """Runs the real loader, then the patch function on the fresh module."""
-
-    def __init__(self, loader: importlib.abc.Loader, patch: Callable[[Any], None]):
-        self._loader = loader
-        self._patch = patch
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        self._patch(module)
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loader of the modules in ``_PENDING`` so they are patched when imported."""
-
-    def find_spec(self, fullname, path, target=None):
-        patch = _PENDING.get(fullname)
-        if patch is None:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _PatchingLoader(spec.loader, patch)
-        return spec
-
-
-_PENDING: dict[str, Callable[[Any], None]] = {}
-_FINDER = _PostImportFinder()
-
-
-def _when_imported(name: str, patch: Callable[[Any], None]) -> None:
-    """Run ``patch(module)`` now if module ``name`` is imported, else right after its import."""
-    _PENDING[name] = patch
-    module = sys.modules.get(name)
-    if module is not None:
-        patch(module)
-    elif _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
+_FINDER = PostImportHooks()
+_PENDING = _FINDER.targets
+_when_imported = _FINDER.when_imported
 
 
 # ---------------------------------------------------------------------- policy swap
@@ -299,8 +193,12 @@ def set_current_runtime(runtime: Any) -> None:
     _STATE["runtime"] = runtime
 
 
-def install() -> None:
-    """Patch the dispatch, recorder and model-runner hooks (now or at import); idempotent."""
+def install(active: Callable[[], Any] | None = None) -> None:
+    """Patch the dispatch, recorder and model-runner hooks (now or at import); idempotent.
+    ``active()`` returns the EplbConfig a model runner initialized from now on is balanced
+    with (None: off)."""
+    if active is not None:
+        _STATE["active"] = active
     _when_imported(DISPATCH_MODULE, _patch_dispatch)
     _when_imported(DISTRIBUTION_MODULE, _patch_distribution)
     _when_imported(RUNNER_MODULE, _patch_runner)
@@ -375,31 +273,8 @@ def shim(recorder: Any) -> Any:
 def _patch_runner(module: Any) -> None:
     check_targets((RUNNER_MODULE,))
 
-    def wrap_initialize(orig: Callable) -> Callable:
-        def initialize(self, *args, **kwargs):
-            result = orig(self, *args, **kwargs)
-            attach(self)
-            return result
-
-        return initialize
-
-    def wrap_forward(orig: Callable) -> Callable:
-        def forward(self, forward_batch, *args, **kwargs):
-            runtime = getattr(self, RUNTIME_ATTR, None)
-            if runtime is None:
-                return orig(self, forward_batch, *args, **kwargs)
-            runtime.begin_forward(num_tokens(forward_batch))
-            try:
-                output = orig(self, forward_batch, *args, **kwargs)
-            finally:
-                runtime.end_forward()
-            runtime.step()
-            return output
-
-        return forward
-
-    _set(module, "ModelRunner.initialize", wrap_initialize)
-    _set(module, "ModelRunner.forward", wrap_forward)
+    _set(module, "ModelRunner.initialize", after_call(attach))
+    _set(module, "ModelRunner.forward", around_forward(num_tokens, step=True))
 
 
 def attach(runner: Any) -> Any:
@@ -408,10 +283,9 @@ def attach(runner: Any) -> Any:
     Does nothing for draft runners, when the plugin balancer is off in this process, or when
     the model has no expert-location support (no metadata / no routed expert weights).
     """
-    from .plugin import active_config
     from .runtime import SglangEplb, count_source
 
-    config = active_config()
+    config = _STATE["active"]()
     existing = getattr(runner, RUNTIME_ATTR, None)
     if config is None or existing is not None or getattr(runner, "is_draft_worker", False):
         return existing
@@ -465,13 +339,7 @@ def attach(runner: Any) -> Any:
         distribution.set_global_expert_distribution_recorder(
             distribution.get_global_expert_distribution_recorder()
         )
-    logger.info(
-        "eplb-plugin: balancer attached on EP rank %d/%d: %d MoE layers, %d experts on %d "
-        "physical slots (%d per rank), dispatch %s, policy %s, counts from %s",
-        ep_rank, metadata.ep_size, len(layer_ids), metadata.num_logical_experts,
-        runtime.topology.num_replicas, runtime.slots_per_gpu, runtime.dispatch, config.policy,
-        source,
-    )  # fmt: skip
+    runtime.log_attached(len(layer_ids), f", counts from {source}")
     return runtime
 
 

@@ -32,26 +32,21 @@ Nothing here imports SGLang; :mod:`.patches` connects these methods to SGLang's 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import torch
 
 from eplb_plugin.config import EplbConfig
-from eplb_plugin.layout import ExpertLayout, Topology
+from eplb_plugin.maps import ExpertMaps
 
-from .ops import map_and_count_op, register_runtime, unregister_runtime
+from ..common.runtime import EngineRuntime, require_enabled
 
 logger = logging.getLogger("sglang.eplb_plugin")
 
 COUNT_SOURCES = ("select_experts", "deepep_low_latency", "deepep_normal")
-# Step reports kept for inspection (``summary()``); older ones are dropped.
-REPORTS_KEPT = 256
 
 
 def count_source(
@@ -72,50 +67,29 @@ def count_source(
     return "select_experts"
 
 
-def check_slots(num_experts: int, num_slots: int, ep_size: int) -> None:
-    """ValueError unless the slots divide evenly over the EP ranks and hold every expert."""
-    if num_slots < num_experts:
-        raise ValueError(f"num_slots={num_slots} is below num_experts={num_experts}")
-    if num_slots % ep_size:
-        raise ValueError(
-            f"EP size {ep_size} must divide the {num_slots} physical slots "
-            f"({num_slots - num_experts} redundant); choose --eplb-num-redundant-experts so "
-            f"that experts + redundant is a multiple of {ep_size}"
-        )
-
-
 class LayerRoute:
-    """What the patched ``topk_ids_logical_to_physical`` needs for one layer: tensors only
-    (one-layer views of the Balancer's maps) and the runtime's number, no layer index, so
-    that a compiled caller is not specialised per layer."""
+    """What the patched ``topk_ids_logical_to_physical`` needs for one layer: one-layer views
+    of the Balancer's maps and a scratch count row (tensors only, no layer index, so that a
+    compiled caller is not specialised per layer) and the runtime."""
 
-    __slots__ = ("log2phy", "logcnt", "replica_share", "phy2log", "sink", "seed", "runtime_id")
+    __slots__ = ("maps", "sink", "runtime")
 
-    def __init__(self, maps, row: int, sink: torch.Tensor, seed: torch.Tensor, runtime_id: int):
-        one = slice(row, row + 1)
-        self.log2phy = maps.log2phy[one]
-        self.logcnt = maps.logcnt[one]
-        self.replica_share = maps.replica_share[one]
-        self.phy2log = maps.phy2log[one]
-        self.sink = sink[one]
-        self.seed = seed
-        self.runtime_id = runtime_id
+    def __init__(self, maps: ExpertMaps, sink: torch.Tensor, runtime: SglangEplb):
+        self.maps, self.sink, self.runtime = maps, sink, runtime
 
 
 def route(topk_ids: torch.Tensor, layer_route: LayerRoute) -> torch.Tensor:
     """[N, K] logical ids -> [N, K] physical slots through the custom op.
 
-    The op's own count goes to a scratch buffer: the counts that feed the Balancer are
-    taken where SGLang's recorder takes them (after padding rows are masked).
+    Every row is routed; the op's own count goes to a scratch buffer: the counts that feed
+    the Balancer are taken where SGLang's recorder takes them (after padding rows are masked).
     """
     r = layer_route
-    return map_and_count_op()(
-        topk_ids, r.log2phy, r.logcnt, r.replica_share, r.phy2log, r.sink, r.seed, r.runtime_id
-    )
+    return r.runtime.route(topk_ids, r.maps, r.sink, 0)
 
 
-class SglangEplb:
-    """The Balancer of one SGLang model runner, wired to its MoE layers.
+class SglangEplb(EngineRuntime):
+    """The EngineRuntime of one SGLang model runner, wired to its MoE layers.
 
     Args:
         config: the EplbConfig (``enable`` must be True).
@@ -139,6 +113,8 @@ class SglangEplb:
         balancer_cls: the Balancer class (tests pass a fake).
     """
 
+    logger = logger
+
     def __init__(
         self,
         config: EplbConfig,
@@ -157,8 +133,7 @@ class SglangEplb:
         on_layout: Callable[[torch.Tensor, list[int]], None] | None = None,
         balancer_cls: type | None = None,
     ) -> None:
-        if not isinstance(config, EplbConfig) or not config.enable:
-            raise ValueError("SglangEplb needs an EplbConfig with enable=True")
+        require_enabled(config, "SglangEplb")
         if source not in COUNT_SOURCES:
             raise ValueError(f"source={source!r} must be one of {', '.join(COUNT_SOURCES)}")
         model_phy2log = torch.as_tensor(model_phy2log).detach().cpu().to(torch.int64)
@@ -179,63 +154,35 @@ class SglangEplb:
             raise ValueError(
                 f"expert_tensors has {len(expert_tensors)} layers, layer_ids {len(layer_ids)}"
             )
-        num_slots = model_phy2log.shape[1]
-        check_slots(num_experts, num_slots, ep_size)
-        redundant = num_slots - num_experts
+        redundant = model_phy2log.shape[1] - num_experts
         if redundant != config.num_redundant_experts:
             raise ValueError(
-                f"SGLang serves {num_slots} slots for {num_experts} experts ({redundant} "
-                f"redundant, --ep-num-redundant-experts) but --eplb-num-redundant-experts is "
-                f"{config.num_redundant_experts}; launch with `eplb sglang launch_server`, "
-                "which passes the same value to both"
+                f"SGLang serves {model_phy2log.shape[1]} slots for {num_experts} experts "
+                f"({redundant} redundant, --ep-num-redundant-experts) but "
+                f"--eplb-num-redundant-experts is {config.num_redundant_experts}; launch with "
+                "`eplb sglang launch_server`, which passes the same value to both"
             )
-        groups = config.num_groups if config.num_groups != 1 else (num_groups or 1)
-        if groups < 1 or num_experts % groups:
-            groups = 1
-        nodes = config.num_nodes if config.num_nodes != 1 else (num_nodes or 1)
-        if nodes < 1 or ep_size % nodes:
-            nodes = 1
-        # The model's expert groups and SGLang's node count, unless the user set them.
-        self.config = config = dataclasses.replace(config, num_groups=groups, num_nodes=nodes)
-        self.topology = Topology(num_slots, groups, nodes, ep_size)
+        super().__init__(
+            config, model_phy2log[list(layer_ids)], num_experts, expert_tensors, ep_rank,
+            ep_size, num_groups=num_groups, num_nodes=num_nodes, rank_invariant=rank_invariant,
+            group=group, balancer_cls=balancer_cls,
+        )  # fmt: skip
         self.layer_ids = list(layer_ids)
         self.rows = {layer_id: row for row, layer_id in enumerate(self.layer_ids)}
         self.model_phy2log = model_phy2log
-        self.initial_layout = ExpertLayout.from_phy2log(
-            model_phy2log[self.layer_ids], self.topology, num_experts
-        )
-        self.ep_rank, self.ep_size = ep_rank, ep_size
-        self.slots_per_gpu = self.topology.slots_per_gpu
-        self.dispatch = config.dispatch
-        self.rank_invariant = rank_invariant
         self.source = source
         self.on_layout = on_layout
-        if balancer_cls is None:
-            from eplb_plugin.balancer import Balancer as balancer_cls
-        self.balancer = balancer_cls(
-            config, self.initial_layout, expert_tensors, group=group, rank=ep_rank,
-            world_size=ep_size,
-        )  # fmt: skip
-        self.comm = getattr(self.balancer, "comm", None)
-        counts = self.balancer.counts
-        self.device = counts.device
-        # Device scalars the hooks read, so that no step needs a host synchronisation and
-        # the values can change under a captured graph.
+        # Device scalar the counting adds are multiplied by: 1 only inside real forward
+        # passes, so that they can be captured in CUDA graphs.
         self.gate = torch.zeros((), dtype=torch.int32, device=self.device)
-        self.seed = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._sink = torch.zeros_like(counts)
-        # registered now, not while Dynamo traces SGLang's compiled top-k helpers
-        map_and_count_op()
-        self._runtime_id = register_runtime(self)
+        sink = torch.zeros_like(self.balancer.counts)
+        maps = self.balancer.maps
         self.routes = {
-            layer_id: LayerRoute(self.balancer.maps, row, self._sink, self.seed, self._runtime_id)
+            layer_id: LayerRoute(maps.rows(row), sink[row : row + 1], self)
             for layer_id, row in self.rows.items()
         }
         self._infos: dict[int, Any] = {}
         self.forwards = 0
-        self.steps = 0
-        self.reports: deque[dict] = deque(maxlen=REPORTS_KEPT)
-        self._closed = False
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_info(self, layer_id: int, info_cls: type) -> Any | None:
@@ -250,8 +197,8 @@ class SglangEplb:
         info = info_cls(
             ep_dispatch_algorithm="dynamic",
             partial_logical_to_rank_dispatch_physical_map=None,
-            partial_logical_to_all_physical_map=r.log2phy[0],
-            partial_logical_to_all_physical_map_num_valid=r.logcnt[0],
+            partial_logical_to_all_physical_map=r.maps.log2phy[0],
+            partial_logical_to_all_physical_map_num_valid=r.maps.logcnt[0],
             num_physical_experts=self.topology.num_replicas,
             rank_invariant=self.rank_invariant,
         )
@@ -287,9 +234,7 @@ class SglangEplb:
     def begin_forward(self, num_tokens: int) -> None:
         """Before a forward pass that routes ``num_tokens`` of this rank's tokens."""
         self.gate.fill_(1 if num_tokens > 0 else 0)
-        rank = 0 if self.rank_invariant else self.ep_rank
-        step = self.forwards * (1 if self.rank_invariant else self.ep_size)
-        self.seed.fill_((self.config.seed * 7919 + step + rank) % (1 << 20))
+        self.set_seed(self.forwards)
 
     def end_forward(self) -> None:
         """After the forward: routing outside forward passes (CUDA-graph capture, warm-up
@@ -298,17 +243,10 @@ class SglangEplb:
         self.forwards += 1
 
     def step(self) -> dict | None:
-        """One Balancer step; call after every forward on every EP rank (lockstep)."""
-        if self._closed:
-            return None
-        self.steps += 1
-        report = self.balancer.step()
-        if report is None:
-            return None
-        report = asdict(report) if is_dataclass(report) else dict(report)
-        self.reports.append(report)
-        self._log(report)
-        if report.get("event") in ("done", "failed") and self.on_layout is not None:
+        """One Balancer step; call after every forward on every EP rank (lockstep). When a
+        rebalance ends, ``on_layout`` refreshes SGLang's expert metadata."""
+        report = super().step()
+        if report and report.get("event") in ("done", "failed") and self.on_layout is not None:
             try:
                 self.on_layout(self.full_phy2log(), list(self.layer_ids))
             except Exception as exc:  # noqa: BLE001 - keep serving on the committed layout
@@ -321,50 +259,13 @@ class SglangEplb:
         full[self.layer_ids] = self.balancer.maps.phy2log.detach().cpu()
         return full
 
-    def _log(self, report: dict) -> None:
-        event = report.get("event")
-        if event == "failed":
-            logger.error(
-                "eplb-plugin: rank %d step %d: rebalance failed (layers %s): %s",
-                self.ep_rank, report.get("step"), report.get("layers"), report.get("error"),
-            )  # fmt: skip
-        elif event in ("done", "skipped"):
-            logger.info(
-                "eplb-plugin: rank %d step %d: %s (balancedness %s -> %s, pause %.3f s)",
-                self.ep_rank, report.get("step"), event,
-                _fmt(report.get("balancedness_before")), _fmt(report.get("balancedness_after")),
-                report.get("pause_s") or 0.0,
-            )  # fmt: skip
-
-    # ------------------------------------------------------------------ inspection
     def summary(self) -> dict:
-        """Plain-data state of this rank's balancer."""
-        stats = self.balancer.stats
         return {
-            "rank": self.ep_rank,
-            "ep_size": self.ep_size,
+            **super().summary(),
             "layer_ids": list(self.layer_ids),
-            "num_experts": self.initial_layout.num_experts,
-            "num_slots": self.topology.num_replicas,
-            "topology": self.topology.to_dict(),
-            "dispatch": self.dispatch,
             "count_source": self.source,
             "forwards": self.forwards,
-            "phy2log": self.balancer.maps.phy2log.detach().cpu().tolist(),
-            "stats": asdict(stats) if is_dataclass(stats) else stats,
-            "reports": list(self.reports),
         }
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        unregister_runtime(self._runtime_id)
-        self.balancer.close()
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 class RecorderShim:
@@ -431,7 +332,6 @@ __all__ = [
     "LayerRoute",
     "RecorderShim",
     "SglangEplb",
-    "check_slots",
     "count_source",
     "route",
 ]

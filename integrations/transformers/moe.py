@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from eplb_plugin.maps import ExpertMaps
+from eplb_plugin.routing import Router, dither_seed
+
 
 @dataclass
 class EPRuntime:
@@ -24,35 +27,36 @@ class EPRuntime:
     Attributes:
         rank, world_size: this EP rank and the EP size.
         slots_per_rank: S, physical slots held by each rank.
-        maps: object with ``phy2log`` [L, P], ``log2phy`` [L, E, X], ``logcnt`` [L, E] int64
-            and ``replica_share`` [L, P] float32 device tensors (a Balancer's ``maps``);
-            read on every call, so in-place commits take effect at the next forward.
+        maps: the ExpertMaps in force (a Balancer's ``maps`` when EPLB is on); read on every
+            call, so in-place commits take effect at the next forward.
         counts: [L, P] int32 device buffer the routing adds its per-slot counts to.
-        comm: a communicator from :mod:`.comm`.
-        dispatch: replica choice mode, ``"static"``, ``"local"`` or ``"global"``.
+        comm: a token-exchange communicator from :mod:`.comm`.
+        router: the :class:`eplb_plugin.routing.Router` of the dispatch mode (its
+            Communicator carries ``global`` dispatch's all-reduce).
         seed: dither seed base of the dispatch (combined with rank and step).
-        group: torch.distributed group of the EP ranks (None: default group).
         step: engine steps completed (advanced by the caller).
-        balancer: the Balancer when EPLB is on (routing then goes through its ``route``).
+        balancer: the Balancer when EPLB is on.
     """
 
     rank: int
     world_size: int
     slots_per_rank: int
-    maps: object
+    maps: ExpertMaps
     counts: torch.Tensor
     comm: object
-    dispatch: str = "static"
+    router: Router
     seed: int = 0
-    group: object = None
     step: int = 0
     balancer: object = None
 
+    @property
+    def dispatch(self) -> str:
+        return self.router.dispatch
+
     def map_slots(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """topk_ids [N, K] int64 logical -> [N, K] int64 physical slots; adds to ``counts``."""
-        from .routing import map_and_count_layer
-
-        return map_and_count_layer(self, layer, topk_ids)
+        seed = dither_seed(self.seed, self.step, self.rank, self.world_size)
+        return self.router(topk_ids, self.maps, self.counts, layer, seed=seed)
 
 
 class EPExperts(torch.nn.Module):

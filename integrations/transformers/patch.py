@@ -16,27 +16,13 @@ import torch.distributed as dist
 
 from eplb_plugin.config import EplbConfig
 from eplb_plugin.layout import ExpertLayout, Topology
+from eplb_plugin.maps import ExpertMaps
+from eplb_plugin.routing import Router
 
+from ..common.runtime import check_slots
 from .comm import make_communicator
 from .models import MoEFamily, family_of, moe_layers
 from .moe import EPExperts, EPRuntime, shard_experts
-
-
-@dataclass
-class StaticMaps:
-    """Maps of a layout that never changes (EPLB off): same fields as ``BalancerMaps``."""
-
-    phy2log: torch.Tensor
-    log2phy: torch.Tensor
-    logcnt: torch.Tensor
-    replica_share: torch.Tensor
-
-    @classmethod
-    def of(cls, layout: ExpertLayout, device: torch.device) -> StaticMaps:
-        return cls(
-            layout.phy2log.to(device), layout.log2phy.to(device), layout.logcnt.to(device),
-            layout.replica_share.to(device),
-        )  # fmt: skip
 
 
 @dataclass
@@ -105,14 +91,20 @@ def ep_topology(config: EplbConfig, num_experts: int, world_size: int) -> Topolo
     Expert groups and nodes come from ``config`` (``--eplb-num-groups``, ``--eplb-num-nodes``).
     """
     slots = num_experts + (config.num_redundant_experts if config.enable else 0)
-    if slots % world_size:
-        raise ValueError(
-            f"EP size {world_size} does not divide the {slots} physical slots "
-            f"({num_experts} experts + {slots - num_experts} redundant)"
-        )
+    check_slots(num_experts, slots, world_size)
     topology = Topology(slots, config.num_groups, config.num_nodes, world_size)
     topology.check_experts(num_experts)
     return topology
+
+
+def _dispatch_comm(config: EplbConfig, group: object | None, world_size: int) -> object | None:
+    """The Communicator of ``global`` dispatch's per-layer all-reduce with EPLB off (the
+    Balancer's otherwise); None where no collective is needed."""
+    if config.dispatch != "global" or world_size == 1:
+        return None
+    from eplb_plugin.comm import make_communicator as make_control
+
+    return make_control(config.communicator, group, config.timeout_s)
 
 
 def _export_layout(shard, layout: ExpertLayout | None, rank: int, world_size: int):
@@ -216,16 +208,16 @@ def apply_eplb(
             world_size=world_size,
             **(balancer_options or {}),
         )
-        maps, counts = balancer.maps, balancer.counts
+        maps, counts, router = balancer.maps, balancer.counts, balancer.router
     else:
-        maps = StaticMaps.of(layout, device)
+        maps = ExpertMaps.of(layout, device)
         counts = torch.zeros(num_layers, topology.num_replicas, dtype=torch.int32, device=device)
+        router = Router(config.dispatch, _dispatch_comm(config, group, world_size))
     hidden = int(model.config.hidden_size)
     communicator = make_communicator(comm, group, world_size, slots, hidden, device)
     runtime = EPRuntime(
         rank=rank, world_size=world_size, slots_per_rank=slots, maps=maps, counts=counts,
-        comm=communicator, dispatch=config.dispatch, seed=config.seed, group=group,
-        balancer=balancer,
+        comm=communicator, router=router, seed=config.seed, balancer=balancer,
     )  # fmt: skip
     routers = []
     for layer, (_, block) in enumerate(blocks):

@@ -1,12 +1,10 @@
-"""Routing on an EP rank: logical -> physical mapping with counting, and trace-driven routing.
-
-``map_and_count_layer`` is the hook between a model's router and the token dispatch: it runs
-``eplb_plugin.kernels.map_and_count`` on one layer's top-k ids with the maps in force.
+"""Trace-driven routing for the transformers engine.
 
 ``TraceRouting`` replaces the router's expert choices with those of a routing trace (the
 ``examples/traces/*.npz`` format: ``topk_ids`` [T, L, K] int, ``seq_offsets`` [S + 1]), so
 that a tiny model sees a real load pattern while every other part runs for real. The router's
-top-k weights are kept, position by position.
+top-k weights are kept, position by position. (The logical -> physical mapping itself is
+:class:`eplb_plugin.routing.Router`, called by :class:`~.moe.EPExperts`.)
 """
 
 from __future__ import annotations
@@ -15,59 +13,6 @@ import os
 
 import numpy as np
 import torch
-
-
-def map_and_count_layer(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-    """Map one layer's logical choices to physical slots and count them.
-
-    Args:
-        runtime: the rank's EPRuntime (maps, counts, dispatch mode, seed, step, group).
-        layer: MoE layer index.
-        topk_ids: [N, K] int64 logical expert ids of this rank's tokens.
-    Returns:
-        [N, K] int64 physical slots; ``runtime.counts[layer]`` grows by the per-slot counts.
-
-    ``global`` dispatch all-reduces the layer's per-expert counts over the EP ranks and
-    water-fills the shares from them; every rank then splits its own tokens by the same
-    shares (docs/dispatch.md). ``static`` and ``local`` need no communication.
-    """
-    from eplb_plugin.kernels import map_and_count
-
-    # the dither differs per rank and step so rounding errors do not pile onto one replica
-    seed = (runtime.seed * 7919 + runtime.step * runtime.world_size + runtime.rank) % (1 << 20)
-    if runtime.balancer is not None:
-        return runtime.balancer.route(topk_ids, layer, seed=seed)
-    maps = runtime.maps
-    dispatch, share = runtime.dispatch, maps.replica_share
-    if dispatch == "global":
-        share = _global_shares(runtime, layer, topk_ids)
-        dispatch = "static"
-    return map_and_count(
-        topk_ids, maps.log2phy, maps.logcnt, share, runtime.counts, layer, topk_ids.shape[0],
-        dispatch=dispatch, phy2log=maps.phy2log, slots_per_gpu=runtime.slots_per_rank,
-        seed=seed, validate=False,
-    )  # fmt: skip
-
-
-def _global_shares(runtime, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-    """[L, P] float32 shares whose row ``layer`` is water-filled from all ranks' counts."""
-    import torch.distributed as dist
-
-    from eplb_plugin.kernels.waterfill import waterfill_shares
-
-    maps = runtime.maps
-    num_experts = maps.logcnt.shape[1]
-    counts = torch.bincount(topk_ids.reshape(-1), minlength=num_experts).to(torch.float32)
-    if runtime.world_size > 1:
-        dist.all_reduce(counts, group=runtime.group)
-    rows = slice(layer, layer + 1)
-    row = waterfill_shares(
-        counts.unsqueeze(0), maps.phy2log[rows], maps.log2phy[rows], maps.logcnt[rows],
-        runtime.slots_per_rank, maps.replica_share[rows],
-    )  # fmt: skip
-    share = maps.replica_share.clone()
-    share[layer] = row[0]
-    return share
 
 
 # ---------------------------------------------------------------------- traces

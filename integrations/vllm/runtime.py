@@ -8,10 +8,11 @@ MoE layer it
    start-up; every per-expert tensor (weights, biases, scales; after vLLM's own
    post-processing such as the CPU prepacking, which keeps one expert per row of dim 0) is
    re-indexed along dim 0 (:func:`grow_slots`);
-2. creates one :class:`eplb_plugin.balancer.Balancer` over all layers, which owns the
-   device maps and the per-slot counts and moves the rows of those tensors in place;
-3. routes each layer's logical ids through ``map_and_count`` (:mod:`.ops`) in the slot
-   vLLM's own EPLB uses for its mapping.
+2. builds the :class:`~eplb_plugin.integrations.common.runtime.EngineRuntime` (one Balancer
+   over all layers, which owns the device maps and the per-slot counts and moves the rows of
+   those tensors in place);
+3. routes each layer's logical ids through the custom op in the slot vLLM's own EPLB uses
+   for its mapping.
 
 Per engine step the runner calls :meth:`VllmEplb.begin_forward` / :meth:`end_forward` around
 the forward and :meth:`VllmEplb.step` after sampling (``eplb_step``).
@@ -19,24 +20,17 @@ the forward and :meth:`VllmEplb.step` after sampling (``eplb_step``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections import deque
-from dataclasses import asdict, is_dataclass
-from typing import Any
 
 import torch
 
 from eplb_plugin.config import EplbConfig
-from eplb_plugin.layout import ExpertLayout, Topology, balancedness_of
 
-from . import patches
-from .ops import map_and_count_op, register_balancer, unregister_balancer
+from ..common.hooks import RUNTIME_ATTR
+from ..common.runtime import EngineRuntime, check_slots, require_enabled
+from . import model
 
 logger = logging.getLogger("vllm.eplb_plugin")
-
-# Step reports kept for inspection (``summary()``); older ones are dropped.
-REPORTS_KEPT = 256
 
 
 def initial_phy2log(
@@ -49,24 +43,17 @@ def initial_phy2log(
     round-robin. With one rank this is ``arange(P) % E``.
     """
     check_slots(num_experts, num_slots, ep_size)
+    if num_experts % ep_size:
+        raise ValueError(
+            f"vLLM loads the {num_experts} experts evenly over the {ep_size} EP ranks; "
+            f"{ep_size} does not divide them"
+        )
     local = num_experts // ep_size
     per_rank = num_slots // ep_size
     rank = torch.arange(num_slots) // per_rank
     offset = torch.arange(num_slots) % per_rank
     row = rank * local + offset % local
     return row.to(torch.int64).expand(num_layers, -1).contiguous()
-
-
-def check_slots(num_experts: int, num_slots: int, ep_size: int) -> None:
-    """ValueError unless experts and slots divide evenly over the EP ranks."""
-    if num_slots < num_experts:
-        raise ValueError(f"num_slots={num_slots} is below num_experts={num_experts}")
-    if num_experts % ep_size or num_slots % ep_size:
-        raise ValueError(
-            f"EP size {ep_size} must divide both the {num_experts} experts and the "
-            f"{num_slots} physical slots ({num_slots - num_experts} redundant); choose "
-            f"--eplb-num-redundant-experts as a multiple of {ep_size}"
-        )
 
 
 def local_rows(phy2log_row: torch.Tensor, ep_rank: int, slots_per_rank: int,
@@ -94,46 +81,33 @@ def grow_slots(params: list[tuple[str, torch.nn.Parameter]], rows: torch.Tensor)
     return tensors
 
 
-def slot_balancedness(counts: torch.Tensor) -> float:
-    """Mean over layers of mean/max tokens per slot, from ``counts`` [L, P] (1.0 = even).
-
-    The balancedness of a deployment with one slot per GPU; with a single GPU (every slot
-    in one process) it is the measure that replication can improve.
-    """
-    return float(balancedness_of(counts.to(torch.float32)))
-
-
-def _as_dict(obj: Any) -> Any:
-    return asdict(obj) if is_dataclass(obj) else obj
-
-
-class VllmEplb:
-    """The Balancer of one model runner, wired to its MoE layers.
+class VllmEplb(EngineRuntime):
+    """The EngineRuntime of one vLLM model runner, wired to its MoE layers.
 
     Args:
         config: the EplbConfig (``enable`` must be True).
-        layers: the runner's MoE layers (:func:`patches.moe_layers`), in model order.
+        layers: the runner's MoE layers (:func:`model.moe_layers`), in model order.
         balancer_cls: the Balancer class (default: eplb_plugin's).
         group: the EP process group; default ``"vllm"``: vLLM's EP group (None without
             expert parallelism). Tests pass their own.
 
     Attributes:
-        layers, balancer, topology, initial_layout.
-        steps: engine steps that routed tokens so far.
-        reports: recent StepReports (as dicts) of the Balancer.
-        history: when ``keep_history`` is set, per step (step, counts [L, P] int32 on CPU,
-            phy2log [L, P] in force); a host copy per step, so off by default.
+        layers; num_valid: 0-dim int64 device scalar, the rows the op counts (0 outside
+        real engine steps); history: when ``keep_history`` is set, per step (step, counts
+        [L, P] int32 on CPU, phy2log [L, P] in force), a host copy per step, so off by
+        default.
     """
+
+    logger = logger
 
     def __init__(
         self,
         config: EplbConfig,
-        layers: list[patches.MoELayer],
+        layers: list[model.MoELayer],
         balancer_cls=None,
         group: object = "vllm",
     ):
-        if not config.enable:
-            raise ValueError("VllmEplb needs config.enable=True")
+        require_enabled(config, "VllmEplb")
         if not layers:
             raise ValueError("no fused MoE layer to balance")
         first = layers[0]
@@ -144,7 +118,6 @@ class VllmEplb:
                     f"MoE layers {first.name!r} and {layer.name!r} differ in experts or EP "
                     "ranks; one balancer needs the same shape in every layer"
                 )
-        self.layers = layers
         num_experts, ep_size, ep_rank = first.num_experts, first.ep_size, first.ep_rank
         if first.num_local * ep_size != num_experts:
             raise ValueError(
@@ -152,75 +125,55 @@ class VllmEplb:
                 f"each of {ep_size} EP ranks; expected an even split"
             )
         num_slots = num_experts + config.num_redundant_experts
-        check_slots(num_experts, num_slots, ep_size)
-        groups = config.num_groups if config.num_groups != 1 else first.num_groups
-        if groups < 1 or num_experts % groups:
-            groups = 1
-        # The model's expert groups, unless the user set --eplb-num-groups (as `eplb demo`).
-        config = dataclasses.replace(config, num_groups=groups)
-        self.config = config
-        self.topology = Topology(num_slots, groups, config.num_nodes, ep_size)
-        self.ep_rank, self.ep_size = ep_rank, ep_size
-        self.slots_per_rank = self.topology.slots_per_gpu
         phy2log = initial_phy2log(len(layers), num_experts, num_slots, ep_size)
-        self.initial_layout = ExpertLayout.from_phy2log(phy2log, self.topology, num_experts)
+        if config.initial_layout:  # e.g. an `eplb export` folder: serve its layout from the start
+            from eplb_plugin.record import read_initial_layout
 
+            phy2log = read_initial_layout(
+                config.initial_layout, len(layers), num_experts, num_slots, ep_size
+            )
+        per_rank = num_slots // ep_size
         expert_tensors = []
         for index, layer in enumerate(layers):
-            rows = local_rows(phy2log[index], ep_rank, self.slots_per_rank, first.num_local)
-            params = patches.expert_params(layer.experts, layer.num_local)
+            rows = local_rows(phy2log[index], ep_rank, per_rank, first.num_local)
+            params = model.expert_params(layer.experts, layer.num_local)
             expert_tensors.append(grow_slots(params, rows))
-            patches.resize_experts(layer, num_slots, self.slots_per_rank)
-        self.device = expert_tensors[0][0].device
+            model.resize_experts(layer, num_slots, per_rank)
         if group == "vllm":
-            group = patches.ep_group(first)
-        if balancer_cls is None:
-            from eplb_plugin.balancer import Balancer as balancer_cls
-        extra = {}
+            group = model.ep_group(first)
+        communicator = None
         if group is None:
             # Without expert parallelism every rank (e.g. each tensor-parallel rank) holds all
             # slots and balances alone; vLLM's world group must not be taken for an EP group.
             from eplb_plugin.comm import LocalCommunicator
 
-            extra["communicator"] = LocalCommunicator(config.timeout_s)
-        self.balancer = balancer_cls(
-            config, self.initial_layout, expert_tensors, group=group, rank=ep_rank,
-            world_size=ep_size, **extra,
+            communicator = LocalCommunicator(config.timeout_s)
+        super().__init__(
+            config, phy2log, num_experts, expert_tensors, ep_rank, ep_size,
+            num_groups=first.num_groups, group=group, communicator=communicator,
+            balancer_cls=balancer_cls,
         )  # fmt: skip
-        # Device scalars the hooks read, so that the steps need no host synchronisation and
-        # the values can change under a captured graph.
+        self.layers = layers
+        self.slots_per_rank = self.slots_per_gpu
         self.num_valid = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.seed = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.dispatch = config.dispatch
-        self._balancer_id = register_balancer(self.balancer)
         for index, layer in enumerate(layers):
-            patches.set_router_mapping(layer.router, self._mapping(index))
-        self.steps = 0
+            model.set_router_mapping(layer.router, self._mapping(index))
         self._pending = False
-        self.reports: deque[dict] = deque(maxlen=REPORTS_KEPT)
         self.keep_history = False
         self.history: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
-    # ------------------------------------------------------------------ hooks
     def _mapping(self, layer: int):
-        op = map_and_count_op()
-        maps, counts = self.balancer.maps, self.balancer.counts
-        num_valid, seed, balancer_id = self.num_valid, self.seed, self._balancer_id
+        maps, counts, num_valid = self.balancer.maps, self.balancer.counts, self.num_valid
 
         def mapping(topk_ids: torch.Tensor) -> torch.Tensor:
-            return op(
-                topk_ids, maps.log2phy, maps.logcnt, maps.replica_share, maps.phy2log, counts,
-                num_valid, seed, layer, balancer_id,
-            )  # fmt: skip
+            return self.route(topk_ids, maps, counts, layer, num_valid)
 
         return mapping
 
-    # ------------------------------------------------------------------ per step
     def begin_forward(self, num_tokens: int) -> None:
         """Before a forward that routes ``num_tokens`` real tokens (padding comes after)."""
         self.num_valid.fill_(num_tokens)
-        c = self.config
-        self.seed.fill_((c.seed * 7919 + self.steps * self.ep_size + self.ep_rank) % (1 << 20))
+        self.set_seed(self.steps)
         self._pending = num_tokens > 0
 
     def end_forward(self) -> None:
@@ -232,102 +185,43 @@ class VllmEplb:
         if not self._pending:
             return None
         self._pending = False
-        self.steps += 1
         if self.keep_history:
             self.history.append(
-                (self.steps, self.balancer.counts.detach().cpu().clone(),
+                (self.steps + 1, self.balancer.counts.detach().cpu().clone(),
                  self.balancer.maps.phy2log.detach().cpu().clone())
             )  # fmt: skip
-        report = self.balancer.step()
-        if report is None:
-            return None
-        report = _as_dict(report)
-        self.reports.append(report)
-        self._log(report)
-        return report
+        return super().step()
 
-    def _log(self, report: dict) -> None:
-        head = f"eplb-plugin: rank {self.ep_rank} step {report.get('step')}:"
-        event = report.get("event")
-        before, after = report.get("balancedness_before"), report.get("balancedness_after")
-        predicted = f"predicted balancedness {_fmt(before)} -> {_fmt(after)}"
-        if event == "failed":
-            logger.error("%s rebalance failed, serving continues on the layout in force: %s",
-                         head, report.get("error"))  # fmt: skip
-        elif event == "skipped":
-            logger.info("%s plan not acted on (%s)", head, predicted)
-        elif event in ("chunk", "done"):
-            moved = report.get("bytes_sent", 0) + report.get("bytes_received", 0)
-            what = "rebalance done" if event == "done" else "rebalance chunk committed"
-            extra = f", {predicted}" if before is not None else ""
-            pause = report.get("pause_s") or 0.0
-            logger.info(
-                "%s %s: layers %s, %d bytes over the network, pause %.3f s%s",
-                head, what, report.get("layers"), moved, pause, extra,
-            )  # fmt: skip
-        elif event == "planned":
-            logger.debug("%s load snapshot taken, planning", head)
-
-    # ------------------------------------------------------------------ inspection
     def summary(self) -> dict:
-        """Plain-data state of this rank's balancer (safe to send over RPC)."""
-        return {
-            "rank": self.ep_rank,
-            "ep_size": self.ep_size,
-            "layers": [layer.name for layer in self.layers],
-            "num_experts": self.initial_layout.num_experts,
-            "num_slots": self.topology.num_replicas,
-            "topology": self.topology.to_dict(),
-            "dispatch": self.dispatch,
-            "steps": self.steps,
-            "initial_phy2log": self.initial_layout.phy2log.tolist(),
-            "phy2log": self.balancer.maps.phy2log.detach().cpu().tolist(),
-            "stats": _as_dict(self.balancer.stats),
-            "reports": list(self.reports),
-        }
-
-    def close(self) -> None:
-        unregister_balancer(self._balancer_id)
-        self.balancer.close()
+        return {**super().summary(), "layers": [layer.name for layer in self.layers]}
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def attach(runner, config: EplbConfig | None) -> VllmEplb | None:
+    """Give ``runner`` (a vLLM model runner whose model just loaded) the plugin balancer
+    with ``config`` (the plugin switch's active config; None: the balancer is off).
 
-
-def attach(runner) -> VllmEplb | None:
-    """Give ``runner`` (a vLLM model runner whose model just loaded) the plugin balancer.
-
-    Does nothing when the plugin balancer is off in this process or the runner has one.
+    Does nothing when ``config`` is None or the runner has one.
     """
-    from .plugin import active_config
-
-    config = active_config()
-    existing = getattr(runner, patches.RUNTIME_ATTR, None)
+    existing = getattr(runner, RUNTIME_ATTR, None)
     if config is None or existing is not None:
         return existing
-    layers = patches.moe_layers(runner)
+    layers = model.moe_layers(runner)
     if not layers:
         logger.warning("eplb-plugin: the model has no fused MoE layer; balancer not attached")
         return None
     runtime = VllmEplb(config, layers)
-    setattr(runner, patches.RUNTIME_ATTR, runtime)
+    setattr(runner, RUNTIME_ATTR, runtime)
     import eplb_plugin
 
-    patches.mark_compile_cache(
+    model.mark_compile_cache(
         runner, {"version": eplb_plugin.__version__, "config": runtime.config.to_dict()}
     )
-    logger.info(
-        "eplb-plugin: balancer attached on EP rank %d/%d: %d MoE layers, %d experts on %d "
-        "physical slots (%d per rank), dispatch %s, policy %s",
-        runtime.ep_rank, runtime.ep_size, len(layers), runtime.initial_layout.num_experts,
-        runtime.topology.num_replicas, runtime.slots_per_rank, runtime.dispatch, config.policy,
-    )  # fmt: skip
+    runtime.log_attached(len(layers))
     return runtime
 
 
 def runtime_of(runner) -> VllmEplb | None:
-    return getattr(runner, patches.RUNTIME_ATTR, None)
+    return getattr(runner, RUNTIME_ATTR, None)
 
 
 # ---------------------------------------------------------------------- RPC helpers

@@ -1,0 +1,136 @@
+"""The one routing path: a layer's logical ``topk_ids`` -> physical slots, counted per slot.
+
+Every engine routes through :class:`Router` (``Balancer.route``, the vLLM and SGLang custom
+ops, the transformers EP layers), so the dispatch modes (``docs/dispatch.md``) are written
+once:
+
+- ``static`` and ``local``: one call of the device op ``eplb_plugin.kernels.map_and_count``;
+- ``global``: the layer's per-expert counts (a masked ``index_add_``, no host sync) are
+  summed over the EP ranks through the Communicator (so its timeout applies), water-filled
+  into replica shares, and the op splits this rank's tokens by them as a static split.
+
+A Router keeps its buffers between calls (the op's workspace, grown to the largest batch
+seen, and global dispatch's share rows), so steady-state routing allocates nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import WATERFILL_ITERS, check_dispatch
+from .maps import ExpertMaps
+
+# Dither seeds live in [0, 2^20): exact in float32, where the op combines them.
+SEED_MODULUS = 1 << 20
+
+
+def dither_seed(base: int, step: int, rank: int, ranks: int) -> int:
+    """The op's dither seed for ``rank`` of ``ranks`` at engine step ``step``.
+
+    Different per rank and step so that rounding errors do not pile onto one replica; pass
+    ``rank=0, ranks=1`` where every rank routes the same tokens and must agree.
+    """
+    return (base * 7919 + step * ranks + rank) % SEED_MODULUS
+
+
+class Router:
+    """Maps and counts one layer's routing for a fixed dispatch mode.
+
+    Args:
+        dispatch: ``static``, ``local`` or ``global``.
+        comm: the EP ranks' Communicator (``global`` dispatch all-reduces through it; None
+            or a one-rank communicator means a single rank).
+        validate: passed to ``map_and_count`` (``None``: check id values on CPU tensors).
+    """
+
+    def __init__(self, dispatch: str, comm: object | None = None, *, validate: bool | None = None):
+        self.dispatch = check_dispatch(dispatch)
+        self.comm = comm
+        self.validate = validate
+        # Workspaces are only ever added: a CUDA graph captured with an older (smaller) one
+        # keeps its pointer, so it must stay allocated.
+        self._workspaces: list[torch.Tensor] = []
+        self._shares: dict[tuple, torch.Tensor] = {}
+
+    def __call__(
+        self,
+        topk_ids: torch.Tensor,
+        maps: ExpertMaps,
+        counts: torch.Tensor,
+        layer: int,
+        num_valid: torch.Tensor | int | None = None,
+        *,
+        seed: torch.Tensor | int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logical ``topk_ids`` [N, K] -> physical slots [N, K] (dtype of ``topk_ids``).
+
+        Args:
+            topk_ids: [N, K] int32/int64 logical expert ids; -1 passes through uncounted.
+            maps: the maps in force (whole model, or a one-layer view with ``layer=0``).
+            counts: [L, P] int32; row ``layer`` grows by this call's per-slot counts.
+            layer: row of ``maps`` and ``counts``.
+            num_valid: 0-dim integer device tensor or int; rows at or past it are padding
+                (mapped, not counted). None: every row counts.
+            seed: dither seed (0-dim int64 device tensor, int, or None = 0).
+            out: [N, K] like ``topk_ids`` to write into.
+        """
+        from eplb_plugin.kernels import map_and_count
+
+        if num_valid is None:
+            num_valid = topk_ids.shape[0]
+        share, dispatch = maps.replica_share, self.dispatch
+        if dispatch == "global":
+            share = self._global_share(topk_ids, maps, layer, num_valid)
+            dispatch = "static"
+        return map_and_count(
+            topk_ids, maps.log2phy, maps.logcnt, share, counts, layer, num_valid,
+            dispatch=dispatch, phy2log=maps.phy2log, slots_per_gpu=maps.slots_per_gpu,
+            seed=seed, out=out, workspace=self._workspace(topk_ids, maps.num_experts),
+            waterfill_iters=WATERFILL_ITERS, validate=self.validate,
+        )  # fmt: skip
+
+    def _workspace(self, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+        from eplb_plugin.kernels import map_and_count_workspace_size
+
+        needed = map_and_count_workspace_size(*topk_ids.shape, num_experts)
+        ws = self._workspaces[-1] if self._workspaces else None
+        if ws is None or ws.numel() < needed or ws.device != topk_ids.device:
+            ws = torch.empty(needed, dtype=torch.int32, device=topk_ids.device)
+            self._workspaces.append(ws)
+        return ws
+
+    def _global_share(
+        self, topk_ids: torch.Tensor, maps: ExpertMaps, layer: int, num_valid: torch.Tensor | int
+    ) -> torch.Tensor:
+        """[L, P] float32 shares whose row ``layer`` is water-filled from every rank's counts
+        of this layer (other rows are stale: the op reads only row ``layer``).
+
+        Collective: every rank must route every layer, in the same order.
+        """
+        from eplb_plugin.kernels.waterfill import waterfill_shares
+
+        num_experts = maps.num_experts
+        ids = topk_ids.to(torch.int64)
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        known = (rows < num_valid).unsqueeze(1) & (ids >= 0) & (ids < num_experts)
+        expert_counts = torch.zeros(num_experts, dtype=torch.float32, device=ids.device)
+        expert_counts.index_add_(
+            0, ids.clamp(0, num_experts - 1).reshape(-1), known.reshape(-1).to(torch.float32)
+        )
+        if self.comm is not None and self.comm.world_size > 1:
+            self.comm.all_reduce(expert_counts, op="sum")
+        one = slice(layer, layer + 1)
+        water = waterfill_shares(
+            expert_counts.unsqueeze(0).to(maps.device), maps.phy2log[one], maps.log2phy[one],
+            maps.logcnt[one], maps.slots_per_gpu, maps.replica_share[one], WATERFILL_ITERS,
+        )  # fmt: skip
+        key = (tuple(maps.replica_share.shape), maps.device)
+        share = self._shares.get(key)
+        if share is None:
+            share = self._shares[key] = maps.replica_share.clone()
+        share[layer] = water[0]
+        return share
+
+
+__all__ = ["Router", "SEED_MODULUS", "dither_seed"]
