@@ -77,10 +77,13 @@ class Api:
         return c.methods.get(name) if c else None
 
     def public_method_names(self) -> set[str]:
+        """Public method names of the classes deep_ep exports (a call of one of these names
+        on an untyped receiver is suspect)."""
+        exported = {self.exports[n] for n in self.exports} & set(self.classes)
         return {
             m
-            for c in self.classes.values()
-            for m in c.methods
+            for c in exported
+            for m in self.classes[c].methods
             if not m.startswith("_") and m not in GENERIC_NAMES
         }
 
@@ -490,13 +493,18 @@ def _is_import_deep_ep(node: ast.Call) -> bool:
     )
 
 
+MENTIONS = re.compile(r"deep_?ep", re.IGNORECASE)
+
+
 def our_modules(roots: list[pathlib.Path], base: pathlib.Path) -> dict[str, str]:
-    """{relative path: text} of every Python file under ``roots`` that mentions deep_ep."""
+    """{relative path: text} of every Python file under ``roots`` that mentions DeepEP
+    (``deep_ep``, ``DeepEP``, ``deepep``): also the modules that could be handed an engine's
+    DeepEP buffer without importing deep_ep themselves."""
     out = {}
     for root in roots:
         for path in sorted(root.rglob("*.py")):
             text = path.read_text()
-            if "deep_ep" in text:
+            if MENTIONS.search(text):
                 out[str(path.relative_to(base))] = text
     return out
 
