@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .fileio import atomic_write
@@ -26,8 +27,13 @@ LAYOUT_VERSION = 1
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+    """``value`` as a plain int (numpy and torch integer scalars accepted); ValueError else."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not (isinstance(value, torch.Tensor) and value.dim() == 0 and not (
+            value.dtype.is_floating_point or value.dtype == torch.bool or value.is_complex()
+        )):  # fmt: skip
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
     if value <= 0:
         raise ValueError(f"{name} must be positive, got {value}")
     return value
@@ -38,8 +44,14 @@ class Topology:
     """Where physical slots live.
 
     ``num_replicas`` physical slots (P) spread evenly over ``num_gpus`` GPUs, which are
-    spread evenly over ``num_nodes`` nodes; ``num_groups`` expert groups (DeepSeek's
-    group-limited routing) decide whether placement may be hierarchical.
+    spread over ``num_nodes`` nodes; ``num_groups`` expert groups (DeepSeek's group-limited
+    routing) decide whether placement may be hierarchical.
+
+    As in deepseek-ai/EPLB, groups and nodes are constrained only where placement is
+    hierarchical (``num_groups % num_nodes == 0``): then the GPUs must divide over the nodes
+    (and the experts over the groups, :meth:`check_experts`). Otherwise placement is global
+    and nodes only say which transfers stay within a node: a node then holds
+    ``ceil(num_gpus / num_nodes)`` consecutive GPUs.
     """
 
     num_replicas: int
@@ -49,14 +61,16 @@ class Topology:
 
     def __post_init__(self) -> None:
         for name in ("num_replicas", "num_groups", "num_nodes", "num_gpus"):
-            _check_positive_int(name, getattr(self, name))
+            # frozen: plain ints in place of numpy/torch integers
+            object.__setattr__(self, name, _check_positive_int(name, getattr(self, name)))
         if self.num_replicas % self.num_gpus != 0:
             raise ValueError(
                 f"num_replicas={self.num_replicas} must be divisible by num_gpus={self.num_gpus}"
             )
-        if self.num_gpus % self.num_nodes != 0:
+        if self.hierarchical and self.num_gpus % self.num_nodes != 0:
             raise ValueError(
-                f"num_gpus={self.num_gpus} must be divisible by num_nodes={self.num_nodes}"
+                f"num_gpus={self.num_gpus} must be divisible by num_nodes={self.num_nodes} "
+                f"(hierarchical placement: num_groups={self.num_groups} divides over the nodes)"
             )
 
     @property
@@ -65,11 +79,11 @@ class Topology:
 
     @property
     def gpus_per_node(self) -> int:
-        return self.num_gpus // self.num_nodes
+        return -(-self.num_gpus // self.num_nodes)
 
     @property
     def slots_per_node(self) -> int:
-        return self.num_replicas // self.num_nodes
+        return self.slots_per_gpu * self.gpus_per_node
 
     @property
     def hierarchical(self) -> bool:
@@ -93,9 +107,10 @@ class Topology:
             raise ValueError(
                 f"num_replicas={self.num_replicas} must be >= num_experts={num_experts}"
             )
-        if num_experts % self.num_groups != 0:
+        if self.hierarchical and num_experts % self.num_groups != 0:
             raise ValueError(
-                f"num_experts={num_experts} must be divisible by num_groups={self.num_groups}"
+                f"num_experts={num_experts} must be divisible by num_groups={self.num_groups} "
+                f"(hierarchical placement: the groups divide over num_nodes={self.num_nodes})"
             )
 
     def to_dict(self) -> dict[str, int]:
@@ -298,7 +313,11 @@ class ExpertLayout:
                 f"weight must have shape [{self.num_layers}, {self.num_experts}], "
                 f"got {tuple(weight.shape)}"
             )
-        return weight.to(torch.float64).cpu()
+        weight = weight.to(torch.float64).cpu()
+        if not torch.isfinite(weight).all():
+            bad = "NaN" if torch.isnan(weight).any() else "inf"
+            raise ValueError(f"weight contains {bad}")
+        return weight
 
     # ------------------------------------------------------------------ compare
     def diff(self, other: ExpertLayout) -> torch.Tensor:
@@ -362,6 +381,8 @@ class ExpertLayout:
         from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
+        if os.path.isdir(path):
+            raise ValueError(f"layout file {path!r} is a directory")
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
@@ -370,7 +391,12 @@ class ExpertLayout:
             raise ValueError(f"cannot read layout file {path!r}: {exc}") from exc
         if meta.get("format") != LAYOUT_FORMAT:
             raise ValueError(f"{path!r} is not an eplb layout file (format={meta.get('format')!r})")
-        version = int(meta.get("version", "0"))
+        try:
+            version = int(meta.get("version", "0"))
+        except ValueError:
+            raise ValueError(
+                f"{path!r} has layout format version {meta.get('version')!r}, not an integer"
+            ) from None
         if version > LAYOUT_VERSION:
             raise ValueError(
                 f"{path!r} has layout format version {version}; this eplb-plugin reads "
@@ -379,13 +405,39 @@ class ExpertLayout:
         missing = {"phy2log", "log2phy", "logcnt", "replica_share"} - tensors.keys()
         if missing:
             raise ValueError(f"{path!r} lacks tensors {sorted(missing)}")
-        topology = Topology(**json.loads(meta["topology"]))
+        topology = _topology_from_metadata(meta, path)
         layout = cls(
             tensors["phy2log"], tensors["log2phy"], tensors["logcnt"], tensors["replica_share"],
             topology,
         )  # fmt: skip
-        layout.validate()
+        try:
+            layout.validate()
+        except ValueError as exc:
+            raise ValueError(f"layout file {path!r}: {exc}") from None
         return layout
+
+
+def _topology_from_metadata(meta: dict[str, str], path: str) -> Topology:
+    """The Topology a layout file's ``topology`` metadata holds; ValueError naming ``path``."""
+    if "topology" not in meta:
+        raise ValueError(f"layout file {path!r} has no topology metadata")
+    try:
+        fields = json.loads(meta["topology"])
+    except ValueError as exc:
+        raise ValueError(f"layout file {path!r}: topology metadata is not JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"layout file {path!r}: topology metadata must be a JSON object")
+    known = ("num_replicas", "num_groups", "num_nodes", "num_gpus")
+    unknown = sorted(set(fields) - set(known))
+    if unknown or "num_replicas" not in fields:
+        raise ValueError(
+            f"layout file {path!r}: topology metadata holds {sorted(fields)}; expected "
+            f"num_replicas and optionally {', '.join(known[1:])}"
+        )
+    try:
+        return Topology(**fields)
+    except ValueError as exc:
+        raise ValueError(f"layout file {path!r}: {exc}") from None
 
 
 def balancedness_of(gpu_loads: torch.Tensor) -> float:
@@ -393,8 +445,14 @@ def balancedness_of(gpu_loads: torch.Tensor) -> float:
 
     Args:
         gpu_loads: [..., G] float, load per GPU.
+    Raises:
+        ValueError for NaN or negative loads (their ratio would mean nothing).
     """
-    loads = gpu_loads.to(torch.float64)
+    loads = torch.as_tensor(gpu_loads).to(torch.float64)
+    if torch.isnan(loads).any():
+        raise ValueError("GPU loads contain NaN: balancedness is undefined")
+    if (loads < 0).any():
+        raise ValueError(f"GPU loads must be >= 0, got {float(loads.min())}")
     peak = loads.amax(-1)
     ratio = torch.where(peak > 0, loads.mean(-1) / peak.clamp(min=1e-300), torch.ones_like(peak))
     return float(ratio.mean())

@@ -20,7 +20,7 @@ def test_topology_properties():
     [
         (dict(num_replicas=10, num_gpus=4), "num_replicas=10 must be divisible by num_gpus=4"),
         (
-            dict(num_replicas=12, num_nodes=4, num_gpus=6),
+            dict(num_replicas=12, num_groups=4, num_nodes=4, num_gpus=6),
             "num_gpus=6 must be divisible by num_nodes=4",
         ),  # noqa: E501
         (dict(num_replicas=0), "num_replicas must be positive"),

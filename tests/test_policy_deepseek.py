@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from eplb_plugin import ExpertLayout, Topology, plan, rebalance_experts
+from eplb_plugin.policies import LoadWarning
 from eplb_plugin.policies.deepseek import balanced_packing, replicate_experts
 
 # not imported from conftest: tests/sglang has a conftest of the same module name
@@ -69,7 +70,8 @@ def test_replicate_gives_redundant_slots_to_the_hottest():
 def test_all_zero_layer_gives_valid_layout():
     weight = torch.zeros(3, 8)
     weight[1] = torch.arange(8.0)
-    layout = plan(weight, Topology(12, 2, 2, 4), policy="deepseek")
+    with pytest.warns(LoadWarning, match=r"layers \[0, 2\] have no load"):
+        layout = plan(weight, Topology(12, 2, 2, 4), policy="deepseek")
     layout.validate()
     assert layout.logcnt.sum(1).tolist() == [12, 12, 12]
 

@@ -38,7 +38,12 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     row = np.arange(rows)
     for i in range(items):
         item = order[:, i]
-        pack = np.where(pack_items < per_pack, pack_weight, np.inf).argmin(-1)
+        # the first lightest pack among those with room, as the reference's min() picks:
+        # an argmin over (room ? weight : inf) would pick a full pack when every pack with
+        # room weighs inf, leaving positions of the inverse permutation unwritten
+        room = pack_items < per_pack
+        masked = np.where(room, pack_weight, np.inf)
+        pack = (room & (masked == masked.min(-1, keepdims=True))).argmax(-1)
         pack_index[row, item] = pack
         rank_in_pack[row, item] = pack_items[row, pack]
         pack_weight[row, pack] += w[row, item]
@@ -77,7 +82,9 @@ def replicate_experts(
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
     """Row-wise inverse of a permutation [rows, n] int64."""
-    inv = torch.empty_like(perm)
+    # full of -1, not empty: should perm ever not be a permutation, the unwritten positions
+    # fail the layout's validation instead of carrying whatever the memory held
+    inv = torch.full_like(perm, -1)
     inv.scatter_(1, perm, torch.arange(perm.size(1), dtype=torch.int64).expand(perm.shape))
     return inv
 
@@ -139,12 +146,14 @@ def deepseek_policy(
     weight: torch.Tensor,
     topology: Topology,
     previous: ExpertLayout | None = None,
-    **_: object,
+    *,
+    steps: torch.Tensor | None = None,
 ) -> ExpertLayout:
     """Placement exactly as deepseek-ai/EPLB computes it (equal split across replicas).
 
-    Args:
-        weight: [L, E] float32 load (validated by ``plan``); ``previous`` is ignored.
+    It takes no options. Args:
+        weight: [L, E] float32 load (validated by ``plan``); ``previous`` and ``steps``
+            (per-step loads) are ignored: DeepSeek plans on the window's sum.
     """
     phy2log, rank, _logcnt = deepseek_tensors(weight, topology)
     return ExpertLayout.from_phy2log(phy2log, topology, weight.shape[1], rank=rank)
