@@ -307,7 +307,14 @@ def sglang_phy2log(
     rows = layout.num_layers
     layer_ids = list(range(rows)) if layer_ids is None else list(layer_ids)
     if len(layer_ids) != rows:
-        raise ValueError(f"layer_ids has {len(layer_ids)} entries for a {rows}-layer layout")
+        raise ValueError(
+            f"layer_ids has {len(layer_ids)} layer ids for a layout of {rows} rows (one per row)"
+        )
+    seen: set[int] = set()
+    repeated = [i for i in layer_ids if i in seen or seen.add(i)]
+    if repeated:
+        # two rows written to one layer: all but the last would be lost
+        raise ValueError(f"layer_ids names layer {repeated[0]} more than once")
     num_layers = max(layer_ids) + 1 if num_layers is None else num_layers
     if layer_ids and (min(layer_ids) < 0 or max(layer_ids) >= num_layers):
         raise ValueError(f"layer_ids {layer_ids} do not fit num_layers={num_layers}")
@@ -377,9 +384,11 @@ def read_layout(path: str | os.PathLike, ep_size: int | None = None, **kwargs) -
     ``.safetensors`` layout, must equal its ``topology.num_gpus``.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"layout {path!r} is a directory, not a layout file")
+    if not os.path.isfile(path):
+        raise ValueError(f"layout file {path!r} does not exist")
     if path.lower().endswith(".safetensors"):
-        if not os.path.isfile(path):
-            raise ValueError(f"layout file {path!r} does not exist")
         layout = ExpertLayout.load(path)
         if ep_size is not None and ep_size != layout.topology.num_gpus:
             raise ValueError(

@@ -32,16 +32,44 @@ def _only_or_key(arrays: dict, path: str, keys: tuple[str, ...] = (LOAD_KEY,)):
     )
 
 
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK"
+
+
+class _BadFile(ValueError):
+    """A file that is not what its suffix says (reported as is, without numpy's wording)."""
+
+
+def _check_magic(path: str, magic: bytes, what: str) -> None:
+    with open(path, "rb") as f:
+        if f.read(len(magic)) != magic:
+            raise _BadFile(f"it is not {what} (its first bytes say otherwise)")
+
+
+def _np_load(source, key: str | None = None) -> np.ndarray:
+    """``np.load`` (or an .npz member) without pickles; object arrays get our own words
+    instead of numpy's hint to pass allow_pickle=True (never done: pickles run code)."""
+    try:
+        return np.load(source, allow_pickle=False) if key is None else source[key]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            where = "it" if key is None else f"array {key!r}"
+            raise _BadFile(f"{where} holds Python objects, not numbers") from None
+        raise
+
+
 def _read_arrays(path: str, suffix: str) -> dict:
     """Every array in a load file, by name (a bare array is named ``load``)."""
     if suffix in (".pt", ".pth"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         return obj if isinstance(obj, dict) else {LOAD_KEY: obj}
     if suffix == ".npy":
-        return {LOAD_KEY: np.load(path, allow_pickle=False)}
+        _check_magic(path, NPY_MAGIC, "a .npy file")
+        return {LOAD_KEY: _np_load(path)}
     if suffix == ".npz":
+        _check_magic(path, ZIP_MAGIC, "an .npz file (a zip archive)")
         with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+            return {k: _np_load(npz, k) for k in npz.files}
     from safetensors.torch import load_file
 
     return load_file(path)
@@ -77,8 +105,6 @@ def read_load(path: str | os.PathLike) -> torch.Tensor:
         data = load_from_dict(arrays, path)
     else:
         data = _only_or_key(arrays, path, (LOAD_KEY, "logical_count"))
-    if isinstance(data, np.ndarray):
-        data = torch.from_numpy(np.ascontiguousarray(data))
     return check_load(data, name=f"load in {path!r}")
 
 
@@ -112,6 +138,10 @@ def write_load(path: str | os.PathLike, load: torch.Tensor) -> None:
 # at each MoE layer, tokens in arrival order; negative ids are dropped entries) and optional
 # ``seq_offsets`` int [num_seqs + 1] (tokens of sequence i are rows seq_offsets[i]:[i + 1]).
 TOPK_KEY = "topk_ids"
+# Bounds on what a trace may make us allocate: expert ids inferred from the trace (not
+# declared) and the [steps, ranks, layers, experts] count array (float32, 1 GiB).
+MAX_TRACE_EXPERTS = 1 << 16
+MAX_COUNT_CELLS = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -178,7 +208,11 @@ def read_routing_trace(path: str | os.PathLike) -> RoutingTrace:
         raise ValueError(f"topk_ids in {path!r} must be integers, got dtype {ids.dtype}")
     seq = None
     if offsets is not None:
-        offsets = np.asarray(offsets).astype(np.int64)
+        offsets = np.asarray(offsets)
+        if not np.issubdtype(offsets.dtype, np.integer):
+            # a float offset would be truncated to another sequence boundary
+            raise ValueError(f"seq_offsets in {path!r} must be integers, got dtype {offsets.dtype}")
+        offsets = offsets.astype(np.int64)
         if (
             offsets.ndim != 1
             or offsets.size < 1
@@ -224,9 +258,20 @@ def steps_from_routing_trace(
         )
     top = int(ids.max()) + 1
     if num_experts is None:
+        if top > MAX_TRACE_EXPERTS:
+            raise ValueError(
+                f"topk_ids holds expert id {top - 1}: more than {MAX_TRACE_EXPERTS} experts "
+                "inferred from the ids (give the model's expert count to check them against)"
+            )
         num_experts = top
     elif top > num_experts:
         raise ValueError(f"topk_ids holds expert id {top - 1} >= num_experts={num_experts}")
+    cells = num_steps * num_ranks * layers * num_experts
+    if cells > MAX_COUNT_CELLS:
+        raise ValueError(
+            f"{num_steps} steps x {num_ranks} ranks x {layers} layers x {num_experts} experts "
+            f"is {cells} counts, more than {MAX_COUNT_CELLS} (use fewer tokens or larger steps)"
+        )
     ids = ids[: num_steps * batch_tokens].numpy().astype(np.int64)
     step = np.arange(num_steps * batch_tokens) // batch_tokens
     rank = np.arange(num_steps * batch_tokens) % batch_tokens % num_ranks

@@ -12,6 +12,7 @@ from ..formats import (
     write_sglang_layout,
 )
 from ..traces import LOAD_SUFFIXES, read_load, write_load
+from .plan import check_out_folder
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,14 +45,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     layout.add_argument("--nodes", type=int, default=1, help="nodes (SGLang input)")
     layout.add_argument(
         "--layer-ids",
-        help="model layer id of each layout row, comma-separated (e.g. 3,4,...,60), to write "
-        "SGLang's one-row-per-hidden-layer form",
+        help="model layer id of each layout row, comma-separated, ranges allowed (e.g. 3-60 "
+        "or 0,2,4-7; one distinct id per row), to write SGLang's one-row-per-hidden-layer form",
     )
     layout.add_argument("--num-layers", type=int, help="hidden layers (rows of the SGLang map)")
     layout.set_defaults(func=run_layout)
 
 
+def parse_layer_ids(text: str, option: str = "--layer-ids") -> list[int]:
+    """``"0,2,4-7"`` -> [0, 2, 4, 5, 6, 7]; ValueError for a bad item, a reversed range or a
+    layer named twice (two rows written to one layer would lose one of them)."""
+    ids: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        first, sep, last = item.partition("-")
+        try:
+            lo = int(first)
+            hi = int(last) if sep else lo
+        except ValueError:
+            raise ValueError(
+                f"{option} {text!r}: {item!r} is not a layer id or a range like 4-7"
+            ) from None
+        if lo < 0 or hi < lo:
+            raise ValueError(f"{option} {text!r}: {item!r} is not a rising range of ids >= 0")
+        ids.extend(range(lo, hi + 1))
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"{option} {text!r} names layer {i} more than once")
+        seen.add(i)
+    return ids
+
+
 def run_load(args: argparse.Namespace) -> int:
+    check_out_folder(args.output, "output")
     if args.layout:
         layout = read_layout(args.layout, ep_size=args.ep_size)
         load = read_vllm_window_file(args.input, layout)
@@ -68,23 +95,33 @@ def run_load(args: argparse.Namespace) -> int:
 
 
 def run_layout(args: argparse.Namespace) -> int:
+    check_out_folder(args.output, "output")
+    layer_ids = parse_layer_ids(args.layer_ids) if args.layer_ids else None
     layout = read_layout(args.input, ep_size=args.ep_size, num_groups=args.groups,
                          num_nodes=args.nodes)  # fmt: skip
     suffix = Path(args.output).suffix.lower()
+    rows = layout.num_layers
     if suffix == ".safetensors":
+        if layer_ids is not None or args.num_layers is not None:
+            raise ValueError("--layer-ids and --num-layers apply to SGLang output (.pt/.json)")
         layout.save(args.output, {"source": str(args.input)})
     elif suffix in (".pt", ".json"):
-        layer_ids = None
-        if args.layer_ids:
-            try:
-                layer_ids = [int(x) for x in args.layer_ids.split(",")]
-            except ValueError:
-                raise ValueError(f"--layer-ids {args.layer_ids!r} must be integers") from None
+        if layer_ids is not None and len(layer_ids) != layout.num_layers:
+            raise ValueError(
+                f"--layer-ids gives {len(layer_ids)} layer ids for a layout of "
+                f"{layout.num_layers} rows (one id per row)"
+            )
         write_sglang_layout(args.output, layout, layer_ids, args.num_layers)
+        if args.num_layers is not None:
+            rows = args.num_layers
+        elif layer_ids is not None:
+            rows = max(layer_ids) + 1
     else:
         raise ValueError(f"output {args.output!r} must end with .safetensors, .pt or .json")
+    dense = rows - layout.num_layers
     print(
-        f"wrote layout [{layout.num_layers} layers x {layout.num_slots} slots, "
-        f"{layout.num_experts} experts] to {args.output}"
+        f"wrote layout [{rows} rows x {layout.num_slots} slots, {layout.num_experts} experts"
+        + (f"; {dense} of the rows are dense layers with SGLang's trivial map" if dense else "")
+        + f"] to {args.output}"
     )
     return 0

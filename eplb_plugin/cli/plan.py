@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -31,10 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.layers < 0:
+        raise ValueError(f"--layers {args.layers}: give the number of layers to show (>= 0)")
     topology = topology_from_args(args)
     load = read_load(args.load)
-    if args.out and not args.out.endswith(".safetensors"):
-        raise ValueError(f"--out {args.out!r} must end with .safetensors")
+    if args.out:
+        if not args.out.endswith(".safetensors"):
+            raise ValueError(f"--out {args.out!r} must end with .safetensors")
+        check_out_folder(args.out, "--out")
     start = time.perf_counter()
     layout = plan(load, topology, policy=args.policy)
     plan_ms = (time.perf_counter() - start) * 1e3
@@ -49,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(
-        f"{layout.num_layers} layers x {layout.num_experts} experts -> {topology.num_replicas} "
-        f"slots on {topology.num_gpus} GPUs / {topology.num_nodes} nodes "
-        f"({topology.num_groups} groups), policy {args.policy!r}, planned in {plan_ms:.1f} ms"
+        f"{plural(layout.num_layers, 'layer')} x {plural(layout.num_experts, 'expert')} -> "
+        f"{plural(topology.num_replicas, 'slot')} on {plural(topology.num_gpus, 'GPU')} / "
+        f"{plural(topology.num_nodes, 'node')} ({plural(topology.num_groups, 'group')}), "
+        f"policy {args.policy!r}, planned in {plan_ms:.1f} ms"
     )
     rows = [
         [r["layer"], r["before"], r["after"], r["max_over_mean_after"], r["replicated_experts"]]
@@ -59,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     print(format_table(["layer", "balanced before", "after", "max/mean GPU", "replicated"], rows))
     if layout.num_layers > args.layers:
-        print(f"... {layout.num_layers - args.layers} more layers (--layers N to show them)")
+        more = plural(layout.num_layers - args.layers, "more layer")
+        print(f"... {more} (--layers N to show them)")
     gpu_rows = [
         [g, b, a] for g, (b, a) in enumerate(zip(summary["gpu_before"], summary["gpu_after"]))
     ]
@@ -72,6 +79,21 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"layout written to {args.out}")
     return 0
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 node``, ``2 nodes``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def check_out_folder(path: str, option: str) -> None:
+    """ValueError unless the folder ``path`` is to be written in exists (checked before any
+    work, so that a long plan is not lost to a typo in the folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path!r}: folder {folder!r} does not exist")
 
 
 def summarize(before: ExpertLayout, after: ExpertLayout, weight: torch.Tensor) -> dict:

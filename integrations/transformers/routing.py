@@ -64,7 +64,9 @@ class TraceRouting:
             raise ValueError(f"trace file {path!r} does not exist")
         try:
             with np.load(path) as data:
-                ids, offsets = data["topk_ids"], data["seq_offsets"]
+                ids = data["topk_ids"]
+                # seq_offsets is optional in the trace format: without it, one sequence
+                offsets = data["seq_offsets"] if "seq_offsets" in data.files else [0, len(ids)]
         except (OSError, KeyError, ValueError) as exc:
             raise ValueError(f"cannot read routing trace {path!r}: {exc}") from exc
         return cls(ids, offsets, num_experts, top_k)
