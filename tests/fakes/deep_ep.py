@@ -59,6 +59,15 @@ class EventOverlap:
             self.current_stream_wait()
 
 
+def _check_torch_deterministic() -> None:
+    # as DeepEP's dispatch and combine (deep_ep/utils/envs.py): torch.empty would launch a
+    # fill kernel that can overlap DeepEP's communication stream
+    assert not (
+        torch.are_deterministic_algorithms_enabled()
+        and torch.utils.deterministic.fill_uninitialized_memory
+    )
+
+
 def _event(async_finish: bool) -> EventOverlap:
     return EventOverlap(_DoneEvent() if async_finish else None)
 
@@ -213,6 +222,7 @@ class Buffer:
             raise NotImplementedError("the fake deep_ep does not take FP8 (x, scales) tuples")
         if num_worst_tokens:
             raise NotImplementedError("the fake deep_ep does not take num_worst_tokens")
+        _check_torch_deterministic()
         config = self.get_dispatch_config(self.group_size) if config is None else config
         assert x.dim() == 2 and x.dtype == torch.bfloat16, "x must be [num_tokens, hidden] bf16"
         assert (x.shape[1] * x.element_size()) % 16 == 0, "hidden bytes must be 16-aligned"
@@ -268,6 +278,7 @@ class Buffer:
     ):
         """Send received rows back to their source tokens and sum them, plus ``bias`` (one
         [num_tokens, hidden] tensor or a pair): -> (combined_x, combined_topk_weights, event)."""
+        _check_torch_deterministic()
         config = self.get_combine_config(self.group_size) if config is None else config
         rank_prefix, _, _, src_idx, is_token_in_rank, order = handle
         recv_counts = torch.diff(rank_prefix, prepend=torch.zeros(1, dtype=rank_prefix.dtype))
