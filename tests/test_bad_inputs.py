@@ -175,6 +175,9 @@ def test_finding6_loads_near_float32_max_plan_as_their_scaled_copy(topology):
         assert plan(big64, topology, "deepseek").equals(
             plan(big64 * 2.0**-900, topology, "deepseek")
         )
+        steps = torch.rand(4, 6, 12, generator=gen, dtype=torch.float64) * 1.7e308
+        for policy in ("deepseek", "default"):  # their sum overflows float64 unscaled
+            plan(steps, topology, policy=policy).validate()
 
 
 def test_finding6_balanced_packing_never_overfills_a_pack_with_infinite_weights():

@@ -83,3 +83,40 @@ def test_steps_input_equals_sum():
     a = plan(steps, topo, policy="deepseek")
     b = plan(steps.sum(0), topo, policy="deepseek")
     assert a.equals(b)
+
+
+def _reference_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eplb_reference", DATA.parent / "eplb_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drop_in_accepts_exactly_the_topologies_deepseek_accepts():
+    """Every small (experts, slots, groups, nodes, GPUs): where deepseek-ai/EPLB returns a
+    plan ours returns the same plan; where it fails an assertion ours raises ValueError."""
+    reference = _reference_module()
+    gen = torch.Generator().manual_seed(7)
+    accepted = refused = 0
+    for experts in (4, 6):
+        weight = torch.randint(1, 1000, (2, experts), generator=gen).float()
+        for gpus in (1, 2, 3, 4, 6):
+            for slots in range(gpus, 2 * experts + 1, gpus):
+                for groups in (1, 2, 3, 4):
+                    for nodes in (1, 2, 3, 4):
+                        args = (slots, groups, nodes, gpus)
+                        try:
+                            want = reference.rebalance_experts(weight, *args)
+                        except AssertionError:
+                            with pytest.raises(ValueError):
+                                rebalance_experts(weight, *args, policy="deepseek")
+                            refused += 1
+                            continue
+                        got = rebalance_experts(weight, *args, policy="deepseek")
+                        assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), args
+                        accepted += 1
+    assert accepted > 50 and refused > 50

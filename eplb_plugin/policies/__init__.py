@@ -223,28 +223,30 @@ def check_work(num_layers: int, num_experts: int, topology: Topology) -> None:
 
 
 def normalise_load(
-    total: torch.Tensor, steps: torch.Tensor | None = None
+    load: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
     """Per-layer power-of-two scaling into float32's comfortable range, zero layers made even.
 
     Args:
-        total: [L, E] float64 validated load; steps: [S, L, E] float64 or None, summing to it.
+        load: [L, E] or [S, L, E] float64 validated load (finite, >= 0).
     Returns:
-        (total [L, E] float32, steps [S, L, E] float32 or None, layers that had no load).
-        A layer whose largest load lies outside [2**-40, 2**40] is multiplied by a power of
-        two that brings it to [2**31, 2**32): exact, so every comparison and float32 sum the
-        policies make gives what it gives on the unscaled load (barring overflow, which the
-        scaling prevents). A layer without load gets load 1 per expert (per step).
+        (total [L, E] float32 (the sum over steps), steps [S, L, E] float32 or None, the
+        layers that had no load). A layer whose largest load lies outside [2**-40, 2**40] is
+        multiplied by a power of two that brings it to [2**31, 2**32), before the steps are
+        summed: exact, so every comparison and float32 sum the policies make gives what it
+        gives on the unscaled load (barring overflow, which the scaling prevents). A layer
+        without load gets load 1 per expert (per step).
     """
-    peak = total.amax(-1)  # [L]
+    steps = load if load.dim() == 3 else None
+    peak = load.amax(-1) if steps is None else load.amax(-1).amax(0)  # [L]
     zero = (peak == 0).nonzero().flatten().tolist()
     _, exponent = torch.frexp(peak)
     far = (peak > 0) & (exponent.abs() > NORM_EXPONENT)
-    shift = torch.where(far, 32 - exponent, torch.zeros_like(exponent))
     if bool(far.any()):
-        scale = torch.ldexp(torch.ones_like(peak), shift).unsqueeze(-1)  # [L, 1]
-        total = total * scale
-        steps = None if steps is None else steps * scale
+        shift = torch.where(far, 32 - exponent, torch.zeros_like(exponent))
+        load = load * torch.ldexp(torch.ones_like(peak), shift).unsqueeze(-1)  # [L, 1]
+        steps = load if steps is not None else None
+    total = load.sum(0) if steps is not None else load
     if zero:
         total = total.clone()
         total[zero] = float(1 if steps is None else steps.shape[0])
@@ -280,20 +282,19 @@ def plan(
     if not isinstance(topology, Topology):
         raise ValueError(f"topology must be a Topology, got {type(topology).__name__}")
     load = _checked(weight, "weight").to(torch.float64)
-    steps = load if load.dim() == 3 else None
-    total = load.sum(0) if steps is not None else load
-    topology.check_experts(total.shape[1])
-    check_work(total.shape[0], total.shape[1], topology)
+    num_layers, num_experts = load.shape[-2:]
+    topology.check_experts(num_experts)
+    check_work(num_layers, num_experts, topology)
     if previous is not None:
-        if previous.phy2log.shape != (total.shape[0], topology.num_replicas) or (
-            previous.num_experts != total.shape[1]
+        if previous.phy2log.shape != (num_layers, topology.num_replicas) or (
+            previous.num_experts != num_experts
         ):
             raise ValueError(
                 f"previous layout has {previous.num_layers} layers x {previous.num_experts} "
-                f"experts on {previous.num_slots} slots; the load needs {total.shape[0]} x "
-                f"{total.shape[1]} on {topology.num_replicas}"
+                f"experts on {previous.num_slots} slots; the load needs {num_layers} x "
+                f"{num_experts} on {topology.num_replicas}"
             )
-    total, steps, zero = normalise_load(total, steps)
+    total, steps, zero = normalise_load(load)
     if zero:
         which = f"layer {zero[0]} has" if len(zero) == 1 else f"layers {zero} have"
         warnings.warn(
