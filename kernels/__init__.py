@@ -1,7 +1,10 @@
 """Device kernels of eplb-plugin, installed as ``eplb_plugin.kernels``.
 
-Each op has a Triton kernel and a plain torch reference (``reference.py``); the torch path
-is used wherever Triton cannot run. Kernels depend on nothing in the core but tensors.
+Each op has an entry point (``map_and_count.py``, ``shuffle_experts.py``, ``pack.py``) that
+checks its arguments (``checks.py``), plans a shuffle's copies (``shuffle_plan.py``), then runs
+the Triton kernel or the plain torch maths of ``reference.py``, used wherever Triton cannot
+run. ``slot_rows.py`` views slot rows as bytes for both. Kernels depend on nothing in the
+core but tensors.
 
 Selection (``_backend.backend_for``): Triton on CUDA tensors, or on CPU tensors when
 ``TRITON_INTERPRET=1``; torch otherwise. ``EPLB_KERNELS=torch|triton`` forces one. Importing

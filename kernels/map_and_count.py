@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb_plugin.kernels import reference
+from eplb_plugin.kernels import checks, reference
 from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
 
 __all__ = [
@@ -48,8 +48,8 @@ __all__ = [
     "map_and_count_workspace_size",
 ]
 
-make_map_and_count_workspace = reference.make_map_and_count_workspace
-map_and_count_workspace_size = reference.map_and_count_workspace_size
+make_map_and_count_workspace = checks.make_map_and_count_workspace
+map_and_count_workspace_size = checks.map_and_count_workspace_size
 
 if triton is not None:
 
@@ -275,7 +275,7 @@ def map_and_count(
     preallocated ``workspace`` and ``out`` (``local`` mode also runs ``waterfill_shares``,
     whose temporaries come from the graph's memory pool).
     """
-    reference.check_map_and_count(
+    checks.check_map_and_count(
         topk_ids,
         log2phy,
         logcnt,
@@ -294,7 +294,7 @@ def map_and_count(
         validate=validate,
     )
     if backend_for(topk_ids.device) == "torch":
-        return reference.map_and_count_unchecked(
+        return reference.map_and_count(
             topk_ids,
             log2phy,
             logcnt,
@@ -354,10 +354,10 @@ def _map_and_count_triton(
         out = torch.empty_like(topk_ids)
     if entries == 0:
         return out
-    block = reference.map_and_count_block(entries, block_size)
+    block = checks.map_and_count_block(entries, block_size)
     num_blocks = -(-entries // block)
     if workspace is None:
-        workspace = reference.make_map_and_count_workspace(
+        workspace = checks.make_map_and_count_workspace(
             num_tokens, top_k, num_experts, topk_ids.device, block
         )
     nv_from_ptr = isinstance(num_valid, torch.Tensor)

@@ -21,13 +21,14 @@ from collections.abc import Sequence
 
 import torch
 
-from eplb_plugin.kernels import reference
+from eplb_plugin.kernels import checks, reference
 from eplb_plugin.kernels._backend import backend_for, tl, triton
 from eplb_plugin.kernels.shuffle_experts import MAX_GRID_Y, copy_block
+from eplb_plugin.kernels.slot_rows import as_words, slot_rows, word_size
 
 __all__ = ["bytes_per_slot", "pack_slots", "unpack_slots"]
 
-bytes_per_slot = reference.bytes_per_slot
+bytes_per_slot = checks.bytes_per_slot
 
 if triton is not None:
 
@@ -73,12 +74,12 @@ def _run(
     table = buffer.view(len(values), per_slot)
     offset = 0
     for t in tensors:
-        rows = reference.slot_rows(t)
+        rows = slot_rows(t)
         width = rows.shape[1]
         if width:
-            size = reference.word_size(rows, table, extra=(offset, per_slot))
-            rows_w = reference.as_words(rows, size)
-            table_w = reference.as_words(table, size)
+            size = word_size(rows, table, extra=(offset, per_slot))
+            rows_w = as_words(rows, size)
+            table_w = as_words(table, size)
             block = copy_block(width // size)
             for lo in range(0, len(values), MAX_GRID_Y):
                 hi = min(len(values), lo + MAX_GRID_Y)
@@ -113,11 +114,11 @@ def pack_slots(
         uint8 [n * bytes_per_slot(tensors)]: for each slot in order, for each tensor in
         order, that tensor's row bytes.
     """
-    values, per_slot = reference.check_pack(tensors, slots, out, buffer_name="out", unique=False)
-    if backend_for(tensors[0].device) == "torch":
-        return reference.pack_slots(tensors, values, out)
+    values, per_slot = checks.check_pack(tensors, slots, out, buffer_name="out", unique=False)
     if out is None:
         out = torch.empty(len(values) * per_slot, dtype=torch.uint8, device=tensors[0].device)
+    if backend_for(tensors[0].device) == "torch":
+        return reference.pack_slots(tensors, values, per_slot, out)
     _run(tensors, slots, values, per_slot, out, unpack=False)
     return out
 
@@ -134,10 +135,8 @@ def unpack_slots(
     """
     if buffer is None:
         raise ValueError("buffer must be a uint8 tensor, got None")
-    values, per_slot = reference.check_pack(
-        tensors, slots, buffer, buffer_name="buffer", unique=True
-    )
+    values, per_slot = checks.check_pack(tensors, slots, buffer, buffer_name="buffer", unique=True)
     if backend_for(tensors[0].device) == "torch":
-        reference.unpack_slots(tensors, values, buffer)
+        reference.unpack_slots(tensors, values, per_slot, buffer)
         return
     _run(tensors, slots, values, per_slot, buffer, unpack=True)

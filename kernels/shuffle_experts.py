@@ -2,7 +2,7 @@
 
 ``shuffle_experts(tensors, new_to_old)`` makes slot ``s`` of every tensor hold what slot
 ``new_to_old[s]`` held (duplicates replicate, -1 leaves a slot alone for ``unpack_slots`` to
-fill). The host plans the order of row copies (``reference.plan_shuffle``): trees of the slot
+fill). The host plans the order of row copies (``shuffle_plan.plan_shuffle``): trees of the slot
 graph leaf first, then cycles cut at staged rows, so the extra memory is the staging rows the
 plan uses (one slot row per tensor by default, or what ``staging_bytes`` allows).
 
@@ -25,6 +25,9 @@ import torch
 
 from eplb_plugin.kernels import reference
 from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
+from eplb_plugin.kernels.checks import check_slot_tensors
+from eplb_plugin.kernels.shuffle_plan import prepare_shuffle, shuffle_groups
+from eplb_plugin.kernels.slot_rows import as_words, word_size
 
 __all__ = ["shuffle_experts"]
 
@@ -107,7 +110,7 @@ def shuffle_experts(
             old slot whose content slot ``s`` gets; repeats replicate, -1 leaves ``s`` as is.
         staging_bytes: bound on the extra memory for cycles. Default: one slot row per
             tensor. More stages several cycles at once (fewer steps) and, on the Triton path
-            with rows up to ``reference.CUT_ROW_BYTES``, cuts long cycles in more places;
+            with rows up to ``shuffle_plan.CUT_ROW_BYTES``, cuts long cycles in more places;
             less than a row of every tensor shuffles the tensors one by one.
         staging: optional preallocated uint8 [bytes] buffer used for staging (its size is the
             budget); otherwise one is allocated per call when the mapping has cycles.
@@ -115,21 +118,19 @@ def shuffle_experts(
     Bit exact. Arguments are checked before anything is written. One host read of
     ``new_to_old``; ``plan steps x len(tensors)`` kernel launches on the Triton path.
     """
-    _, device = reference.check_slot_tensors(tensors)
+    _, device = check_slot_tensors(tensors)
     triton_path = backend_for(device) == "triton"
-    groups = reference.prepare_shuffle(
-        tensors, new_to_old, staging_bytes, staging, parallel=triton_path
-    )
+    groups = prepare_shuffle(tensors, new_to_old, staging_bytes, staging, parallel=triton_path)
     if not triton_path:
         reference.run_shuffle(tensors, groups, staging)
         return
-    for rows, stages, plan in reference.shuffle_groups(tensors, groups, staging):
+    for rows, stages, plan in shuffle_groups(tensors, groups, staging):
         steps = [step for wave in plan.waves for step in wave]
         flat = [i for step in steps for i in step.src + step.dst]
         index = torch.tensor(flat, dtype=torch.int64).to(device)
         for row, stage in zip(rows, stages):
-            size = reference.word_size(row, stage)
-            row_w, stage_w = reference.as_words(row, size), reference.as_words(stage, size)
+            size = word_size(row, stage)
+            row_w, stage_w = as_words(row, size), as_words(stage, size)
             at = 0
             for step in steps:
                 n = len(step.dst)

@@ -1,15 +1,18 @@
-"""map_and_count: the Triton kernel (interpreted) against the torch reference, and both
-against the dispatch contract of docs/dispatch.md written out entry by entry."""
+"""map_and_count: the Triton kernel (interpreted) and the torch path, each against the
+dispatch contract of docs/dispatch.md written out here entry by entry in numpy float32 (an
+oracle that shares no code with the op). Outputs are integers: compared exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 
 import numpy as np
 import pytest
 import torch
 
-from eplb_plugin.kernels import reference
+from eplb_plugin.kernels import checks
 from eplb_plugin.kernels._backend import backend_for
 from eplb_plugin.kernels.map_and_count import map_and_count
 from eplb_plugin.kernels.waterfill import waterfill_shares
@@ -106,26 +109,65 @@ def contract(topk_ids, layout, share, layer, num_valid, seed=0):
         for j, b in enumerate(bounds[e]):
             counts[l2p[e][j]] += b - prev
             prev = b
-    return torch.tensor(phys, dtype=torch.int64).view(len(ids), -1), torch.tensor(counts), c
+    return (
+        torch.tensor(phys, dtype=torch.int64).view(len(ids), topk_ids.shape[1]),
+        torch.tensor(counts),
+        c,
+    )
+
+
+@contextlib.contextmanager
+def kernels(backend: str | None):
+    """Run the op on ``backend`` ("triton", "torch"; None: the default choice)."""
+    before = os.environ.pop("EPLB_KERNELS", None)
+    if backend is not None:
+        os.environ["EPLB_KERNELS"] = backend
+    try:
+        yield
+    finally:
+        os.environ.pop("EPLB_KERNELS", None)
+        if before is not None:
+            os.environ["EPLB_KERNELS"] = before
+
+
+def run(backend, topk_ids, layout, layer, num_valid, counts, **kw):
+    with kernels(backend):
+        return map_and_count(
+            topk_ids, layout.log2phy, layout.logcnt, layout.replica_share, counts, layer,
+            num_valid, **kw,
+        )  # fmt: skip
+
+
+def local_share(topk_ids, layout, layer, num_valid, slots_per_gpu, iters=8):
+    """The contract's shares of ``local`` dispatch: water-filled on the batch's counts."""
+    c = expert_counts(topk_ids, num_valid, layout.num_experts).float()
+    rows = slice(layer, layer + 1)
+    return waterfill_shares(
+        c.unsqueeze(0), layout.phy2log[rows], layout.log2phy[rows], layout.logcnt[rows],
+        slots_per_gpu, layout.replica_share[rows], iters,
+    )[0]  # fmt: skip
 
 
 def both(topk_ids, layout, layer, num_valid, counts=None, **kw):
-    """Run the Triton kernel and the reference on copies; return both (out, counts)."""
+    """Run the Triton kernel and the torch path on copies, check each against the contract
+    oracle; return both (out, counts)."""
     if counts is None:
         counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    nv = int(num_valid)
+    if kw.get("dispatch", "static") == "local":
+        share = local_share(topk_ids, layout, layer, nv, kw["slots_per_gpu"])
+    else:
+        share = layout.replica_share[layer]
+    seed = kw.get("seed")
+    phys, want, _ = contract(topk_ids, layout, share, layer, nv, 0 if seed is None else int(seed))
     results = []
-    for fn in (map_and_count, reference.map_and_count):
+    for backend in ("triton", "torch"):
         c = counts.clone()
-        out = fn(
-            topk_ids.clone(),
-            layout.log2phy,
-            layout.logcnt,
-            layout.replica_share,
-            c,
-            layer,
-            num_valid,
-            **kw,
-        )
+        out = run(backend, topk_ids.clone(), layout, layer, num_valid, c, **kw)
+        assert torch.equal(out.long(), phys), backend
+        assert torch.equal(c[layer].long() - counts[layer].long(), want), backend
+        others = [i for i in range(layout.num_layers) if i != layer]
+        assert torch.equal(c[others], counts[others]), backend
         results.append((out, c))
     return results
 
@@ -140,25 +182,11 @@ def expert_counts(topk_ids, num_valid, num_experts):
 
 
 @pytest.mark.parametrize("seed", [0, 7, 123456])
-def test_reference_is_the_contract(seed):
+def test_both_backends_are_the_contract(seed):
     layout = random_layout(2, 8, 14, 2, seed=seed)
     ids = random_ids(41, 3, 8, seed=seed, minus_one=0.1)
     for layer, num_valid in ((0, 41), (1, 30), (1, 0)):
-        counts = torch.zeros(2, 14, dtype=torch.int32)
-        out = reference.map_and_count(
-            ids,
-            layout.log2phy,
-            layout.logcnt,
-            layout.replica_share,
-            counts,
-            layer,
-            num_valid,
-            seed=seed,
-        )
-        phys, want, _ = contract(ids, layout, layout.replica_share[layer], layer, num_valid, seed)
-        assert torch.equal(out, phys)
-        assert torch.equal(counts[layer].long(), want)
-        assert counts[1 - layer].eq(0).all()
+        both(ids, layout, layer, num_valid, seed=seed)  # checks each against the contract
 
 
 def test_counts_within_one_token_of_shares():
@@ -196,16 +224,7 @@ def test_rounding_is_unbiased_over_seeds():
     runs = 400
     for seed in range(runs):
         counts = torch.zeros(1, 10, dtype=torch.int32)
-        reference.map_and_count(
-            ids,
-            layout.log2phy,
-            layout.logcnt,
-            layout.replica_share,
-            counts,
-            0,
-            9,
-            seed=torch.tensor(seed),
-        )
+        run("torch", ids, layout, 0, 9, counts, seed=torch.tensor(seed))
         total += counts[0]
     assert (total / runs - ideal).abs().max() < 0.05
 
@@ -227,19 +246,8 @@ def test_local_dispatch_follows_waterfill():
         )
         assert torch.equal(out_t, out_r) and torch.equal(cnt_t, cnt_r)
         c = expert_counts(ids, 80, 12).float()
-        rows = slice(layer, layer + 1)
-        share = waterfill_shares(
-            c.unsqueeze(0),
-            layout.phy2log[rows],
-            layout.log2phy[rows],
-            layout.logcnt[rows],
-            5,
-            layout.replica_share[rows],
-        )[0]
-        ideal = c[layout.phy2log[layer]] * share
+        ideal = c[layout.phy2log[layer]] * local_share(ids, layout, layer, 80, 5)
         assert (cnt_t[layer].float() - ideal).abs().max() <= 1.0
-        phys, want, _ = contract(ids, layout, share, layer, 80, seed=3)
-        assert torch.equal(out_r, phys) and torch.equal(cnt_r[layer].long(), want)
 
 
 # --------------------------------------------------------------------------- Triton vs torch
@@ -256,7 +264,7 @@ def test_local_dispatch_follows_waterfill():
         (0, 8, 0, None, torch.int64),  # empty batch
     ],
 )
-def test_triton_matches_reference(num_tokens, top_k, num_valid, block_size, dtype):
+def test_triton_and_torch_match_the_contract(num_tokens, top_k, num_valid, block_size, dtype):
     layout = random_layout(2, 10, 17, 1, seed=num_tokens)
     ids = random_ids(num_tokens, top_k, 10, seed=num_tokens, dtype=dtype, minus_one=0.05)
     (out_t, cnt_t), (out_r, cnt_r) = both(
@@ -275,16 +283,8 @@ def test_triton_device_scalars_inplace_and_strided_ids():
     num_valid, seed = torch.tensor(47), torch.tensor(2**40 + 3)
     counts = torch.full((1, 16), 3, dtype=torch.int32)  # accumulates onto existing counts
     want_counts = counts.clone()
-    want = reference.map_and_count(
-        ids,
-        layout.log2phy,
-        layout.logcnt,
-        layout.replica_share,
-        want_counts,
-        0,
-        num_valid,
-        seed=seed,
-    )
+    want, add, _ = contract(ids, layout, layout.replica_share[0], 0, 47, seed=2**40 + 3)
+    want_counts[0] += add.int()
     inplace = ids.clone()
     got = map_and_count(
         inplace,
@@ -300,6 +300,7 @@ def test_triton_device_scalars_inplace_and_strided_ids():
     )
     assert got is inplace
     assert torch.equal(inplace, want) and torch.equal(counts, want_counts)
+    assert torch.equal(both(ids, layout, 0, num_valid, seed=seed)[0][0], want)
     strided = map_and_count(
         ids,
         layout.log2phy,
@@ -315,8 +316,8 @@ def test_triton_device_scalars_inplace_and_strided_ids():
 
 def test_preallocated_workspace_covers_smaller_batches():
     layout = random_layout(1, 16, 20, 4, seed=8)
-    work = reference.make_map_and_count_workspace(300, 4, 16, "cpu")
-    assert work.numel() == reference.map_and_count_workspace_size(300, 4, 16)
+    work = checks.make_map_and_count_workspace(300, 4, 16, "cpu")
+    assert work.numel() == checks.map_and_count_workspace_size(300, 4, 16)
     for n in (300, 65, 1):
         ids = random_ids(n, 4, 16, seed=n)
         (out_t, cnt_t), (out_r, cnt_r) = both(ids, layout, 0, n, workspace=work)
@@ -367,14 +368,14 @@ def test_forced_torch_path_skips_triton(monkeypatch):
         raise AssertionError("the Triton path ran although EPLB_KERNELS=torch")
 
     monkeypatch.setattr(module, "_map_and_count_triton", no_triton)
-    monkeypatch.setenv("EPLB_KERNELS", "torch")
     layout = random_layout(1, 8, 12, 2, seed=6)
     ids = random_ids(30, 3, 8, seed=6)
-    (out_a, cnt_a), (out_r, cnt_r) = both(ids, layout, 0, 25)
-    assert torch.equal(out_a, out_r) and torch.equal(cnt_a, cnt_r)
-    monkeypatch.delenv("EPLB_KERNELS")
+    counts = torch.zeros(1, 12, dtype=torch.int32)
+    out = run("torch", ids, layout, 0, 25, counts)
+    phys, want, _ = contract(ids, layout, layout.replica_share[0], 0, 25)
+    assert torch.equal(out, phys) and torch.equal(counts[0].long(), want)
     with pytest.raises(AssertionError, match="Triton path ran"):
-        both(ids, layout, 0, 25)
+        run(None, ids, layout, 0, 25, counts)  # the default under TRITON_INTERPRET=1
 
 
 # --------------------------------------------------------------------------- bad input
@@ -454,8 +455,18 @@ def test_bad_input_raises_before_writing(small, change, match):
 
 GPU_SCRIPT = r"""
 import torch
+import os
 from eplb_plugin.kernels import (backend_for, make_map_and_count_workspace, map_and_count,
-                                 pack_slots, reference, shuffle_experts, unpack_slots)
+                                 pack_slots, shuffle_experts, unpack_slots)
+
+
+def torch_path(*args, **kwargs):
+    os.environ["EPLB_KERNELS"] = "torch"
+    try:
+        return map_and_count(*args, **kwargs)
+    finally:
+        del os.environ["EPLB_KERNELS"]
+
 from eplb_plugin.layout import ExpertLayout, Topology
 
 dev = torch.device("cuda")
@@ -477,7 +488,7 @@ num_valid, seed = torch.tensor(650, device=dev), torch.tensor(5, device=dev)
 for mode in ("static", "local"):
     kw = dict(dispatch=mode, phy2log=phy2log, slots_per_gpu=10, seed=seed)
     c_ref = torch.zeros(1, P, dtype=torch.int32, device=dev)
-    want = reference.map_and_count(ids, *maps, c_ref, 0, num_valid, **kw)
+    want = torch_path(ids, *maps, c_ref, 0, num_valid, **kw)
     c_tri = torch.zeros_like(c_ref)
     got = map_and_count(ids, *maps, c_tri, 0, num_valid, **kw)
     assert torch.equal(got, want) and torch.equal(c_tri, c_ref), mode
@@ -500,7 +511,7 @@ graph.replay()
 graph.replay()
 torch.cuda.synchronize()
 c_ref = torch.zeros_like(counts)
-want = reference.map_and_count(ids, *maps, c_ref, 0, num_valid, seed=seed)
+want = torch_path(ids, *maps, c_ref, 0, num_valid, seed=seed)
 assert torch.equal(out, want) and torch.equal(counts, 2 * c_ref)
 inplace = ids.clone()
 map_and_count(inplace, *maps, torch.zeros_like(counts), 0, num_valid, seed=seed, out=inplace)
@@ -513,12 +524,16 @@ for dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.uint8):
     raw = torch.randint(0, 256, (S, 33, 40 * dtype.itemsize), dtype=torch.uint8, device=dev)
     t = raw.view(dtype)
     want = [t.clone()]
-    reference.shuffle_experts_naive(want, mapping)
+    old = want[0].clone()
+    for s, m in enumerate(mapping):
+        if m >= 0:
+            want[0][s] = old[m]
     shuffle_experts([t], torch.tensor(mapping, device=dev))
     assert torch.equal(t.view(torch.uint8), want[0].view(torch.uint8)), dtype
     bias = torch.randn(S, 7, device=dev)
     buf = pack_slots([t, bias], [5, 1, 5])
-    assert torch.equal(buf, reference.pack_slots([t, bias], [5, 1, 5]))
+    layout_bytes = [x[s].reshape(-1).view(torch.uint8) for s in (5, 1, 5) for x in (t, bias)]
+    assert torch.equal(buf, torch.cat(layout_bytes))
     fresh = [torch.zeros_like(t), torch.zeros_like(bias)]
     unpack_slots(fresh, torch.tensor([0, 1, 2], device=dev), buf)
     assert torch.equal(fresh[0][1].view(torch.uint8), t[1].view(torch.uint8))
