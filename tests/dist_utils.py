@@ -166,22 +166,22 @@ def run_ranks(
         p.start()
     done: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    vanished: set[int] = set()  # exited with code 0 and no result (a test killed it)
     deadline = time.monotonic() + timeout
     try:
-        while len(done) + len(errors) < world_size:
+        while len(done) + len(errors) + len(vanished) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             try:
                 status, rank, payload = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [
-                    r
-                    for r, p in enumerate(procs)
-                    if not p.is_alive() and p.exitcode not in (0, None) and r not in done
-                ]
+                # a rank waits for `release` after answering, so one that exited has died
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in done]
                 for r in dead:
-                    if r not in errors:
+                    if procs[r].exitcode == 0:
+                        vanished.add(r)
+                    elif r not in errors:
                         errors[r] = f"process exited with code {procs[r].exitcode} (no result)"
                 continue
             if status == "ok":

@@ -36,7 +36,7 @@ def skewed_ids(gen: torch.Generator, experts: int, tokens: int = 16, top_k: int 
 def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
     config = EplbConfig(
         num_redundant_experts=3, window=4, interval=4, plan_delay=2, layers_per_step=1,
-        min_gain=0.0, staging_bytes=1 << 16,
+        min_gain=0.0, staging_bytes=1 << 16, plan_wait_s=60.0,
     )  # fmt: skip
     bal, tensors = single_rank(config)
     ptrs = [t.data_ptr() for t in bal.maps.tensors()]
@@ -152,8 +152,9 @@ def test_a_failing_policy_is_reported_and_serving_continues():
 
     register_policy("test-broken", broken, replace=True)
     config = EplbConfig(
-        num_redundant_experts=3, window=2, interval=2, plan_delay=1, policy="test-broken"
-    )
+        num_redundant_experts=3, window=2, interval=2, plan_delay=1, policy="test-broken",
+        plan_wait_s=60.0,
+    )  # fmt: skip
     bal, _ = single_rank(config)
     gen = torch.Generator().manual_seed(3)
     events = []
@@ -164,6 +165,90 @@ def test_a_failing_policy_is_reported_and_serving_continues():
         events.append(report and report.event)
     assert events == [None, "planned", "failed", "planned", "failed", "planned"]
     assert bal.disabled_reason is None and bal.stats.failures == 2
+
+
+def test_a_failing_synchronous_plan_is_counted_and_logged_not_disabling(caplog):
+    # before: with plan_delay=0 the policy's error escaped step(), disabled rebalancing for
+    # good and left stats.failures at 0
+    def broken(weight, topology, previous=None, **options):
+        raise TypeError("unexpected keyword argument")
+
+    register_policy("test-broken-sync", broken, replace=True)
+    config = EplbConfig(
+        num_redundant_experts=3, window=2, interval=2, plan_delay=0, policy="test-broken-sync"
+    )
+    bal, _ = single_rank(config)
+    gen = torch.Generator().manual_seed(3)
+    events = []
+    with caplog.at_level("WARNING", logger="eplb_plugin.runtime"):
+        for _ in range(4):
+            for layer in range(LAYERS):
+                bal.route(skewed_ids(gen, 6), layer)
+            report = bal.step()
+            events.append(report and report.event)
+    assert events == [None, "failed", None, "failed"]
+    assert bal.disabled_reason is None and bal.stats.failures == 2
+    assert "planning failed: TypeError: unexpected keyword argument" in caplog.text
+
+
+def test_log_lines_rebalance_skips_and_balancedness(caplog):
+    config = EplbConfig(
+        num_redundant_experts=3, window=3, interval=3, plan_delay=0, layers_per_step=2,
+        min_gain=0.0, log_balancedness=True, log_balancedness_interval=2,
+    )  # fmt: skip
+    bal, _ = single_rank(config)
+    gen = torch.Generator().manual_seed(0)
+    with caplog.at_level("INFO", logger="eplb_plugin.runtime"):
+        for _ in range(9):
+            for layer in range(LAYERS):
+                bal.route(skewed_ids(gen, 6), layer)
+            bal.step()
+    lines = [r.getMessage() for r in caplog.records]
+    done = [line for line in lines if line.startswith("EPLB rebalance done")]
+    # due at 3 (3 layers: chunks at steps 3, 4) and 6 (2 layers: one chunk): one line each
+    assert [line.split(":")[0] for line in done] == [
+        "EPLB rebalance done at step 4", "EPLB rebalance done at step 6"
+    ]  # fmt: skip
+    keys = (" layers, ", " slots moved, ", " MiB between ranks, longest pause ",
+            "window balancedness 1.0000 -> 1.0000 planned, realized 1.0000 since")  # fmt: skip
+    for key in keys:
+        assert key in done[0], key
+    periodic = [line for line in lines if line.startswith("EPLB step ")]
+    assert [line.split(":")[0] for line in periodic] == [
+        "EPLB step 2", "EPLB step 4", "EPLB step 6", "EPLB step 8"
+    ]  # fmt: skip
+    assert all("balancedness=1.0000" in line for line in periodic)  # one GPU
+    assert bal.stats.realized_balancedness == 1.0
+    # one GPU: nothing to gain; a plan below min_gain says so
+    caplog.clear()
+    bal, _ = single_rank(EplbConfig(num_redundant_experts=3, window=2, interval=2,
+                                    plan_delay=0, min_gain=0.5))  # fmt: skip
+    with caplog.at_level("INFO", logger="eplb_plugin.runtime"):
+        for _ in range(2):
+            bal.route(skewed_ids(gen, 6), 0)
+            bal.step()
+    assert bal.stats.skip_reasons == {"no gain": 1}
+    assert (
+        "EPLB plan skipped (no gain): predicted balancedness 1.0000 -> 1.0000, gain below "
+        "min_gain 0.5; next plan at step 4"
+    ) in caplog.text
+
+
+def test_a_plan_due_during_a_move_is_skipped_with_a_reason(caplog):
+    config = EplbConfig(
+        num_redundant_experts=3, window=2, interval=2, plan_delay=0, layers_per_step=1,
+        min_gain=0.0,
+    )  # fmt: skip
+    bal, _ = single_rank(config)
+    gen = torch.Generator().manual_seed(0)
+    with caplog.at_level("INFO", logger="eplb_plugin.runtime"):
+        for _ in range(4):
+            for layer in range(LAYERS):
+                bal.route(skewed_ids(gen, 6), layer)
+            bal.step()
+    # due at 2 (moving layers 0, 1, 2 at steps 2-4); due at 4 falls during the move
+    assert bal.stats.skip_reasons.get("busy") == 1
+    assert "EPLB plan skipped (busy): due at step 4 while the previous rebalance" in caplog.text
 
 
 def test_a_failed_commit_stops_serving_instead_of_serving_wrong_weights():
@@ -181,9 +266,11 @@ def test_a_failed_commit_stops_serving_instead_of_serving_wrong_weights():
     layout = ExpertLayout.identity(LAYERS, 6, topo)
     bal = Balancer(config, layout, make_tensors(layout.phy2log, 0, 9), fault=fault)
     gen = torch.Generator().manual_seed(6)
-    bal.route(skewed_ids(gen, 6), 0)
+    for layer in range(LAYERS):  # every layer loaded, so that every layer moves
+        bal.route(skewed_ids(gen, 6), layer)
     assert bal.step() is None
-    bal.route(skewed_ids(gen, 6), 0)
+    for layer in range(LAYERS):
+        bal.route(skewed_ids(gen, 6), layer)
     with pytest.raises(InconsistentWeightsError, match="committing layer 1"):
         bal.step()
     assert bal.disabled_reason is not None and bal.step() is None
@@ -241,7 +328,7 @@ def _serve(rank: int, world_size: int, plan_on: str, dispatch: str, communicator
     config = EplbConfig(
         num_redundant_experts=2, num_nodes=topo.num_nodes, window=6, interval=6,
         plan_delay=1, layers_per_step=1, min_gain=0.01, plan_on=plan_on, dispatch=dispatch,
-        staging_bytes=1 << 16, timeout_s=60,
+        staging_bytes=1 << 16, timeout_s=60, plan_wait_s=60.0,
     )  # fmt: skip
     failed_once = []
 
