@@ -139,7 +139,7 @@ def test_eplb_rebalances_keep_logits_exact(checkpoints, skewed_trace, family, ra
     trace = skewed_trace(fam.num_experts(config), fam.top_k(config))
     eplb = EplbConfig(
         enable=True, num_redundant_experts=4, window=2, interval=3, plan_delay=ranks // 4,
-        layers_per_step=1, min_gain=0.0, dispatch=dispatch,
+        layers_per_step=1, min_gain=0.0, dispatch=dispatch, plan_wait_s=60.0,
     )  # fmt: skip
     runs = [RunSpec("on", eplb, record_logits=True)]
     if ranks == 4:

@@ -99,7 +99,7 @@ def fake_runner(num_layers=2, num_experts=8, ep_rank=0, ep_size=1, **kw):
 
 def config(**kw) -> EplbConfig:
     values = dict(num_redundant_experts=4, window=4, interval=4, plan_delay=0, min_gain=0.0,
-                  layers_per_step=1)  # fmt: skip
+                  layers_per_step=1, plan_wait_s=60.0)  # fmt: skip
     values.update(kw)
     return EplbConfig(**values)
 
