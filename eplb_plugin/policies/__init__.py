@@ -43,8 +43,10 @@ NORM_EXPONENT = 40
 
 _POLICIES: dict[str, PolicyFn] = {}
 # accepted keyword options per policy; None: any (the function takes **kwargs)
-_OPTIONS: dict[str, tuple[str, ...] | None] = {}
-_CHECKS: dict[str, Callable[..., object]] = {}
+# (each keyed by name, with the function it was registered for: a function put into
+# _POLICIES directly, as tests do, is described by its own signature instead)
+_OPTIONS: dict[str, tuple[PolicyFn, tuple[str, ...] | None]] = {}
+_CHECKS: dict[str, tuple[PolicyFn, Callable[..., object]]] = {}
 # what plan() passes itself: never a user's option
 _INTERNAL = ("previous", "steps")
 
@@ -89,9 +91,9 @@ def register_policy(
         if not replace and name in _POLICIES and _POLICIES[name] is not f:
             raise ValueError(f"policy {name!r} is already registered")
         _POLICIES[name] = f
-        _OPTIONS[name] = tuple(options) if options is not None else _signature_options(f)
+        _OPTIONS[name] = (f, tuple(options) if options is not None else _signature_options(f))
         if check is not None:
-            _CHECKS[name] = check
+            _CHECKS[name] = (f, check)
         else:
             _CHECKS.pop(name, None)
         return f
@@ -101,8 +103,9 @@ def register_policy(
 
 def accepted_options(policy: str) -> tuple[str, ...] | None:
     """Keyword options ``policy`` accepts (None: any)."""
-    get_policy(policy)
-    return _OPTIONS[policy]
+    fn = get_policy(policy)
+    registered, options = _OPTIONS.get(policy, (None, None))
+    return options if registered is fn else _signature_options(fn)
 
 
 def check_policy_options(policy: str, options: dict) -> None:
@@ -116,8 +119,8 @@ def check_policy_options(policy: str, options: dict) -> None:
             raise ValueError(
                 f"unknown option {unknown[0]!r} for policy {policy!r}; valid options: {valid}"
             )
-    check = _CHECKS.get(policy)
-    if check is not None:
+    registered, check = _CHECKS.get(policy, (None, None))
+    if check is not None and registered is get_policy(policy):
         check(**options)
 
 

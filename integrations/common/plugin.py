@@ -168,9 +168,12 @@ class EngineSwitch:
                 "the plugin balancer is active in this process; it cannot be combined with "
                 f"the swap of {self.engine}'s built-in EPLB policy"
             )
-        from eplb_plugin.policies import get_policy
+        from eplb_plugin.policies import check_policy_options, get_policy
 
         get_policy(policy)  # ValueError naming the policy when it is unknown
+        for arg in args:  # the policy's options: a mistyped one is refused now, not per plan
+            if isinstance(arg, dict):
+                check_policy_options(policy, arg)
         key = (policy, *args)
         if self.active["policy"] == key:
             return
