@@ -19,6 +19,10 @@ reader never sees a half-written file and the serving step does not wait for the
   a load (``eplb export --load DIR`` concatenates them in file-name order).
 
 A write that fails (disk full, folder removed) is logged and serving goes on.
+
+The loop closes with :func:`read_initial_layout`: an engine integration given
+``EplbConfig.initial_layout`` (an ``eplb export`` folder or a layout file) starts serving
+from that layout instead of its own start-up one.
 """
 
 from __future__ import annotations
@@ -156,4 +160,55 @@ class LoadWindowWriter:
     close = flush
 
 
-__all__ = ["LoadWindowWriter", "EPLB_FILE", "SGLANG_PREFIX"]
+def read_initial_layout(
+    path: str | os.PathLike, num_layers: int, num_experts: int, num_slots: int, ep_size: int
+) -> torch.Tensor:
+    """The [L, P] int64 phy2log of ``EplbConfig.initial_layout``, checked against the engine.
+
+    Args:
+        path: an ``eplb export`` folder (its ``layout.safetensors``), a layout
+            ``.safetensors`` or SGLang's ``.pt``/``.json`` form with one row per MoE layer.
+        num_layers, num_experts, num_slots, ep_size: what the engine serves (L MoE layers, E
+            experts, P = E + num_redundant_experts slots over ep_size ranks).
+    Raises:
+        ValueError: a missing or unreadable file, or a layout for another shape, named.
+    """
+    from .formats import read_layout
+
+    path = os.fspath(path)
+    source = path
+    if os.path.isdir(path):
+        source = os.path.join(path, "layout.safetensors")
+        if not os.path.isfile(source):
+            raise ValueError(f"initial_layout {path!r} is a folder without layout.safetensors "
+                             "(not an `eplb export` folder)")  # fmt: skip
+    layout = read_layout(source, ep_size)
+    shape = (layout.num_layers, layout.num_slots, layout.num_experts)
+    if shape != (num_layers, num_slots, num_experts):
+        raise ValueError(
+            f"initial_layout {path!r} has {shape[0]} layers, {shape[1]} slots and {shape[2]} "
+            f"experts; the engine serves {num_layers} MoE layers and {num_experts} experts on "
+            f"{num_slots} slots (num_redundant_experts must be {shape[1] - shape[2]})"
+        )
+    if layout.topology.num_gpus != ep_size:
+        raise ValueError(
+            f"initial_layout {path!r} was planned for {layout.topology.num_gpus} EP ranks, "
+            f"the engine has {ep_size}"
+        )
+    return layout.phy2log.to(torch.int64).clone()
+
+
+def check_initial_layout_path(path: str) -> None:
+    """ValueError unless ``path`` ('' for none) exists: checked by the launchers before an
+    engine starts, the shape only once the engine knows its model."""
+    if path and not os.path.exists(path):
+        raise ValueError(f"initial_layout {path!r} does not exist")
+
+
+__all__ = [
+    "LoadWindowWriter",
+    "EPLB_FILE",
+    "SGLANG_PREFIX",
+    "read_initial_layout",
+    "check_initial_layout_path",
+]

@@ -121,3 +121,23 @@ def test_balancer_records_the_window_summed_over_ranks(tmp_path):
     assert torch.equal(load, windows[0] + windows[1])
     # every routed (token, k) entry counted once: 2 ranks x 4 tokens-entries per step
     assert load.sum(-1).flatten().tolist() == [8.0] * (4 * L)
+
+
+def test_initial_layout_from_an_export_folder_or_a_file(tmp_path):
+    from eplb_plugin.record import check_initial_layout_path, read_initial_layout
+
+    topo = Topology(P, num_gpus=2)
+    phy2log = torch.tensor([[3, 0, 1, 2, 1, 0], [0, 1, 3, 2, 3, 3]])
+    ExpertLayout.from_phy2log(phy2log, topo, E).save(tmp_path / "layout.safetensors")
+    for path in (tmp_path, tmp_path / "layout.safetensors"):
+        assert torch.equal(read_initial_layout(path, L, E, P, 2), phy2log)
+    with pytest.raises(ValueError, match="num_redundant_experts must be 2"):
+        read_initial_layout(tmp_path, L, E, E, 2)
+    with pytest.raises(ValueError, match="ep_size=1"):
+        read_initial_layout(tmp_path, L, E, P, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not an `eplb export` folder"):
+        read_initial_layout(tmp_path / "empty", L, E, P, 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        check_initial_layout_path(str(tmp_path / "nope"))
+    check_initial_layout_path("")

@@ -80,7 +80,7 @@ def add_eplb_options(
     """
     from ..config import _HELP, DISPATCH_MODES, EplbConfig
 
-    applied = {**EplbConfig().to_dict(), **(defaults or {})}
+    applied = {**_field_defaults(EplbConfig), **(defaults or {})}
     group = parser.add_argument_group(
         "EPLB",
         "The balancer's main settings; every other EplbConfig field, and vLLM's EPLBConfig "
@@ -99,8 +99,9 @@ def add_eplb_options(
         type=_json_arg,
         metavar="JSON",
         help="JSON object of EplbConfig fields and/or vLLM's EPLBConfig keys, e.g. "
-        '\'{"window_size": 1000, "step_interval": 3000, "min_gain": 0}\'; also '
-        "--eplb-config.KEY VALUE (vLLM's form)",
+        '\'{"window_size": 1000, "step_interval": 3000, "min_gain": 0}\''
+        + ("; also --eplb-config.KEY VALUE (vLLM's form)" if enable_option else "")
+        + _other_defaults(defaults),
     )
     for name in FIRST_CLASS:
         group.add_argument(
@@ -119,10 +120,33 @@ def add_eplb_options(
         )  # fmt: skip
 
 
+def _other_defaults(defaults: dict | None) -> str:
+    """Help text naming this command's own defaults of the fields without an option."""
+    others = {k: v for k, v in (defaults or {}).items() if k not in (*FIRST_CLASS, "enable")}
+    if not others:
+        return ""
+    import json
+
+    return f" (this command's defaults: {json.dumps(others)})"
+
+
+def _field_defaults(cls) -> dict:
+    """A dataclass's field defaults, without building one (no validation, no imports)."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _legacy_type(name: str):
     from ..config import EplbConfig
 
-    default = getattr(EplbConfig(), name)
+    default = _field_defaults(EplbConfig)[name]
     return _json_arg if isinstance(default, dict) else type(default)
 
 

@@ -170,6 +170,11 @@ def build_launch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
         changes["record_format"] = "sglang"  # the dump form SGLang users read
     if changes:
         config = dataclasses.replace(config, **changes)
+    if config.initial_layout:
+        raise ValueError(
+            "initial_layout: SGLang takes the initial layout itself: pass "
+            "--init-expert-location FILE (an `eplb export` folder's expert_location.json)"
+        )
     extra = list(args.extra)
     if REDUNDANT_OPTION not in sglang_given and config.num_redundant_experts:
         extra += [REDUNDANT_OPTION, str(config.num_redundant_experts)]

@@ -142,6 +142,9 @@ def build_launch(
             env[ENV_POLICY_OPTIONS] = json.dumps(config.policy_options, sort_keys=True)
     else:
         check_v1_runner(env)
+        from eplb_plugin.record import check_initial_layout_path
+
+        check_initial_layout_path(config.initial_layout)
         env[ENV_CONFIG] = config_to_env(config)
         env[ENV_V2_RUNNER] = "0"
     return argv, env

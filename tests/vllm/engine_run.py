@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("out")
     parser.add_argument("--compile", choices=("eager", "inductor"), default=None)
+    parser.add_argument("--skip-base", action="store_true", help="no run with the plugin off")
     add_cli_options(parser)
     args = parser.parse_args()
     config = EplbConfig.from_cli(args)
@@ -85,11 +86,13 @@ def main() -> None:
 
     texts = prompts()
     kwargs = engine_kwargs(args.model, args.compile)
-    llm = LLM(**kwargs)
-    assert llm.collective_rpc(worker_summary) == [None]  # plugin off: nothing attached
-    base, lengths = generate(llm, texts)
-    del llm
-    gc.collect()
+    base, lengths = None, None
+    if not args.skip_base:
+        llm = LLM(**kwargs)
+        assert llm.collective_rpc(worker_summary) == [None]  # plugin off: nothing attached
+        base, lengths = generate(llm, texts)
+        del llm
+        gc.collect()
 
     eplb_vllm.enable(config)
     llm = LLM(**kwargs)
