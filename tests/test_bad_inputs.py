@@ -252,6 +252,7 @@ def test_finding8_cli_errors_are_one_line(tmp_path):
     np.save(tmp_path / "str.npy", np.array([["a"] * 12] * 2))
     np.save(tmp_path / "u64.npy", np.full((2, 12), 2**63 + 5, dtype=np.uint64))
     (tmp_path / "fake.npy").write_bytes(b"not numpy at all")
+    np.save(tmp_path / "zero.npy", np.zeros((2, 12)))
     bad = tmp_path / "bad.safetensors"
     _save_raw_layout(bad, _layout(2), {"format": "eplb-layout", "version": "1"})
     topo = ["--replicas", "16", "--groups", "4", "--nodes", "2", "--gpus", "8"]
@@ -266,6 +267,7 @@ def test_finding8_cli_errors_are_one_line(tmp_path):
         ["convert", "layout", str(tmp_path), str(tmp_path / "y.pt")],
         ["plan", "--load", str(tmp_path / "ok.npy"), *topo, "--layers", "-1"],
         ["demo", "--eplb-config", '{"policy_options": {"max_move": 0.1}}', "--no-report"],
+        ["plan", "--load", str(tmp_path / "zero.npy"), *topo],
     )
     assert_one_error_line(results[0], "plan", "str.npy", "dtype")
     assert_one_error_line(results[1], "plan", "does not exist")
@@ -277,6 +279,12 @@ def test_finding8_cli_errors_are_one_line(tmp_path):
     assert_one_error_line(results[6], "plan", "--layers")
     assert_one_error_line(results[7], "demo", "max_move", "max_moved")
     assert list(tmp_path.glob("*.pt")) == []
+    code, out, err = results[8]  # an all-zero load plans, with one warning line
+    assert code == 0 and "Traceback" not in err, err
+    assert err.strip() == (
+        "eplb plan: warning: layers [0, 1] have no load: planned as if every expert were "
+        "equally loaded"
+    )
 
 
 def test_finding8_uint64_load_is_read_or_refused_in_one_line(tmp_path):
