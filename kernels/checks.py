@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-DISPATCH_MODES = ("static", "local")
+# The modes the map_and_count op itself implements. The user-facing "global" mode
+# (eplb_plugin.names.DISPATCH_MODES) is "static" here, with shares the caller all-reduced.
+OP_DISPATCH_MODES = ("static", "local")
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -150,8 +152,8 @@ def check_map_and_count(
         )
     if not is_int(layer) or not 0 <= layer < num_layers:
         raise ValueError(f"layer must be an int in [0, {num_layers}), got {layer!r}")
-    if dispatch not in DISPATCH_MODES:
-        raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
+    if dispatch not in OP_DISPATCH_MODES:
+        raise ValueError(f"dispatch must be one of {OP_DISPATCH_MODES}, got {dispatch!r}")
     if dispatch == "local":
         if phy2log is None or slots_per_gpu is None:
             raise ValueError("dispatch='local' needs phy2log and slots_per_gpu")

@@ -199,6 +199,24 @@ def test_save_pretrained_writes_per_expert_names_and_fused_on_request(hf):
     assert fused.fused[0]["gate_up_proj"].shape == (4, 32, 32)
 
 
+def test_one_model_family_table():
+    """Export's naming groups and the transformers integration's rows come from the core's
+    one table (eplb_plugin.families)."""
+    from eplb_plugin import checkpoint, families
+
+    grouped = {t: fam.name for fam in checkpoint.FAMILIES for t in fam.model_types}
+    assert set(grouped) == set(families.FAMILIES)
+    for name, row in families.FAMILIES.items():
+        assert grouped[name] == row.naming
+        group = next(f for f in checkpoint.FAMILIES if f.name == row.naming)
+        assert (group.module, group.num_experts_key) == (row.disk_module, row.num_experts_key)
+    pytest.importorskip("transformers")
+    from eplb_plugin.integrations.transformers import models
+
+    assert models.FAMILIES == {n: f for n, f in families.FAMILIES.items() if f.transformers}
+    assert all(models.FAMILIES[n] is families.FAMILIES[n] for n in models.FAMILIES)
+
+
 def test_fp8_checkpoint_table(fp8_ckpt):
     table = find_experts(Checkpoint.open(fp8_ckpt))
     assert table.family.name == "deepseek"
