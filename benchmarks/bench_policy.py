@@ -12,8 +12,14 @@ shuffled Zipf(s) popularity, 65,536 multinomial token choices per layer). For ea
   closer to what a quiet machine shows when other processes compete for the cores), over
   repeats, DeepSeek's and ours interleaved so that both see the same machine load.
 
+- ``vs eplb.py``: how many times less CPU time than deepseek-ai/EPLB's ``eplb.py`` (the
+  faithful copy in ``tests/eplb_reference.py``), timed in the same run on the same load
+  (medians; ``--reference-repeats`` calls, interleaved with the first repeats of the others;
+  CPU time because wall time on a shared machine mostly measures the other processes).
+
     python benchmarks/bench_policy.py                  # 20 repeats
     python benchmarks/bench_policy.py --repeats 50 --json
+    python benchmarks/bench_policy.py --scale          # + 512 experts / 1024 slots / 128 GPUs
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -38,6 +45,9 @@ SCENARIOS = {
     "320 slots, 64 GPUs (global)": (320, 1, 1, 64),
 }
 LOADS = [("lognormal", 0.5), ("lognormal", 1.0), ("zipf", 0.8)]
+# issue 12's scale target: 512 experts on 1024 slots, 128 GPUs on 16 nodes
+SCALE_NAME = "1024 slots, 16 nodes, 128 GPUs (global)"
+SCALE = (1024, 1, 16, 128)
 # (label, policy, options)
 POLICIES = [
     ("deepseek", "deepseek", {}),
@@ -76,7 +86,7 @@ def figures(layout, weight: torch.Tensor) -> dict:
 
 
 def bound(weight: torch.Tensor, topology: Topology) -> float | None:
-    if topology.num_nodes == 1:
+    if topology.num_nodes == 1 or not topology.hierarchical:
         return None
     w = weight.double().numpy()
     groups = w.reshape(w.shape[0], topology.num_groups, -1).sum(-1)
@@ -91,27 +101,50 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192 * 8, help="tokens x top-k per layer")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--reference-repeats", type=int, default=3,
+        help="calls of deepseek-ai/EPLB's eplb.py per case (0: not timed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scale", action="store_true",
+        help="also 512 experts on 1024 slots, 128 GPUs, 16 nodes (global placement)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    reference = None
+    if args.reference_repeats > 0:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+        import eplb_reference
+
+        reference = eplb_reference.rebalance_experts
     loads = {
         f"{dist}({s})": synthetic_load(args.layers, args.experts, dist, s, args.tokens, seed)
         for seed, (dist, s) in enumerate(LOADS)
     }
     results = []
-    jobs = [(n, t, ln) for n, t in SCENARIOS.items() for ln in loads]
-    for name, topo_args, load_name in tqdm(jobs, desc="cases", disable=args.json):
-        topology, weight = Topology(*topo_args), loads[load_name]
+    jobs = [(n, t, ln, loads[ln]) for n, t in SCENARIOS.items() for ln in loads]
+    if args.scale:
+        big = synthetic_load(args.layers, 512, "lognormal", 1.0, args.tokens, 0)
+        jobs.append((SCALE_NAME, SCALE, "lognormal(1.0), 512 experts", big))
+    for name, topo_args, load_name, weight in tqdm(jobs, desc="cases", disable=args.json):
+        topology = Topology(*topo_args)
         times: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
         cpu: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
+        ref_times: list[float] = []
         layouts = {}
-        for _ in range(args.repeats):  # interleaved: every policy sees the same load
+        for repeat in range(args.repeats):  # interleaved: every policy sees the same load
+            if reference is not None and repeat < args.reference_repeats:
+                start = time.process_time()
+                reference(weight, *topo_args)
+                ref_times.append((time.process_time() - start) * 1e3)
             for label, policy, options in POLICIES:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 layouts[label] = plan(weight, topology, policy, **options)
                 times[label].append((time.perf_counter() - start) * 1e3)
                 cpu[label].append((time.process_time() - start_cpu) * 1e3)
+        ref_ms = statistics.median(ref_times) if ref_times else None
         for label, _, _ in POLICIES:
             t = sorted(times[label])
             results.append(
@@ -119,6 +152,10 @@ def main() -> None:
                     "scenario": name, "load": load_name, "policy": label,
                     "median_ms": statistics.median(t), "p90_ms": t[int(0.9 * (len(t) - 1))],
                     "cpu_median_ms": statistics.median(cpu[label]),
+                    "eplb_py_cpu_ms": ref_ms,
+                    "vs_eplb_py": None
+                    if ref_ms is None
+                    else ref_ms / statistics.median(cpu[label]),
                     "bound": bound(weight, topology), **figures(layouts[label], weight),
                 }
             )  # fmt: skip
@@ -131,14 +168,16 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, numpy {np.__version__}"
     )
     head = ["scenario", "load", "policy", "static uniform", "global", "bound", "median ms",
-            "p90 ms", "CPU ms"]  # fmt: skip
+            "p90 ms", "CPU ms", "eplb.py CPU ms", "vs eplb.py (CPU)"]  # fmt: skip
     print(" | ".join(head))
     for r in results:
         b = "-" if r["bound"] is None else f"{r['bound']:.4f}"
+        ref = "-" if r["eplb_py_cpu_ms"] is None else f"{r['eplb_py_cpu_ms']:.0f}"
+        speed = "-" if r["vs_eplb_py"] is None else f"{r['vs_eplb_py']:.0f}x"
         print(
             f"{r['scenario']} | {r['load']} | {r['policy']} | {r['static_uniform']:.4f} | "
             f"{r['global']:.4f} | {b} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-            f"{r['cpu_median_ms']:.1f}"
+            f"{r['cpu_median_ms']:.1f} | {ref} | {speed}"
         )
 
 

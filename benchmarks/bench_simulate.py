@@ -11,6 +11,10 @@ Rows: the vLLM/SGLang baseline (DeepSeek, window sum, static uniform split), the
     python benchmarks/bench_simulate.py --traces ../shared/data/*.npz --synthetic
     python benchmarks/bench_simulate.py --json > replay.json
 
+Every step is also timed by the step-time model (``eplb_plugin.costmodel``; ``--hardware``
+preset, DeepSeek-V2-Lite's expert shape, the traces' model): ``speedup`` is the modelled
+MoE-layer throughput against the baseline.
+
 ``--synthetic`` adds four synthetic routing traces whose expert popularity shifts between
 sequences (``eplb_plugin.traces.synthetic_routing_trace``): a check that the figures are not
 an artefact of the two real traces.
@@ -28,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 from eplb_plugin import Topology
-from eplb_plugin.simulate import SimConfig, compare
+from eplb_plugin.costmodel import HARDWARE, get_hardware, get_model
+from eplb_plugin.simulate import CostSpec, SimConfig, compare
 from eplb_plugin.traces import read_routing_trace, steps_from_routing_trace, synthetic_routing_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,8 +88,19 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=256)
     parser.add_argument("--interval", type=int, default=4)
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--hardware", default="h800-ib400-multinode", choices=list(HARDWARE))
+    parser.add_argument(
+        "--waterfill-us", type=float, default=-1.0,
+        help="device time of one water-fill per layer (default: estimated from its kernels)",
+    )  # fmt: skip
+    parser.add_argument("--configs", help="comma-separated subset of the configurations")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    configs = CONFIGS
+    if args.configs:
+        wanted = [c.strip() for c in args.configs.split(",")]
+        configs = [c for c in CONFIGS if c[0] in wanted]
+    hardware = get_hardware(args.hardware, waterfill_us=args.waterfill_us)
     torch.set_num_threads(1)
 
     cases = []
@@ -95,15 +111,19 @@ def main() -> None:
     rows = []
     for name, topology, ids in tqdm(cases, desc="replays", disable=args.json):
         counts = steps_from_routing_trace(ids, args.batch_tokens, topology.num_gpus)
-        configs = [SimConfig(interval=args.interval, window=args.window, **kw) for _, kw in CONFIGS]
-        out = compare(counts, topology, configs)
+        sims = [SimConfig(interval=args.interval, window=args.window, **kw) for _, kw in configs]
+        model = get_model("deepseek-v2-lite")
+        cost = CostSpec(hardware, model, nodes=1)
+        out = compare(counts, topology, sims, cost=cost)
         case = f"{name}, P={topology.num_replicas}/{topology.num_gpus} GPUs"
         results = [out["baseline"], out["oracle"], *out["results"]]
-        labels = ["baseline", "oracle"] + [label for label, _ in CONFIGS]
+        labels = ["baseline", "oracle"] + [label for label, _ in configs]
         gaps = [0.0, 1.0, *out["gap_closed"]]
+        base_us = out["baseline"].mean_layer_us
         for label, result, gap in zip(labels, results, gaps):
             s = result.summary()
-            rows.append({"case": case, "config": label, "gap": gap, **s})
+            speedup = base_us / result.mean_layer_us
+            rows.append({"case": case, "config": label, "gap": gap, "speedup": speedup, **s})
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -111,15 +131,16 @@ def main() -> None:
         f"B={args.batch_tokens}, N={args.interval}, W={args.window}; balancedness (gap closed); "
         "moved = slots moved per rebalance / all slots"
     )
-    print("case | config | balancedness | gap closed | moved | plan ms (median)")
+    print(f"step-time model: {hardware.name}, deepseek-v2-lite experts")
+    print("case | config | balancedness | gap closed | moved | layer us | speedup | plan ms")
     for r in rows:
         moved = "-" if r["config"] == "oracle" else f"{100 * r['slots_moved_fraction']:.0f}%"
         print(
             f"{r['case']} | {r['config']} | {r['balancedness']:.4f} | {100 * r['gap']:.0f}% | "
-            f"{moved} | {r['plan_ms_median']:.1f}"
+            f"{moved} | {r['layer_us']:.1f} | {r['speedup']:.3f}x | {r['plan_ms_median']:.1f}"
         )
     print("\nmean share of the gap closed over all cases:")
-    for label, _ in CONFIGS:
+    for label, _ in configs:
         gaps = [r["gap"] for r in rows if r["config"] == label]
         print(f"  {label}: {100 * statistics.mean(gaps):.0f}% (min {100 * min(gaps):.0f}%)")
 
