@@ -16,9 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dispatch import DISPATCH_MODES
+from .names import DISPATCH_MODES, PREDICTORS
 
-PREDICTORS = ("window", "ema")
 COMMUNICATORS = ("torch", "deepep")
 PLAN_ON = ("rank0", "all")
 RECORD_FORMATS = ("eplb", "sglang")

@@ -16,10 +16,8 @@ from __future__ import annotations
 import torch
 
 from .layout import ExpertLayout
-
-DISPATCH_MODES = ("static", "local", "global")
-# Water-fill sweeps of the device op's default; the model must use the same number.
-WATERFILL_ITERS = 8
+from .names import DISPATCH_MODES as DISPATCH_MODES
+from .names import WATERFILL_ITERS as WATERFILL_ITERS
 
 
 def check_dispatch(dispatch: object) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-PREDICTORS = ("window", "ema")
+from .names import PREDICTORS as PREDICTORS
 
 
 def check_predictor(predictor: object, ema_decay: object) -> None:

@@ -31,12 +31,10 @@ import torch
 from .costmodel import Hardware, MoeShape, layer_us
 from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads
 from .layout import ExpertLayout, Topology
+from .names import DSV2_LITE_EXPERT_BYTES as DSV2_LITE_EXPERT_BYTES
 from .policies import dispatch_option, get_policy, plan
 from .predictor import PREDICTORS as PREDICTORS  # re-exported for the CLI
 from .predictor import check_predictor, predict_from_history
-
-# DeepSeek-V2-Lite routed expert in bf16: gate, up (2048 x 1408) and down (1408 x 2048).
-DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
 
 
 @dataclass(frozen=True)

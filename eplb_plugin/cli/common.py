@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..layout import Topology
+if TYPE_CHECKING:  # the parsers are built without torch (`eplb --help`)
+    from ..layout import Topology
 
 
 def add_topology_options(parser: argparse.ArgumentParser, replicas_required: bool = True) -> None:
@@ -17,6 +19,8 @@ def add_topology_options(parser: argparse.ArgumentParser, replicas_required: boo
 
 
 def topology_from_args(args: argparse.Namespace) -> Topology:
+    from ..layout import Topology
+
     return Topology(args.replicas, args.groups, args.nodes, args.gpus)
 
 

@@ -17,13 +17,13 @@ from ..checkpoint import (
     resolve_inside,
 )
 from ..layout import ExpertLayout
+from ..names import COPY_MODES as COPY_MODES
 
 EXPORT_FORMAT = "eplb-export"
 EXPORT_VERSION = 1
 EXPORT_INDEX = "eplb_export.json"
 LAYOUT_FILE = "layout.safetensors"
 SGLANG_LAYOUT_FILE = "expert_location.json"
-COPY_MODES = ("auto", "read", "safe_open")
 PAGE = 4096
 # Files beside the weights that are copied unchanged (weights in other formats are not).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")

@@ -1,0 +1,26 @@
+"""Names the ``eplb`` parsers show, importable without torch.
+
+``eplb --help`` and every subcommand's ``--help`` build their parsers without importing torch
+(which takes seconds), so the choices and defaults they list live here. The modules that
+implement them take these same objects; the registries that need torch to exist (policies,
+step-time presets) keep their own tables, and tests/test_cli_startup.py checks that the
+names here match them.
+"""
+
+from __future__ import annotations
+
+# replica choice per token (eplb_plugin.dispatch, docs/dispatch.md)
+DISPATCH_MODES = ("static", "local", "global")
+# Water-fill sweeps of the device op's default; the model must use the same number.
+WATERFILL_ITERS = 8
+# load predictors (eplb_plugin.predictor)
+PREDICTORS = ("window", "ema")
+# how `eplb export` reads tensors (eplb_plugin.export)
+COPY_MODES = ("auto", "read", "safe_open")
+# the policies registered by eplb_plugin.policies, in available_policies() order
+BUILTIN_POLICIES = ("deepseek", "default")
+# presets of the step-time model (eplb_plugin.costmodel.HARDWARE / MODELS), in table order
+HARDWARE_PRESETS = ("h800-ib400-multinode", "h200-nvlink-node", "h200-ib400-multinode")
+MODEL_PRESETS = ("deepseek-v3", "deepseek-v2-lite")
+# DeepSeek-V2-Lite routed expert in bf16: gate, up (2048 x 1408) and down (1408 x 2048).
+DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
