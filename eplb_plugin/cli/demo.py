@@ -33,7 +33,7 @@ from .common import add_eplb_options, eplb_config_from_args, format_table
 # all-reduce of [E] counts per layer): decode batches are small, so per-step noise is as large
 # as the imbalance a placement alone can remove.
 DEMO_EPLB = dict(
-    enable=True, num_redundant_experts=16, window=12, interval=12, plan_delay=1,
+    enable=True, num_redundant_experts=16, window=12, interval=12, plan_delay=1, plan_wait_s=60.0,
     layers_per_step=1, min_gain=0.005, dispatch="global",
 )  # fmt: skip
 
@@ -81,7 +81,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the PNG report")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo ranks; cuda: NCCL, one GPU per rank")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the tiny model and prompts")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the tiny model's weights, the prompts and a synthetic "
+                   "routing trace (EPLB's own seed, of the dispatch dither, is the 'seed' "
+                   "key of --eplb-config)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     add_eplb_options(p, DEMO_EPLB, enable_option=False)
