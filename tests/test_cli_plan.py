@@ -65,3 +65,14 @@ def test_plan_missing_and_unknown_files(tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert main(["plan", "--load", str(tmp_path / "bad.npz"), *ARGS]) == 2
     assert "cannot read load file" in capsys.readouterr().err
+
+
+def test_plan_summary_says_1_node_not_1_nodes(tmp_path, capsys):
+    path = tmp_path / "load.npy"
+    np.save(path, np.arange(24).reshape(2, 12))
+    assert (
+        main(["plan", "--load", str(path), "--replicas", "16", "--gpus", "8", "--layers", "1"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "2 layers x 12 experts -> 16 slots on 8 GPUs / 1 node (1 group)" in text
+    assert "... 1 more layer (--layers N" in text

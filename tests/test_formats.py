@@ -426,3 +426,19 @@ def test_sglang_loads_our_layouts_and_dumps(tmp_path):
         # our dump through SGLang's start-up planner (its copy of DeepSeek's algorithm)
         # gives the layout our own DeepSeek policy plans from the same counts
         assert torch.equal(torch.tensor(got["dump.pt"]["phy2log"]), layout.phy2log)
+
+
+def test_layer_ids_ranges_and_their_errors():
+    from eplb_plugin.cli.convert import parse_layer_ids
+
+    assert parse_layer_ids("0,2,4-7") == [0, 2, 4, 5, 6, 7]
+    assert parse_layer_ids("3-60") == list(range(3, 61))
+    for text, match in (
+        ("1,1", "layer 1 more than once"),
+        ("0-3,2", "layer 2 more than once"),
+        ("5-2", "rising range"),
+        ("a", "not a layer id"),
+        ("-1", "not a layer id"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse_layer_ids(text)
