@@ -87,9 +87,10 @@ def test_launcher_serves_completions_with_eplb(tiny_model, tmp_path):
     cmd = [
         sys.executable, "-m", "eplb_plugin.cli.main", "vllm", "serve", model,
         "--host", "127.0.0.1", "--port", str(port),
-        "--enable-eplb", "--eplb-num-redundant-experts", "4", "--eplb-window", "4",
-        "--eplb-interval", "4", "--eplb-plan-delay", "0", "--eplb-layers-per-step", "0",
-        "--eplb-min-gain", "0",
+        # vLLM's own EPLB flags as a vLLM user writes them (the plugin's fields in the same
+        # JSON, and vLLM's dotted form)
+        "--enable-eplb", "--eplb-config", '{"num_redundant_experts": 4, "window_size": 4, '
+        '"step_interval": 4, "use_async": false, "plan_delay": 0}', "--eplb-config.min_gain", "0",
         # CPU_MLA: vLLM's AMX MLA backend, its choice on CPUs with AMX, refuses fp32 weights
         "--dtype", "float32", "--attention-backend", "CPU_MLA", "--enforce-eager",
         "--max-model-len", "128",
