@@ -141,3 +141,25 @@ def test_initial_layout_from_an_export_folder_or_a_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         check_initial_layout_path(str(tmp_path / "nope"))
     check_initial_layout_path("")
+
+
+def test_sglang_runtime_records_dumps_with_a_row_per_hidden_layer(tmp_path):
+    from eplb_plugin.integrations.sglang.runtime import SglangEplb
+
+    # SGLang's map has a row per hidden layer; layer 0 is dense, layers 1 and 2 are MoE
+    phy2log = (torch.arange(12) % 8).expand(3, -1).contiguous()
+    config = EplbConfig(num_redundant_experts=4, window=2, interval=100, record_dir=str(tmp_path),
+                        record_format="sglang")  # fmt: skip
+    tensors = [[torch.zeros(12, 2)] for _ in range(2)]
+    runtime = SglangEplb(config, phy2log, 8, [1, 2], tensors, 0, 1)
+    for _ in range(2):
+        runtime.begin_forward(2)
+        runtime.count_select_experts(2, torch.tensor([[3, 11], [5, 5]]))  # physical ids
+        runtime.end_forward()
+        runtime.step()
+    runtime.balancer.close()
+    (name,) = os.listdir(tmp_path)
+    count = torch.load(tmp_path / name, weights_only=True)["logical_count"]
+    assert count.shape == (2, 3, 8)  # [steps, hidden layers, experts]
+    assert count[:, :2].abs().sum() == 0  # the dense layer and the MoE layer with no tokens
+    assert count[0, 2].tolist() == [0, 0, 0, 2, 0, 2, 0, 0]  # slot 11 holds expert 3

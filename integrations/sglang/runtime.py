@@ -169,6 +169,9 @@ class SglangEplb(EngineRuntime):
         )  # fmt: skip
         self.layer_ids = list(layer_ids)
         self.rows = {layer_id: row for row, layer_id in enumerate(self.layer_ids)}
+        writer = getattr(self.balancer, "load_writer", None)
+        if writer is not None:  # SGLang's dumps have a row per hidden layer, dense ones too
+            writer.layer_ids, writer.num_layers = self.layer_ids, model_phy2log.shape[0]
         self.model_phy2log = model_phy2log
         self.source = source
         self.on_layout = on_layout
