@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from .fileio import atomic_write
+from .names import LOAD_SUFFIXES as LOAD_SUFFIXES
 from .policies import check_load
 
 LOAD_KEY = "load"
-LOAD_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 
 
 def _only_or_key(arrays: dict, path: str, keys: tuple[str, ...] = (LOAD_KEY,)):
@@ -189,7 +189,7 @@ def read_routing_trace(path: str | os.PathLike) -> RoutingTrace:
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"routing trace {path!r} does not exist")
+        raise ValueError(f"routing trace file {path!r} does not exist")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if TOPK_KEY not in npz.files:

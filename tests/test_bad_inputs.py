@@ -368,6 +368,9 @@ def test_issue14_routing_trace_without_seq_offsets_replays(tmp_path):
     np.savez(path, topk_ids=np.arange(8 * 2 * 2).reshape(8, 2, 2) % 6)
     routing = TraceRouting.from_file(str(path), num_experts=6, top_k=2)
     assert routing.seq_offsets.tolist() == [0, 8]
+    np.savez(path, topk_ids=np.zeros((4, 1, 2), dtype=np.int64), seq_offsets=[0.0, 2.5, 4.0])
+    with pytest.raises(ValueError, match="seq_offsets .* integers"):  # not truncated to 2
+        TraceRouting.from_file(str(path), num_experts=6, top_k=2)
 
 
 # ------------------------------------------------------------------ 10: drop-in topologies

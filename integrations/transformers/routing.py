@@ -9,8 +9,6 @@ top-k weights are kept, position by position. (The logical -> physical mapping i
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -60,16 +58,12 @@ class TraceRouting:
 
     @classmethod
     def from_file(cls, path: str, num_experts: int, top_k: int) -> TraceRouting:
-        if not os.path.isfile(path):
-            raise ValueError(f"trace file {path!r} does not exist")
-        try:
-            with np.load(path) as data:
-                ids = data["topk_ids"]
-                # seq_offsets is optional in the trace format: without it, one sequence
-                offsets = data["seq_offsets"] if "seq_offsets" in data.files else [0, len(ids)]
-        except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"cannot read routing trace {path!r}: {exc}") from exc
-        return cls(ids, offsets, num_experts, top_k)
+        from eplb_plugin.traces import read_routing_trace
+
+        trace = read_routing_trace(path)  # the one reader: ValueError naming the file
+        # seq_offsets is optional in the trace format: without it, one sequence
+        offsets = trace.seq_offsets if trace.seq_offsets is not None else [0, trace.num_tokens]
+        return cls(trace.topk_ids, offsets, num_experts, top_k)
 
     @property
     def num_layers(self) -> int:
