@@ -9,6 +9,8 @@ names here match them.
 
 from __future__ import annotations
 
+import sys
+
 # replica choice per token (eplb_plugin.dispatch, docs/dispatch.md)
 DISPATCH_MODES = ("static", "local", "global")
 # Water-fill sweeps of the device op's default; the model must use the same number.
@@ -19,8 +21,19 @@ PREDICTORS = ("window", "ema")
 COPY_MODES = ("auto", "read", "safe_open")
 # the policies registered by eplb_plugin.policies, in available_policies() order
 BUILTIN_POLICIES = ("deepseek", "default")
+# files a load trace is read from and written to (eplb_plugin.traces)
+LOAD_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
 # presets of the step-time model (eplb_plugin.costmodel.HARDWARE / MODELS), in table order
 HARDWARE_PRESETS = ("h800-ib400-multinode", "h200-nvlink-node", "h200-ib400-multinode")
 MODEL_PRESETS = ("deepseek-v3", "deepseek-v2-lite")
 # DeepSeek-V2-Lite routed expert in bf16: gate, up (2048 x 1408) and down (1408 x 2048).
 DSV2_LITE_EXPERT_BYTES = 3 * 2048 * 1408 * 2
+
+
+def policy_names() -> tuple[str, ...]:
+    """Policy names for help texts: ``available_policies()`` once the registry is imported
+    (a caller may have registered its own), else the built-in ones without importing torch."""
+    policies = sys.modules.get("eplb_plugin.policies")
+    if policies is None:
+        return BUILTIN_POLICIES
+    return tuple(policies.available_policies())

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..formats import (
-    read_layout,
-    read_vllm_window_file,
-    write_sglang_dump,
-    write_sglang_layout,
-)
-from ..traces import LOAD_SUFFIXES, read_load, write_load
+from ..names import LOAD_SUFFIXES
 from .plan import check_out_folder
 
 
@@ -78,6 +72,9 @@ def parse_layer_ids(text: str, option: str = "--layer-ids") -> list[int]:
 
 
 def run_load(args: argparse.Namespace) -> int:
+    from ..formats import read_layout, read_vllm_window_file, write_sglang_dump
+    from ..traces import read_load, write_load
+
     check_out_folder(args.output, "output")
     if args.layout:
         layout = read_layout(args.layout, ep_size=args.ep_size)
@@ -95,6 +92,8 @@ def run_load(args: argparse.Namespace) -> int:
 
 
 def run_layout(args: argparse.Namespace) -> int:
+    from ..formats import read_layout, write_sglang_layout
+
     check_out_folder(args.output, "output")
     layer_ids = parse_layer_ids(args.layer_ids) if args.layer_ids else None
     layout = read_layout(args.input, ep_size=args.ep_size, num_groups=args.groups,

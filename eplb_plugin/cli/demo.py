@@ -21,8 +21,6 @@ import pathlib
 import tempfile
 import time
 
-import torch
-
 from ..config import EplbConfig
 from .common import add_eplb_options, eplb_config_from_args, format_table
 
@@ -142,6 +140,8 @@ def _check_args(args: argparse.Namespace, export=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch  # here, not at module level: `eplb demo --help` does not import torch
+
     from eplb_plugin.integrations.transformers.engine import (
         EngineSpec,
         RunSpec,
@@ -262,6 +262,8 @@ def first_commit_step(reports: list[dict]) -> int | None:
 
 
 def summarize(result_off, result_on, config: EplbConfig, args) -> dict:
+    import torch
+
     from ..report import load_figures
 
     start = first_commit_step(result_on.reports)

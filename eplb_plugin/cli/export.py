@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import signal
+from typing import TYPE_CHECKING
 
-from ..export import COPY_MODES, ExportConfig, export_checkpoint
-from ..formats import read_layout
-from ..layout import ExpertLayout
-from ..policies import available_policies, plan
-from ..traces import read_load
+from ..names import COPY_MODES, policy_names
 from .common import add_topology_options, topology_from_args
+
+if TYPE_CHECKING:  # torch is imported by the command, not by its parser (`eplb export --help`)
+    from ..layout import ExpertLayout
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20,
           "MIB": 2**20, "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40}  # fmt: skip
@@ -47,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     src.add_argument("--load", help="load file to plan a layout from (any `eplb plan` input)")
     add_topology_options(p, replicas_required=False)
-    p.add_argument("--policy", default="default", help=f"one of {', '.join(available_policies())}")
+    p.add_argument("--policy", default="default", help=f"one of {', '.join(policy_names())}")
     p.add_argument("--ep-size", type=int, help="EP ranks (default: the layout's GPU count)")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--max-shard-size", default="4GB", help="largest output file (default 4GB)")
@@ -59,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def layout_from_args(args: argparse.Namespace) -> ExpertLayout:
+    from ..formats import read_layout
+    from ..policies import plan
+    from ..traces import read_load
+
     if args.layout:
         return read_layout(args.layout, ep_size=args.ep_size or args.gpus)
     if args.replicas is None or args.gpus is None:
@@ -67,6 +71,8 @@ def layout_from_args(args: argparse.Namespace) -> ExpertLayout:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..export import ExportConfig, export_checkpoint
+
     config = ExportConfig(
         ep_size=args.ep_size,
         max_shard_bytes=parse_size(args.max_shard_size),

@@ -6,13 +6,15 @@ import argparse
 import json
 import os
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..layout import ExpertLayout, balancedness_of
-from ..policies import available_policies, plan
-from ..traces import read_load
+from ..names import policy_names
 from .common import add_topology_options, format_table, topology_from_args
+
+if TYPE_CHECKING:  # torch is imported by the command, not by its parser (`eplb plan --help`)
+    import torch
+
+    from ..layout import ExpertLayout
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--load", required=True, help="load file")
     add_topology_options(p)
-    p.add_argument("--policy", default="default", help=f"one of {', '.join(available_policies())}")
+    p.add_argument("--policy", default="default", help=f"one of {', '.join(policy_names())}")
     p.add_argument("--out", help="write the layout here (.safetensors)")
     p.add_argument("--layers", type=int, default=8, help="layers shown in the table (default 8)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -32,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..layout import ExpertLayout
+    from ..policies import plan
+    from ..traces import read_load
+
     if args.layers < 0:
         raise ValueError(f"--layers {args.layers}: give the number of layers to show (>= 0)")
     topology = topology_from_args(args)
@@ -98,6 +104,8 @@ def check_out_folder(path: str, option: str) -> None:
 
 def summarize(before: ExpertLayout, after: ExpertLayout, weight: torch.Tensor) -> dict:
     """Per-layer and per-GPU figures of two layouts on one [L, E] load."""
+    from ..layout import balancedness_of
+
     gb, ga = before.gpu_loads(weight), after.gpu_loads(weight)
     layers = []
     for layer in range(after.num_layers):

@@ -7,28 +7,25 @@ import dataclasses
 import json
 import math
 import os
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..costmodel import HARDWARE, MODELS, get_hardware, get_model, waterfill_us
-from ..dispatch import DISPATCH_MODES, WATERFILL_ITERS
 from ..fileio import atomic_write
-from ..layout import Topology
-from ..policies import available_policies
-from ..simulate import (
+from ..names import (
+    DISPATCH_MODES,
     DSV2_LITE_EXPERT_BYTES,
+    HARDWARE_PRESETS,
+    MODEL_PRESETS,
     PREDICTORS,
-    CostSpec,
-    ReplayResult,
-    SimConfig,
-    compare,
-    crossovers,
-    num_scored_steps,
-    recommend,
-    replay,
+    WATERFILL_ITERS,
+    policy_names,
 )
-from ..traces import is_routing_trace, read_load, read_routing_trace, steps_from_routing_trace
 from .common import add_topology_options, format_table, topology_from_args
+
+if TYPE_CHECKING:  # torch is imported by the command, not by its parser (`eplb simulate --help`)
+    import torch
+
+    from ..layout import Topology
+    from ..simulate import CostSpec, ReplayResult, SimConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--policy",
         default="default",
-        help=f"policy, or a comma-separated list ({', '.join(available_policies())})",
+        help=f"policy, or a comma-separated list ({', '.join(policy_names())})",
     )
     p.add_argument(
         "--dispatch",
@@ -112,13 +109,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--hardware",
         default="h800-ib400-multinode",
-        help=f"hardware preset of the step-time model ({', '.join(HARDWARE)}; default "
+        help=f"hardware preset of the step-time model ({', '.join(HARDWARE_PRESETS)}; default "
         "h800-ib400-multinode)",
     )
     p.add_argument(
         "--model",
         default=None,
-        help=f"MoE shape preset of the step-time model ({', '.join(MODELS)}; default "
+        help=f"MoE shape preset of the step-time model ({', '.join(MODEL_PRESETS)}; default "
         "deepseek-v2-lite for a trace, deepseek-v3 for --recommend)",
     )
     p.add_argument(
@@ -162,6 +159,8 @@ def _split(value: str, name: str, allowed: list[str] | tuple[str, ...]) -> list[
 
 def load_rank_counts(args: argparse.Namespace, topology: Topology) -> torch.Tensor:
     """[S, R, L, E] per-step, per-rank counts from a routing or a load trace."""
+    from ..traces import is_routing_trace, read_load, read_routing_trace, steps_from_routing_trace
+
     if is_routing_trace(args.trace):
         trace = read_routing_trace(args.trace)
         return steps_from_routing_trace(
@@ -180,6 +179,9 @@ def load_rank_counts(args: argparse.Namespace, topology: Topology) -> torch.Tens
 
 
 def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
+    from ..policies import available_policies
+    from ..simulate import SimConfig
+
     policies = _split(args.policy, "policy", available_policies())
     modes = _split(args.dispatch, "dispatch", DISPATCH_MODES)
     configs = []
@@ -220,6 +222,9 @@ def _positive_ints(value: str, name: str) -> list[int]:
 
 def cost_from_args(args: argparse.Namespace, num_experts: int | None) -> CostSpec:
     """The step-time model's hardware, MoE shape and node count from the options."""
+    from ..costmodel import get_hardware, get_model
+    from ..simulate import CostSpec
+
     overrides: dict[str, float] = {}
     for item in args.hw_param:
         name, sep, value = item.partition("=")
@@ -240,6 +245,10 @@ def cost_from_args(args: argparse.Namespace, num_experts: int | None) -> CostSpe
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..simulate import compare, num_scored_steps, replay
+
     # the replay runs many small tensor ops: extra intra-op threads only add overhead
     torch.set_num_threads(1)
     topology = topology_from_args(args)
@@ -303,6 +312,8 @@ def _summary(
     results: list[ReplayResult],
     gaps: list[float] | None,
 ) -> dict:
+    from ..simulate import SimConfig, num_scored_steps
+
     steps, ranks, layers, experts = rank_counts.shape
     rows = []
     base_us = results[0].mean_layer_us if gaps is not None else math.nan
@@ -385,6 +396,9 @@ def _cost_dict(cost: CostSpec) -> dict:
 
 def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
     """``--recommend``: the fastest dispatch mode per batch size for one deployment."""
+    from ..costmodel import waterfill_us
+    from ..simulate import SimConfig, crossovers, recommend
+
     grid = _positive_ints(args.tokens_per_gpu, "tokens-per-gpu")
     if isinstance(args.layers, bool) or args.layers < 1:
         raise ValueError(f"--layers must be >= 1, got {args.layers}")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..export import verify_export
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..export import verify_export
+
     report = verify_export(
         args.checkpoint, args.export, progress=False if args.no_progress else None
     )
