@@ -99,7 +99,7 @@ def fake_runner(num_layers=2, num_experts=8, ep_rank=0, ep_size=1, **kw):
 
 def config(**kw) -> EplbConfig:
     values = dict(num_redundant_experts=4, window=4, interval=4, plan_delay=0, min_gain=0.0,
-                  layers_per_step=1, plan_wait_s=60.0)  # fmt: skip
+                  layers_per_step=1)  # fmt: skip
     values.update(kw)
     return EplbConfig(**values)
 
@@ -443,7 +443,7 @@ def _ep_body(rank: int, world_size: int, dispatch: str) -> dict:
     import torch.distributed as dist
 
     runner = fake_runner(num_layers=2, num_experts=8, ep_rank=rank, ep_size=world_size)
-    cfg = config(dispatch=dispatch, interval=3, plan_delay=1)
+    cfg = config(dispatch=dispatch, interval=3, plan_delay=1, plan_wait_s=60.0)
     rt = runtime.VllmEplb(cfg, model.moe_layers(runner), group=dist.group.WORLD)
     assert rt.slots_per_rank == 6 and rt.ep_size == 2
     for moe in runner.moes:
