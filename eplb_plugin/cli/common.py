@@ -41,7 +41,8 @@ def format_table(header: list[str], rows: list[list[object]]) -> str:
 # The options `eplb demo`, `eplb vllm` and `eplb sglang` share. Every other EplbConfig field
 # (and vLLM's EPLBConfig keys) goes in the JSON of --eplb-config.
 FIRST_CLASS = ("num_redundant_experts", "window", "interval", "policy", "dispatch")
-# Fields that had an --eplb-* option before 0.2: kept as hidden aliases for one release.
+# Fields that had an --eplb-* option of their own until this release: kept one more release as
+# hidden aliases that warn and name the --eplb-config key.
 LEGACY_OPTIONS = (
     "predictor", "ema_decay", "policy_options", "min_gain", "layers_per_step", "staging_bytes",
     "communicator", "plan_on", "plan_delay", "timeout_s", "num_groups", "num_nodes", "seed",
