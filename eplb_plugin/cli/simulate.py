@@ -459,6 +459,11 @@ def _check_writable(path: str) -> None:
         raise ValueError(f"--plot {path!r}: folder {folder!r} does not exist")
 
 
+def _same_curve(a: ReplayResult, b: ReplayResult) -> bool:
+    """Both results scored the same steps with the same balancedness."""
+    return list(a.steps) == list(b.steps) and bool(a.balancedness.equal(b.balancedness))
+
+
 def write_plot(path: str, results: list[ReplayResult], title: str, interval: int = 1) -> None:
     """Balancedness over steps, one line per result, written atomically as PNG."""
     import matplotlib
@@ -468,13 +473,18 @@ def write_plot(path: str, results: list[ReplayResult], title: str, interval: int
 
     fig, ax = plt.subplots(figsize=(10, 5.5), dpi=120)
     styles = {"baseline": ("#888888", "--"), "oracle": ("#222222", ":")}
+    baseline = next((r for r in results if r.label.startswith("baseline")), None)
     for result in results:
         key = next((k for k in styles if result.label.startswith(k)), None)
         color, line = styles.get(key, (None, "-"))
-        mean = result.mean
+        label, width = f"{result.label}  (mean {result.mean:.3f})", 1.6
+        if baseline is not None and result is not baseline and _same_curve(result, baseline):
+            # a run equal to the baseline (static dispatch of the same plans) is drawn wide
+            # and pale under the dashed baseline, so that both stay visible
+            label, width = f"{label}, identical to baseline", 4.0
         ax.plot(
-            result.steps, result.balancedness.numpy(), line, color=color, linewidth=1.6,
-            label=f"{result.label}  (mean {mean:.3f})",
+            result.steps, result.balancedness.numpy(), line, color=color, linewidth=width,
+            alpha=0.45 if width > 1.6 else 1.0, label=label, zorder=3 if key == "baseline" else 2,
         )  # fmt: skip
     if results:
         # re-plans happen every `interval` steps from the first scored step
