@@ -170,6 +170,7 @@ def test_phase_presets() -> None:
         ({"max_moved": 1.5}, "max_moved"),
         ({"migration_cost": -1}, "migration_cost"),
         ({"threads": -1}, "threads"),
+        ({"spread": -0.5}, "spread"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -205,6 +206,20 @@ def test_prior_depends_on_dispatch() -> None:
     assert DefaultPolicyConfig(dispatch="static").prior == 0.0
     assert DefaultPolicyConfig(dispatch="global").prior == 0.5
     assert DefaultPolicyConfig(dispatch="global", prior=0.0).prior == 0.0
+    assert DefaultPolicyConfig(dispatch="static").spread == 0.5
+    assert DefaultPolicyConfig(dispatch="local").spread == 0.0
+
+
+def test_forecast_spread_adds_the_per_step_deviation() -> None:
+    steps = torch.zeros(2, 1, 2)
+    steps[:, 0, 0] = torch.tensor([4.0, 4.0])  # steady expert
+    steps[:, 0, 1] = torch.tensor([0.0, 8.0])  # same total, jumps between steps
+    config = DefaultPolicyConfig(recency=0.0, prior=0.0, spread=0.5)
+    load = forecast(steps.sum(0), steps, config)
+    # population std of [0, 8] is 4, on the window's scale (2 steps): + 0.5 * 4 * 2
+    assert load.tolist() == [[8.0, 12.0]]
+    without = forecast(steps.sum(0), None, config)  # no per-step loads: nothing to add
+    assert without.tolist() == [[8.0, 8.0]]
 
 
 def test_forecast_weighs_recent_steps_and_adds_prior() -> None:
@@ -212,11 +227,11 @@ def test_forecast_weighs_recent_steps_and_adds_prior() -> None:
     steps[0, 0, 0] = 10.0  # old step: expert 0
     steps[1, 0] = 5.0
     steps[2, 0, 1] = 10.0  # newest step: expert 1
-    config = DefaultPolicyConfig(recency=1.0, prior=0.0)
+    config = DefaultPolicyConfig(recency=1.0, prior=0.0, spread=0.0)
     load = forecast(steps.sum(0), steps, config)
     assert load[0, 1] > load[0, 0] > 0
     assert load.sum() == pytest.approx(30.0)  # steps of equal size: scaled like their sum
-    flat = forecast(steps.sum(0), steps, DefaultPolicyConfig(recency=0.0, prior=0.5))
+    flat = forecast(steps.sum(0), steps, DefaultPolicyConfig(recency=0.0, prior=0.5, spread=0))
     assert flat.tolist() == [[22.5, 22.5]]
 
 

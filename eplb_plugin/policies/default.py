@@ -80,6 +80,10 @@ class DefaultPolicyConfig:
             0.5 for ``local``/``global``. Under a static split a replica spent on an expert
             that stays cold is lost; under water-filling it still carries load wherever it
             is needed, so hedging is cheap there.
+        spread: with per-step loads, adds ``spread`` standard deviations of each expert's
+            per-step load (across the window's steps, on the window's scale) to the
+            forecast: experts whose load jumps between steps, by noise or by drift, get more
+            room. None (default): 0.5 for ``static`` dispatch, 0 for ``local``/``global``.
         shares: ``balanced`` (water-filled on the forecast) or ``uniform``.
         refine_rounds: most swaps per row in the refinement; 0 disables it.
         migration_cost: with ``previous=``, the balancedness (in points, i.e. hundredths)
@@ -95,6 +99,7 @@ class DefaultPolicyConfig:
     phase: str | None = None
     recency: float = 2.0
     prior: float | None = None
+    spread: float | None = None
     shares: str = "uniform"
     refine_rounds: int = 8
     migration_cost: float = 0.0
@@ -110,7 +115,9 @@ class DefaultPolicyConfig:
             raise ValueError(f"shares must be one of {SHARES}, got {self.shares!r}")
         if self.prior is None:
             object.__setattr__(self, "prior", 0.0 if self.dispatch == "static" else 0.5)
-        for name in ("recency", "prior", "migration_cost"):
+        if self.spread is None:
+            object.__setattr__(self, "spread", 0.5 if self.dispatch == "static" else 0.0)
+        for name in ("recency", "prior", "spread", "migration_cost"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -131,6 +138,9 @@ def forecast(
 ) -> np.ndarray:
     """The load to plan for.
 
+    The window's steps weighted towards the newest (``recency``), plus ``spread`` standard
+    deviations of each expert's per-step load, plus the ``prior`` pseudo-load.
+
     Args:
         weight: [L, E] float32 window load (the sum of ``steps`` when given).
         steps: [S, L, E] float32 per-step loads, oldest first, or None.
@@ -144,6 +154,9 @@ def forecast(
         load = np.einsum("s,sle->le", w * (len(w) / w.sum()), per_step)
     else:
         load = weight.double().numpy().copy()
+    if steps is not None and config.spread > 0 and steps.shape[0] > 1:
+        per_step = steps.double().numpy()
+        load += config.spread * per_step.std(0) * per_step.shape[0]
     if config.prior > 0:
         load += config.prior * load.mean(-1, keepdims=True)
     return load
