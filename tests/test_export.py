@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -417,6 +418,23 @@ def test_memory_stays_bounded(tmp_path):
         tracemalloc.stop()
     assert plan_bytes > 6 * 2**20
     assert peak < 1.5 * 2**20, peak  # one 64 KiB buffer + headers and index, not the 6+ MiB
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
+def test_export_folder_and_files_follow_the_umask(fp8_ckpt, tmp_path, mask):
+    layout = layout_for(fp8_ckpt)
+    old = os.umask(mask)
+    try:
+        export_checkpoint(fp8_ckpt, layout, tmp_path / "out", CFG)
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    names = sorted(os.listdir(out))
+    assert {"layout.safetensors", "expert_location.json", EXPORT_INDEX} <= set(names)
+    assert any(n.startswith("experts-rank") for n in names) and "config.json" in names
+    modes = {n: stat.S_IMODE((out / n).stat().st_mode) for n in names}
+    assert modes == {n: 0o666 & ~mask for n in names}
 
 
 # ------------------------------------------------------------------ interruption

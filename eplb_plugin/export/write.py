@@ -253,7 +253,8 @@ def _write_plan(plan: ExportPlan, tmp: str, config: ExportConfig) -> None:
                     "rank": "" if out_file.rank is None else str(out_file.rank)}  # fmt: skip
             header = safetensors_header(out_file.tensors, meta)
             path = os.path.join(tmp, out_file.name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # 0666 less the umask, as open() would give (a fixed 0644 ignored umask 002)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 _write_all(fd, memoryview(header))
                 for t in out_file.tensors:
