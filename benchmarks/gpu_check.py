@@ -63,6 +63,7 @@ SECTIONS = (
 SPEED_SECTIONS = ("speed_bandwidth", "speed_map_and_count", "speed_global")
 EXIT_UNHEALTHY = 3  # the worker's "CUDA context broken, start a fresh one"
 EXIT_NO_DEVICE = 2  # the worker found no CUDA device
+STARTUP_GRACE_S = 180.0  # a worker's time to its first record (imports) before it is killed
 
 
 class Interrupted(Exception):
@@ -127,8 +128,6 @@ def worker_env(smoke: bool) -> tuple[dict[str, str], list[str]]:
         env["TRITON_INTERPRET"] = "1"
         env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
-    # the package must come from this checkout even when it is not installed
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env, notes
 
 
@@ -230,8 +229,14 @@ class Run:
             if self.args.cpu_smoke:
                 cmd.append("--cpu-smoke")
             with open(self.log_path, "a", encoding="utf-8") as log:
+                # own session: a kill takes the worker's children (eplb demo's ranks) along
                 self.proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,
                 )
                 killed = self.watch(hard)
                 rc = self.proc.wait()
@@ -285,26 +290,40 @@ class Run:
 
     def watch(self, hard: float) -> str | None:
         """Wait for the worker; kill it when it stalls or runs past ``hard``; the reason."""
-        last_size, last_change = -1, time.time()
+
+        def size() -> int:
+            return os.path.getsize(self.records_path) if os.path.exists(self.records_path) else 0
+
+        first = last_size = size()
+        last_change = time.time()
         while self.proc.poll() is None:
             time.sleep(0.2)
             now = time.time()
-            size = os.path.getsize(self.records_path) if os.path.exists(self.records_path) else 0
-            if size != last_size:
-                last_size, last_change = size, now
+            if size() != last_size:
+                last_size, last_change = size(), now
+            # until its first record the worker is importing torch: slow on a busy machine
+            limit = self.args.stall_timeout if last_size != first else STARTUP_GRACE_S
+            limit = max(limit, self.args.stall_timeout)
             reason = None
-            if now - last_change > self.args.stall_timeout:
-                reason = f"made no progress for {self.args.stall_timeout:.0f} s and was killed"
+            if now - last_change > limit:
+                reason = f"made no progress for {limit:.0f} s and was killed"
             elif now > hard:
                 reason = "ran past the time budget and was killed"
             if reason:
-                self.proc.kill()
+                self.kill_worker()
                 return reason
         return None
 
+    def kill_worker(self) -> None:
+        """SIGKILL the worker's process group (its demo subprocesses too)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (OSError, AttributeError):  # gone already, or no process groups here
+            self.proc.kill()
+
     def stop_worker(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self.kill_worker()
             self.proc.wait()
 
     # ------------------------------------------------------------------ output

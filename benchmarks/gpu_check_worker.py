@@ -127,7 +127,7 @@ SMOKE_SIZES = Sizes(
     graph=(8, 12, 2, 2, 6),
     speed_tokens=(8,),
     speed_inner=2,
-    speed_reps=2,
+    speed_reps=1,
     bench_slots=6,
     bench_models=(("tiny bf16", "bf16", 32, 12), ("tiny fp8", "fp8", 40, 16)),
     copy_bytes=1 << 20,
@@ -555,7 +555,8 @@ def route_case(ctx, bal, layout, mode, tokens, dtype, index) -> dict:
     for backend in (None, "torch"):
         with kernels(backend):
             bal.counts.zero_()
-            out = bal.route(dev_ids.clone(), layer, nv, seed=sd)
+            poisoned = torch.full_like(dev_ids, -7)  # no valid output is -7: all must be written
+            out = bal.route(dev_ids.clone(), layer, nv, seed=sd, out=poisoned)
             ctx.sync()
             results[backend or "compiled"] = (_np(out.long()), _np(bal.counts.long()))
             require(out.dtype == dtype, f"route returned {out.dtype} for {dtype} ids")
@@ -899,7 +900,7 @@ def graph_case(ctx: Context, mode: str) -> dict:
     num_valid = tokens - 2
     nv = torch.tensor(num_valid, device=dev)
     seed = torch.tensor(1, dtype=torch.int64, device=dev)
-    outs = [torch.empty(tokens, top_k, dtype=torch.int32, device=dev) for _ in range(layers)]
+    outs = [torch.full((tokens, top_k), -7, dtype=torch.int32, device=dev) for _ in range(layers)]
 
     def step_fn():
         for layer in range(layers):
@@ -1388,12 +1389,15 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         return EXIT_NO_DEVICE
-    crash_in = os.environ.get("GPU_CHECK_CRASH_IN")  # tests: a worker dying mid-section
+    # tests: "section:crash" or "section:hang" entries make this worker die or hang there
+    faults = dict(f.split(":", 1) for f in os.environ.get("GPU_CHECK_FAULTS", "").split(",") if f)
     for section in args.sections.split(","):
         ctx.section = section
         ctx.emit({"event": "start", "section": section, "time": time.time()})
-        if section == crash_in:
+        if faults.get(section) == "crash":
             os._exit(9)
+        if faults.get(section) == "hang":
+            time.sleep(3600)
         if section in SPEED_SECTIONS and ctx.left() <= 0:
             ctx.skip(section, "speed", "time budget spent before this section")
         else:
