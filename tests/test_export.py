@@ -438,11 +438,11 @@ def test_export_folder_and_files_follow_the_umask(fp8_ckpt, tmp_path, mask):
 
 
 # ------------------------------------------------------------------ interruption
-def _cli_export(src, layout_path, out, *extra):
+def _cli_export(src, layout_path, out, *extra, **popen):
     cmd = [sys.executable, "-m", "eplb_plugin.cli.main", "export", "--checkpoint", str(src),
            "--layout", str(layout_path), "--out", str(out), "--no-progress", *extra]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
 def _wait_for_partial_data(parent, deadline_s=60):
@@ -489,6 +489,30 @@ def test_interrupted_export_leaves_nothing_visible_and_reruns(tmp_path, sig):
     export_checkpoint(src, layout, parent / "out", CFG)
     assert os.listdir(parent) == ["out"]
     assert verify_export(src, parent / "out", progress=False).ok
+
+
+def test_ctrl_c_in_export_exits_130_in_one_line_and_leaves_nothing(tmp_path):
+    src = write_fp8_deepseek(tmp_path / "src", hidden=256, inter=256)
+    layout_for(src).save(tmp_path / "layout.safetensors")
+    parent = tmp_path / "exports"
+    parent.mkdir()
+    # SIGINT as a terminal sends it (a runner started in the background may ignore SIGINT,
+    # which the child would inherit and Python would keep)
+    proc = _cli_export(
+        src, tmp_path / "layout.safetensors", parent / "out", "--max-rate", "2MB",
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        _wait_for_partial_data(parent)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert err.decode() == "eplb export: interrupted\n"
+    assert os.listdir(parent) == []  # no output and no hidden partial folder
 
 
 # ------------------------------------------------------------------ bad input
