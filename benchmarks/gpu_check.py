@@ -63,6 +63,7 @@ SECTIONS = (
 SPEED_SECTIONS = ("speed_bandwidth", "speed_map_and_count", "speed_global")
 EXIT_UNHEALTHY = 3  # the worker's "CUDA context broken, start a fresh one"
 EXIT_NO_DEVICE = 2  # the worker found no CUDA device
+WRITE_EVERY_S = 15.0  # results.json and summary.md are rewritten this often during a run
 STARTUP_GRACE_S = 180.0  # a worker's time to its first record (imports) before it is killed
 
 
@@ -238,12 +239,11 @@ class Run:
                     cwd=ROOT,
                     start_new_session=True,
                 )
-                killed = self.watch(hard)
+                started, ended = [], []
+                killed = self.watch(hard, started, ended)
                 rc = self.proc.wait()
                 self.proc = None
-            records, self.offset = read_records(self.records_path, self.offset)
-            started, ended = [], []
-            self.take(records, started, ended)
+            self.drain(started, ended)
             if self.fatal is not None:
                 return
             if rc == 0 and not killed and set(remaining) <= set(ended):
@@ -288,8 +288,15 @@ class Run:
                 return
             self.write()  # partial results survive an outer timeout
 
-    def watch(self, hard: float) -> str | None:
-        """Wait for the worker; kill it when it stalls or runs past ``hard``; the reason."""
+    def drain(self, started: list[str], ended: list[str]) -> None:
+        """Take the records the worker wrote since the last call."""
+        records, self.offset = read_records(self.records_path, self.offset)
+        self.take(records, started, ended)
+
+    def watch(self, hard: float, started: list[str], ended: list[str]) -> str | None:
+        """Wait for the worker, taking its records and rewriting the results every
+        ``WRITE_EVERY_S``; kill it when it stalls or runs past ``hard``; the reason."""
+        written = time.time()
 
         def size() -> int:
             return os.path.getsize(self.records_path) if os.path.exists(self.records_path) else 0
@@ -304,6 +311,10 @@ class Run:
             # until its first record the worker is importing torch: slow on a busy machine
             limit = self.args.stall_timeout if last_size != first else STARTUP_GRACE_S
             limit = max(limit, self.args.stall_timeout)
+            if now - written > WRITE_EVERY_S:  # partial results survive a SIGKILL
+                self.drain(started, ended)
+                self.write()
+                written = now
             reason = None
             if now - last_change > limit:
                 reason = f"made no progress for {limit:.0f} s and was killed"
@@ -352,7 +363,7 @@ class Run:
             "git": git_info(),
             "environment": self.environment,
             "counts": counts,
-            "ok": not failed and self.fatal is None,
+            "ok": not failed and self.fatal is None and self.complete,
             "exit_code": code,
             "fatal": self.fatal,
             "notes": self.notes,
@@ -425,7 +436,10 @@ def summary_md(res: dict) -> str:
     env = res["environment"]
     checks = res["checks"]
     smoke = res["mode"] == "cpu-smoke"
-    verdict = "all checks passed" if res["ok"] else "FAILURES"
+    failed = any(c["status"] == "failed" for c in checks)
+    verdict = "FAILURES" if failed else "all checks passed"
+    if not failed and not res["complete"]:
+        verdict = "INCOMPLETE (no failure so far)"
     if res.get("fatal"):
         verdict = f"did not run: {res['fatal']}"
     lines = [f"# eplb-plugin GPU check: {verdict}", ""]
@@ -642,8 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         run.run()
     except (Interrupted, KeyboardInterrupt):
         run.stop_worker()
-        records, run.offset = read_records(run.records_path, run.offset)
-        run.take(records, [], [])
+        run.drain([], [])
         run.notes.append("interrupted (SIGTERM or Ctrl-C) before the end: results are partial")
     res = run.write()
     if res["fatal"]:
