@@ -256,6 +256,7 @@ class Balancer:
             2, L, topology.num_gpus, dtype=torch.float64, device=self.device
         )
         self._rebalance_pause = 0.0  # longest step() of the rebalance in progress
+        self._realized: float | None = None  # since the previous rebalance, taken when due
         self._moved: tuple[int, int, int] = (0, 0, 0)  # layers, slots, bytes of its plan
 
     # ------------------------------------------------------------------ routing helper
@@ -333,7 +334,7 @@ class Balancer:
         before = after = float("nan")
         if self.stats.balancedness:
             _, before, after = self.stats.balancedness[-1]
-        realized = self.stats.realized_balancedness
+        realized = self._realized
         log.info(
             "EPLB rebalance done at step %d: %d layers, %d slots moved, %.1f MiB between "
             "ranks, longest pause %.1f ms; window balancedness %.4f -> %.4f planned, "
@@ -412,7 +413,8 @@ class Balancer:
     def _start_plan(self) -> StepReport:
         self._due = self.steps + self.config.interval
         load = self.recorder.logical_load(reduce=True)
-        self._measure(0)  # realized balancedness since the previous rebalance
+        measured = self._measure(0)  # realized balancedness since the previous rebalance
+        self._realized = None if measured is None else measured[0]
         self._collect_at = self.steps + self.config.plan_delay
         self._planner_busy = False
         if self.config.plan_on == "all" or self.rank == 0:

@@ -132,6 +132,7 @@ class EngineRuntime:
     """
 
     logger = logging.getLogger("eplb_plugin.engine")
+    engine_name = "unknown"  # the `engine` label of the Balancer's Prometheus metrics
 
     def __init__(
         self,
@@ -158,9 +159,11 @@ class EngineRuntime:
         self.slots_per_gpu = self.topology.slots_per_gpu
         self.dispatch = self.config.dispatch
         self.rank_invariant = rank_invariant
+        extra: dict = {} if communicator is None else {"communicator": communicator}
         if balancer_cls is None:
             from eplb_plugin.balancer import Balancer as balancer_cls
-        extra = {} if communicator is None else {"communicator": communicator}
+
+            extra["engine"] = self.engine_name
         self.balancer = balancer_cls(
             self.config, self.initial_layout, expert_tensors, group=group, rank=ep_rank,
             world_size=ep_size, **extra,

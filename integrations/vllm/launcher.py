@@ -184,6 +184,15 @@ def run_vllm(argv: list[str], env: Mapping[str, str]) -> int:
     The plugin is registered here too, so that the API server process and any process
     vLLM forks carry the patches even before vLLM loads its plugins.
     """
+    metrics_dir = None
+    if ENV_CONFIG in env and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # the balancer runs in vLLM's worker processes; /metrics is served by this one: make
+        # vLLM aggregate every process's series (what it does itself for --api-server-count
+        # > 1), before anything imports prometheus_client
+        import tempfile
+
+        metrics_dir = tempfile.mkdtemp(prefix="eplb-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from .patches import check_version, cli_version_workaround
     from .plugin import register
 
@@ -205,4 +214,8 @@ def run_vllm(argv: list[str], env: Mapping[str, str]) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
         sys.argv = saved
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

@@ -99,6 +99,7 @@ class VllmEplb(EngineRuntime):
     """
 
     logger = logger
+    engine_name = "vllm"
 
     def __init__(
         self,
@@ -108,6 +109,7 @@ class VllmEplb(EngineRuntime):
         group: object = "vllm",
     ):
         require_enabled(config, "VllmEplb")
+        forward_runtime_logs(logger)
         if not layers:
             raise ValueError("no fused MoE layer to balance")
         first = layers[0]
@@ -194,6 +196,25 @@ class VllmEplb(EngineRuntime):
 
     def summary(self) -> dict:
         return {**super().summary(), "layers": [layer.name for layer in self.layers]}
+
+
+class _Forward(logging.Handler):
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def forward_runtime_logs(target: logging.Logger) -> None:
+    """Show the Balancer's own lines (logger ``eplb_plugin.runtime``: one per rebalance,
+    skips, ``log_balancedness``) through ``target``'s handlers, i.e. vLLM's log; once."""
+    runtime = logging.getLogger("eplb_plugin.runtime")
+    if not any(isinstance(h, _Forward) for h in runtime.handlers):
+        runtime.addHandler(_Forward(target))
+        if runtime.level == logging.NOTSET:
+            runtime.setLevel(logging.INFO)
 
 
 def attach(runner, config: EplbConfig | None) -> VllmEplb | None:

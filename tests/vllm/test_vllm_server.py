@@ -90,7 +90,8 @@ def test_launcher_serves_completions_with_eplb(tiny_model, tmp_path):
         # vLLM's own EPLB flags as a vLLM user writes them (the plugin's fields in the same
         # JSON, and vLLM's dotted form)
         "--enable-eplb", "--eplb-config", '{"num_redundant_experts": 4, "window_size": 4, '
-        '"step_interval": 4, "use_async": false, "plan_delay": 0}', "--eplb-config.min_gain", "0",
+        '"step_interval": 4, "use_async": false, "plan_delay": 0, "log_balancedness": true, '
+        '"log_balancedness_interval": 4}', "--eplb-config.min_gain", "0",
         # CPU_MLA: vLLM's AMX MLA backend, its choice on CPUs with AMX, refuses fp32 weights
         "--dtype", "float32", "--attention-backend", "CPU_MLA", "--enforce-eager",
         "--max-model-len", "128",
@@ -128,9 +129,22 @@ def test_launcher_serves_completions_with_eplb(tiny_model, tmp_path):
             if "rebalance done" in log_path.read_text():
                 break
         assert all(isinstance(t, str) and t.strip() for t in texts)
+        # the worker's balancer series reach the API server's /metrics (the launcher runs
+        # vLLM with prometheus_client's multiprocess mode)
+        with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+            metrics = response.read().decode()
         log_text = log_path.read_text()
     finally:
         stop(proc)
+    series = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+              if line.startswith("eplb_")}  # fmt: skip
+    labels = '{engine="vllm",rank="0"}'
+    assert series.get(f"eplb_rebalances_total{labels}", 0) > 0, sorted(series)
+    assert 0 < series[f"eplb_balancedness{labels}"] <= 1
+    assert series[f"eplb_rebalance_pause_seconds_count{labels}"] > 0
+    assert "vllm:" in metrics  # vLLM's own series are still there
+    # the Balancer's own lines in vLLM's log: one per rebalance, and log_balancedness
+    assert "EPLB rebalance done at step" in log_text and "balancedness=" in log_text
     # the balancer ran inside vLLM's worker process, not only in the launcher's
     assert "eplb-plugin: balancer attached on EP rank 0/1" in log_text
     assert "16 experts on 20 physical slots" in log_text
