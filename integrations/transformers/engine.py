@@ -16,11 +16,14 @@ reports and writes them to a result file that :func:`run_engine` returns as ``Ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
 import queue as queue_mod
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -296,6 +299,9 @@ def check_export_run(run: RunSpec, layout: ExpertLayout, path: str) -> None:
 def _worker(rank: int, spec: EngineSpec, work: str, events) -> None:
     import torch.distributed as dist
 
+    # Ctrl-C reaches every process of the terminal's group; the parent alone handles it and
+    # stops the ranks (each rank would otherwise print its own KeyboardInterrupt traceback)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if spec.kernels is not None:
             os.environ["EPLB_KERNELS"] = spec.kernels  # read by the kernel ops at call time
@@ -454,8 +460,9 @@ def run_engine(spec: EngineSpec, progress: bool = True) -> list[RunResult]:
         deadline = time.monotonic() + spec.timeout_s
         done: set[int] = set()
         try:
-            for p in procs:
-                p.start()
+            with _ctrl_c_deferred():
+                for p in procs:
+                    p.start()
             while len(done) < spec.ranks:
                 try:
                     kind, who, payload = events.get(timeout=0.5)
@@ -473,13 +480,36 @@ def run_engine(spec: EngineSpec, progress: bool = True) -> list[RunResult]:
                     bar.refresh()
         finally:
             bar.close()
-            for p in procs:
+            started = [p for p in procs if p.pid is not None]
+            for p in started:
                 if p.is_alive():
                     p.terminate()
-            for p in procs:
+            for p in started:
                 p.join(timeout=10)
             events.close()
         return torch.load(os.path.join(work, "result.pt"), weights_only=False)
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold a Ctrl-C until the block ends, then raise KeyboardInterrupt.
+
+    Around the rank starts: a start interrupted after the fork but before the pid came back
+    leaves a rank the parent has no handle on, which then runs on alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or not callable(
+        signal.getsignal(signal.SIGINT)
+    ):  # a handler that is not Python's (or SIGINT ignored): leave it alone
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 # Imported once by the fork server instead of once per rank: transformers' modeling code
