@@ -177,6 +177,7 @@ class Run:
         self.offset = 0  # bytes of records.jsonl already taken
 
     def add(self, section: str, name: str, kind: str, status: str, error: str) -> None:
+        print(f"{status.upper()} {name}: {_one_line(error, 200)}", flush=True)
         self.checks.append(
             {
                 "section": section,
@@ -195,9 +196,14 @@ class Run:
                 started.append(r["section"])
             elif event == "end":
                 ended.append(r["section"])
+                mine = [c["status"] for c in self.checks if c["section"] == r["section"]]
+                tally = ", ".join(f"{mine.count(s)} {s}" for s in sorted(set(mine)))
+                print(f"[{time.time() - self.start:5.0f} s] {r['section']}: {tally}", flush=True)
             elif event == "check":
                 r = {k: v for k, v in r.items() if k != "event"}
                 self.checks.append(r)
+                if r["status"] == "failed":
+                    print(f"FAILED {r['name']}: {_one_line(r.get('error'), 200)}", flush=True)
                 if r["name"] == "environment":
                     self.environment = r.get("details") or {}
             elif event == "unhealthy":
@@ -294,8 +300,8 @@ class Run:
         self.take(records, started, ended)
 
     def watch(self, hard: float, started: list[str], ended: list[str]) -> str | None:
-        """Wait for the worker, taking its records and rewriting the results every
-        ``WRITE_EVERY_S``; kill it when it stalls or runs past ``hard``; the reason."""
+        """Wait for the worker, taking its records as they come and rewriting the results
+        every ``WRITE_EVERY_S``; kill it when it stalls or runs past ``hard``; the reason."""
         written = time.time()
 
         def size() -> int:
@@ -308,11 +314,11 @@ class Run:
             now = time.time()
             if size() != last_size:
                 last_size, last_change = size(), now
+                self.drain(started, ended)  # progress lines as checks end
             # until its first record the worker is importing torch: slow on a busy machine
             limit = self.args.stall_timeout if last_size != first else STARTUP_GRACE_S
             limit = max(limit, self.args.stall_timeout)
             if now - written > WRITE_EVERY_S:  # partial results survive a SIGKILL
-                self.drain(started, ended)
                 self.write()
                 written = now
             reason = None
