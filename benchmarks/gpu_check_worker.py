@@ -24,8 +24,10 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -1373,6 +1375,22 @@ RUNNERS = {
 }
 
 
+def exit_with_parent() -> None:
+    """If gpu_check.py dies (SIGKILL), end this worker and its process group (eplb demo's
+    ranks): started in a session of its own, it would otherwise hold the GPU on."""
+    parent = os.getppid()
+
+    def loop() -> None:
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                with contextlib.suppress(OSError):
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                os._exit(1)
+
+    threading.Thread(target=loop, name="gpu-check-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="gpu_check.py's worker (see gpu_check.py)")
     p.add_argument("--records", required=True)
@@ -1380,6 +1398,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, required=True)
     p.add_argument("--cpu-smoke", action="store_true")
     args = p.parse_args(argv)
+    exit_with_parent()
     ctx = Context(args.records, args.deadline, args.cpu_smoke)
     if not ctx.smoke and not torch.cuda.is_available():
         ctx.emit(
