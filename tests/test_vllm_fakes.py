@@ -671,6 +671,28 @@ def test_cli_dry_run_and_errors(capsys):
     assert capsys.readouterr().out.strip().endswith("vllm serve m --eplb-w 3")
 
 
+def test_cli_shows_vllms_traceback_for_an_error_raised_inside_vllm(monkeypatch, capsys):
+    from types import ModuleType
+
+    from eplb_plugin.cli.main import main
+
+    def vllm_main():  # vLLM refuses its own EPLB on CPU with a ValueError
+        raise ValueError("EPLB is not supported on this platform (raised inside vLLM)")
+
+    fake = ModuleType("vllm.entrypoints.cli.main")
+    fake.main = vllm_main
+    monkeypatch.setitem(sys.modules, "vllm.entrypoints.cli.main", fake)
+    monkeypatch.setattr(patches, "cli_version_workaround", lambda: False)
+    assert main(["vllm", "serve", "m"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in vllm_main" in err
+    assert "ValueError: EPLB is not supported on this platform" in err
+    assert "eplb vllm: error" not in err
+    # the launcher's own checks of our input stay one line
+    assert main(["vllm", "serve", "m", "--eplb-window", "3"]) == 2
+    assert capsys.readouterr().err.startswith("eplb vllm: error: ")
+
+
 def test_cli_version_workaround_only_for_missing_vllm_name(monkeypatch):
     import importlib.metadata as md
 

@@ -212,6 +212,13 @@ def run_vllm(argv: list[str], env: Mapping[str, str]) -> int:
         vllm_main()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception:
+        # raised inside vLLM, not by the launcher's checks of our own input: shown with vLLM's
+        # traceback, as `vllm` shows it, not as a one-line `eplb vllm: error:`
+        import traceback
+
+        traceback.print_exc()
+        return 1
     finally:
         sys.argv = saved
         if metrics_dir is not None:
