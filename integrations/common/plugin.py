@@ -81,6 +81,23 @@ def config_to_env(config: EplbConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
 
 
+# What an engine's plugin module exports from its switch (its __all__ adds the rest).
+SWITCH_API = (
+    "ENV_CONFIG",
+    "ENV_POLICY",
+    "ENV_POLICY_OPTIONS",
+    "active_config",
+    "active_policy",
+    "config_from_env",
+    "config_to_env",
+    "disable",
+    "enable",
+    "enable_policy_swap",
+    "policy_from_env",
+    "register",
+)
+
+
 class EngineSwitch:
     """What the integration of one engine does in this process: nothing, the plugin
     balancer (``active["config"]``) or the policy swap (``active["policy"]``: the swap's
@@ -114,6 +131,18 @@ class EngineSwitch:
         self._before_enable = before_enable or (lambda: None)
         self._before_log = before_log or (lambda: None)
         self.active: dict[str, Any] = {"config": None, "policy": None}
+
+    def config_from_env(self, environ: Mapping[str, str]) -> EplbConfig | None:
+        """The EplbConfig in ``<PREFIX>_CONFIG``, or None when unset, empty or not enabled."""
+        return config_from_env(environ, self.env_config)
+
+    def policy_from_env(self, environ: Mapping[str, str]) -> str | None:
+        """The policy name in ``<PREFIX>_POLICY`` (validated), or None."""
+        return policy_from_env(environ, self.env_policy)
+
+    def policy_options_from_env(self, environ: Mapping[str, str]) -> dict:
+        """The policy options in ``<PREFIX>_POLICY_OPTIONS`` ({} when unset or empty)."""
+        return options_from_env(environ, self.env_policy_options)
 
     def register(self, config: EplbConfig | None, swap: tuple | None) -> None:
         """The entry point's decision: ``config`` (from ``<PREFIX>_CONFIG``) turns the balancer
@@ -205,6 +234,7 @@ class EngineSwitch:
 
 
 __all__ = [
+    "SWITCH_API",
     "EngineSwitch",
     "config_from_env",
     "config_to_env",

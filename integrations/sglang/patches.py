@@ -1,32 +1,14 @@
-"""Every contact with SGLang internals, in one module, for SGLang >=0.5.23,<0.6.
+"""Every patch of SGLang internals, in one module, for SGLang >=0.5.23,<0.6.
 
-Written against SGLang 0.5.23 (facts in docs/sglang.md). :func:`check_version` refuses any
-other version, and :func:`check_targets` checks that each function patched here still has
-the signature it was written for, so a changed SGLang fails with a clear message instead of
-a wrong patch. What is touched:
-
-Policy swap (SGLang's own EPLB stays on):
-
-- ``sglang.srt.eplb.eplb_algorithms.rebalance_experts`` (replaced; the original answers the
-  algorithms the swap does not take). SGLang's ``ExpertLocationMetadata.init_by_eplb`` looks
-  it up on the module at call time, for its EPLB manager and for ``--init-expert-location``
-  files holding ``logical_count``.
-
-Plugin balancer (SGLang's own EPLB off):
-
-- ``ExpertLocationDispatchInfo.init_new`` (classmethod, wrapped) and
-  ``topk_ids_logical_to_physical`` (wrapped, also where the top-k module imported it by name)
-  in ``sglang.srt.eplb.expert_location_dispatch``: the dispatch hook;
-- ``set_global_expert_distribution_recorder`` in ``sglang.srt.eplb.expert_distribution``
-  (wrapped, also where imported by name): a recorder SGLang installs after the balancer is
-  attached (elastic EP re-creates it) is wrapped in the counting shim too;
-- ``ModelRunner.initialize`` (wrapped: attach the runtime once the model and SGLang's
-  expert-location metadata exist, before CUDA graphs are captured) and ``ModelRunner.forward``
-  (wrapped: begin/end of a pass, then one Balancer step, where SGLang steps its own EPLB
-  manager) in ``sglang.srt.model_executor.model_runner``.
-
-Modules are patched when they are imported (a post-import hook), not by importing them here:
-the plugin runs in SGLang processes that never load a model.
+Written against SGLang 0.5.23. For the policy swap, ``eplb_algorithms.rebalance_experts`` is
+replaced (SGLang looks it up at call time). For the plugin balancer, the dispatch hooks
+(``ExpertLocationDispatchInfo.init_new``, ``topk_ids_logical_to_physical``), the recorder
+setter (``set_global_expert_distribution_recorder``: SGLang's recorder gets the counting
+shim) and ``ModelRunner.initialize`` / ``ModelRunner.forward`` (attach; begin/end of a pass,
+then one Balancer step) are wrapped; docs/sglang.md lists every touched attribute and why.
+:func:`check_version` refuses other versions and :func:`check_targets` checks that each
+patched function still has the signature it was written for. Modules are patched when they
+are imported (a post-import hook): the plugin runs in SGLang processes that never load a model.
 """
 
 from __future__ import annotations
@@ -37,22 +19,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..common.hooks import (
-    MARK,
-    RUNTIME_ATTR,
-    PostImportHooks,
-    SupportedVersions,
-    after_call,
-    around_forward,
-    resolve,
-    unwrap,
-    wrap,
-)
+from ..common import hooks
 
 logger = logging.getLogger("sglang.eplb_plugin")
 
-VERSIONS = SupportedVersions("SGLang", (0, 5, 23), (0, 6, 0), "pip install sglang==0.5.23")
-SUPPORTED_RANGE = VERSIONS.range
+VERSIONS = hooks.SupportedVersions("SGLang", (0, 5, 23), (0, 6, 0), "pip install sglang==0.5.23")
+RUNTIME_ATTR = hooks.RUNTIME_ATTR  # the attribute of a ModelRunner that holds its runtime
 parse_version, version_supported = VERSIONS.parse, VERSIONS.supported
 
 ALGORITHMS_MODULE = "sglang.srt.eplb.eplb_algorithms"
@@ -96,7 +68,7 @@ def check_version(version: str | None = None) -> str:
 
 def check_signature(fn: Callable, expected: tuple[str, ...], where: str) -> None:
     """ValueError unless ``fn``'s leading parameters are ``expected`` (names, in order)."""
-    fn = inspect.unwrap(fn, stop=lambda f: not getattr(f, MARK, False))
+    fn = inspect.unwrap(fn, stop=lambda f: not getattr(f, hooks.MARK, False))
     params = list(inspect.signature(fn).parameters)
     if tuple(params[: len(expected)]) != tuple(expected):
         raise ValueError(
@@ -115,7 +87,7 @@ def check_targets(modules: tuple[str, ...] | None = None) -> None:
         if module is None:
             continue
         try:
-            _, _, raw = resolve(module, path)
+            _, _, raw = hooks.resolve(module, path)
         except (AttributeError, KeyError) as exc:
             raise ValueError(
                 f"SGLang's {module_name} has no {path}: this SGLang is not one the "
@@ -129,16 +101,16 @@ def check_targets(modules: tuple[str, ...] | None = None) -> None:
 def _set(module: Any, path: str, make: Callable[[Callable], Callable]) -> None:
     """Replace ``module.path`` by ``make(original)`` (idempotent); modules of SGLang that
     imported a module-level original by name are rebound."""
-    owner, name, _ = resolve(module, path)
-    wrap(owner, name, make, rebind="sglang")
+    owner, name, _ = hooks.resolve(module, path)
+    hooks.wrap(owner, name, make, rebind="sglang")
 
 
 def _unset(module: Any, path: str) -> None:
-    owner, name, _ = resolve(module, path)
-    unwrap(owner, name, rebind="sglang")
+    owner, name, _ = hooks.resolve(module, path)
+    hooks.unwrap(owner, name, rebind="sglang")
 
 
-_FINDER = PostImportHooks()
+_FINDER = hooks.PostImportHooks()
 _PENDING = _FINDER.targets
 _when_imported = _FINDER.when_imported
 
@@ -273,8 +245,8 @@ def shim(recorder: Any) -> Any:
 def _patch_runner(module: Any) -> None:
     check_targets((RUNNER_MODULE,))
 
-    _set(module, "ModelRunner.initialize", after_call(attach))
-    _set(module, "ModelRunner.forward", around_forward(num_tokens, step=True))
+    _set(module, "ModelRunner.initialize", hooks.after_call(attach))
+    _set(module, "ModelRunner.forward", hooks.around_forward(num_tokens, step=True))
 
 
 def attach(runner: Any) -> Any:
@@ -381,23 +353,3 @@ def num_tokens(forward_batch: Any) -> int:
     if input_ids is not None and hasattr(input_ids, "shape"):
         return int(input_ids.shape[0])
     return int(getattr(forward_batch, "batch_size", 0) or 0)
-
-
-__all__ = [
-    "RUNTIME_ATTR",
-    "attach",
-    "refresh_metadata",
-    "SUPPORTED_RANGE",
-    "TARGETS",
-    "check_signature",
-    "check_targets",
-    "check_version",
-    "current_runtime",
-    "install",
-    "num_tokens",
-    "restore_policy",
-    "set_current_runtime",
-    "swap_policy",
-    "uninstall",
-    "version_supported",
-]

@@ -20,10 +20,8 @@ import logging
 import os
 from collections.abc import Mapping
 
-from eplb_plugin.config import EplbConfig
-
-from ..common import plugin as common
-from ..common.plugin import EngineSwitch, config_to_env
+from ..common.plugin import SWITCH_API, EngineSwitch
+from ..common.plugin import config_to_env as config_to_env  # re-exported
 
 ENV_ALGORITHMS = "EPLB_SGLANG_ALGORITHMS"
 
@@ -43,11 +41,7 @@ ENV_CONFIG, ENV_POLICY = _SWITCH.env_config, _SWITCH.env_policy
 ENV_POLICY_OPTIONS = _SWITCH.env_policy_options
 enable, disable = _SWITCH.enable, _SWITCH.disable
 active_config, active_policy = _SWITCH.active_config, _SWITCH.active_policy
-
-
-def config_from_env(environ: Mapping[str, str]) -> EplbConfig | None:
-    """The EplbConfig in ``EPLB_SGLANG_CONFIG``, or None when unset, empty or not enabled."""
-    return common.config_from_env(environ, ENV_CONFIG)
+config_from_env = _SWITCH.config_from_env
 
 
 def policy_from_env(
@@ -60,12 +54,12 @@ def policy_from_env(
         ValueError: the policy is not registered, an algorithm name is unknown, or the
             options are not a JSON object.
     """
-    name = common.policy_from_env(environ, ENV_POLICY)
+    name = _SWITCH.policy_from_env(environ)
     if name is None:
         return None
     from .policy import KNOWN_ALGORITHMS
 
-    options = common.options_from_env(environ, ENV_POLICY_OPTIONS)
+    options = _SWITCH.policy_options_from_env(environ)
     raw = environ.get(ENV_ALGORITHMS, "").strip()
     if not raw:
         return name, None, options
@@ -104,18 +98,4 @@ def enable_policy_swap(
     _SWITCH.enable_policy_swap(policy, algorithms, dict(options or {}))
 
 
-__all__ = [
-    "ENV_ALGORITHMS",
-    "ENV_CONFIG",
-    "ENV_POLICY",
-    "ENV_POLICY_OPTIONS",
-    "active_config",
-    "active_policy",
-    "config_from_env",
-    "config_to_env",
-    "disable",
-    "enable",
-    "enable_policy_swap",
-    "policy_from_env",
-    "register",
-]
+__all__ = [*SWITCH_API, *["ENV_ALGORITHMS"]]

@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from eplb_plugin.layout import ExpertLayout, Topology
+from eplb_plugin.layout import Topology
 from eplb_plugin.policies import get_policy, plan
+
+from ..common.policy import previous_layout
 
 # SGLang's algorithm names (``EplbAlgorithm``) that the swap answers by default: DeepSeek's
 # algorithm and SGLang's vectorized copy of it. The ``elasticity_aware`` ones stay SGLang's:
@@ -110,23 +112,9 @@ def plan_for_sglang(
         num_physical_experts, num_local_physical_experts, num_groups, num_nodes,
         load.shape[-1], hierarchical,
     )  # fmt: skip
-    previous_layout = _previous(previous, topology, load)
-    layout = plan(load, topology, policy=policy, previous=previous_layout, **(options or {}))
+    in_service = previous_layout(previous, topology, *load.shape[-2:])
+    layout = plan(load, topology, policy=policy, previous=in_service, **(options or {}))
     return layout.phy2log, layout.log2phy, layout.logcnt
-
-
-def _previous(
-    phy2log: torch.Tensor | None, topology: Topology, load: torch.Tensor
-) -> ExpertLayout | None:
-    if phy2log is None:
-        return None
-    old = torch.as_tensor(phy2log).detach().cpu()
-    if old.shape != (load.shape[-2], topology.num_replicas):
-        return None
-    try:
-        return ExpertLayout.from_phy2log(old.to(torch.int64), topology, load.shape[-1])
-    except ValueError:
-        return None
 
 
 def make_rebalance_experts(

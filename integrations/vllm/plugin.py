@@ -14,10 +14,8 @@ import logging
 import os
 from collections.abc import Mapping
 
-from eplb_plugin.config import EplbConfig
-
-from ..common import plugin as common
-from ..common.plugin import EngineSwitch, config_to_env
+from ..common.plugin import SWITCH_API, EngineSwitch
+from ..common.plugin import config_to_env as config_to_env  # re-exported
 
 # vLLM's switch between its V1 and V2 model runners; the balancer hooks the V1 ones
 ENV_V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
@@ -65,21 +63,8 @@ ENV_CONFIG, ENV_POLICY = _SWITCH.env_config, _SWITCH.env_policy
 ENV_POLICY_OPTIONS = _SWITCH.env_policy_options
 enable, disable = _SWITCH.enable, _SWITCH.disable
 active_config, active_policy = _SWITCH.active_config, _SWITCH.active_policy
-
-
-def config_from_env(environ: Mapping[str, str]) -> EplbConfig | None:
-    """The EplbConfig in ``EPLB_VLLM_CONFIG``, or None when unset, empty or not enabled."""
-    return common.config_from_env(environ, ENV_CONFIG)
-
-
-def policy_from_env(environ: Mapping[str, str]) -> str | None:
-    """The policy name in ``EPLB_VLLM_POLICY`` (validated), or None."""
-    return common.policy_from_env(environ, ENV_POLICY)
-
-
-def policy_options_from_env(environ: Mapping[str, str]) -> dict:
-    """The policy options in ``EPLB_VLLM_POLICY_OPTIONS`` ({} when unset or empty)."""
-    return common.options_from_env(environ, ENV_POLICY_OPTIONS)
+config_from_env, policy_from_env = _SWITCH.config_from_env, _SWITCH.policy_from_env
+policy_options_from_env = _SWITCH.policy_options_from_env
 
 
 def register() -> None:
@@ -99,20 +84,4 @@ def enable_policy_swap(policy: str = "default", options: dict | None = None) -> 
     _SWITCH.enable_policy_swap(policy, dict(options or {}))
 
 
-__all__ = [
-    "ENV_CONFIG",
-    "ENV_POLICY",
-    "ENV_POLICY_OPTIONS",
-    "ENV_V2_RUNNER",
-    "active_config",
-    "active_policy",
-    "check_v1_runner",
-    "config_from_env",
-    "config_to_env",
-    "disable",
-    "enable",
-    "enable_policy_swap",
-    "policy_from_env",
-    "policy_options_from_env",
-    "register",
-]
+__all__ = [*SWITCH_API, *["ENV_V2_RUNNER", "check_v1_runner", "policy_options_from_env"]]

@@ -15,8 +15,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from eplb_plugin.layout import ExpertLayout, Topology
+from eplb_plugin.layout import Topology
 from eplb_plugin.policies import plan
+
+from ..common.policy import previous_layout
 
 Preserve = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 
@@ -59,28 +61,12 @@ def plan_phy2log(
     if num_groups <= 0 or num_experts % num_groups:
         num_groups = 1
     topology = Topology(num_replicas, num_groups, num_nodes, num_ranks)
-    previous = _previous_layout(old_phy2log, topology, weight.shape)
+    previous = previous_layout(old_phy2log, topology, *weight.shape)
     phy2log = plan(weight, topology, policy=policy, previous=previous, **(options or {})).phy2log
     if old_phy2log is not None and preserve is not None and previous is not None:
         kept = preserve(phy2log.numpy(), num_ranks, previous.phy2log.numpy())
         phy2log = torch.from_numpy(np.ascontiguousarray(kept)).to(torch.int64)
     return phy2log
-
-
-def _previous_layout(
-    old_phy2log: torch.Tensor | None, topology: Topology, shape: torch.Size
-) -> ExpertLayout | None:
-    """The layout in service, or None when vLLM's map does not describe a full layout here
-    (e.g. -1 entries while elastic EP scales, or a different slot count)."""
-    if old_phy2log is None:
-        return None
-    old = torch.as_tensor(old_phy2log).detach().cpu().to(torch.int64)
-    if old.shape != (shape[0], topology.num_replicas):
-        return None
-    try:
-        return ExpertLayout.from_phy2log(old, topology, num_experts=shape[-1])
-    except ValueError:
-        return None
 
 
 def make_policy_class(policy: str, options: dict | None = None) -> type:

@@ -1,21 +1,13 @@
 """The plugin balancer inside one vLLM model runner (one worker process, one EP rank).
 
-:func:`attach` runs right after vLLM loads the model (see :mod:`.patches`). For every fused
-MoE layer it
-
-1. adds the redundant slots: this rank's ``P / ep_size`` slots hold its own loaded experts
-   followed by replicas of them (:func:`initial_phy2log`), so no weight crosses ranks at
-   start-up; every per-expert tensor (weights, biases, scales; after vLLM's own
-   post-processing such as the CPU prepacking, which keeps one expert per row of dim 0) is
-   re-indexed along dim 0 (:func:`grow_slots`);
-2. builds the :class:`~eplb_plugin.integrations.common.runtime.EngineRuntime` (one Balancer
-   over all layers, which owns the device maps and the per-slot counts and moves the rows of
-   those tensors in place);
-3. routes each layer's logical ids through the custom op in the slot vLLM's own EPLB uses
-   for its mapping.
-
-Per engine step the runner calls :meth:`VllmEplb.begin_forward` / :meth:`end_forward` around
-the forward and :meth:`VllmEplb.step` after sampling (``eplb_step``).
+:func:`attach` runs right after vLLM loads the model (:mod:`.patches`). It adds the redundant
+slots: this rank's ``P / ep_size`` slots hold its own loaded experts, then replicas of them
+(:func:`initial_phy2log`), so no weight crosses ranks at start-up, and every per-expert tensor
+(after vLLM's own post-processing, which keeps one expert per row of dim 0) is re-indexed
+along dim 0 (:func:`grow_slots`). Then :class:`VllmEplb` (an EngineRuntime: one Balancer over
+all layers) routes each layer's ids through the custom op in the slot vLLM's own EPLB uses
+for its mapping; the runner calls ``begin_forward`` / ``end_forward`` around each forward and
+``step`` after sampling (``eplb_step``).
 """
 
 from __future__ import annotations
