@@ -19,6 +19,13 @@ from .layout import ExpertLayout
 from .names import DISPATCH_MODES as DISPATCH_MODES
 from .names import WATERFILL_ITERS as WATERFILL_ITERS
 
+# The counts each mode water-fills its replica shares from: None (the layout's shares as
+# they are), "rank" (each rank's own counts of the step) or "all" (the step's counts summed
+# over the ranks: one all-reduce of [E] per layer, ``eplb_plugin.routing.Router``). A new
+# mode is a name in ``names.DISPATCH_MODES``, a row here and, if it splits tokens another
+# way than by shares, its device op.
+WATERFILL_COUNTS = {"static": None, "local": "rank", "global": "all"}
+
 
 def check_dispatch(dispatch: object) -> str:
     """Return ``dispatch`` if it names a mode, else raise ValueError."""
@@ -95,12 +102,12 @@ def slot_loads(
     counts = _check_rank_counts(layout, rank_counts)
     index = layout.phy2log.unsqueeze(0).expand(counts.shape[0], -1, -1)
     per_rank = counts.gather(2, index)  # [R, L, P]
-    if dispatch == "static":
+    source = WATERFILL_COUNTS[dispatch]
+    if source is None:
         share = layout.replica_share.double()
-    elif dispatch == "global":
-        share = dispatch_shares(layout, counts.sum(0), iters).double()
     else:
-        share = dispatch_shares(layout, counts, iters).double()
+        share = dispatch_shares(layout, counts.sum(0) if source == "all" else counts, iters)
+        share = share.double()
     return (per_rank * share).sum(0)
 
 

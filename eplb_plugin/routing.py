@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import WATERFILL_ITERS, check_dispatch
+from .dispatch import WATERFILL_COUNTS, WATERFILL_ITERS, check_dispatch
 from .maps import ExpertMaps
 
 # Dither seeds live in [0, 2^20): exact in float32, where the op combines them.
@@ -80,7 +80,7 @@ class Router:
         if num_valid is None:
             num_valid = topk_ids.shape[0]
         share, dispatch = maps.replica_share, self.dispatch
-        if dispatch == "global":
+        if WATERFILL_COUNTS[dispatch] == "all":  # the op splits by the shares it is given
             share = self._global_share(topk_ids, maps, layer, num_valid)
             dispatch = "static"
         return map_and_count(

@@ -101,6 +101,13 @@ def test_matches_device_op_within_one_token(dispatch: str) -> None:
     assert torch.equal(device.sum(1).double(), model.sum(1).round())
 
 
+def test_every_mode_has_a_row_in_the_waterfill_table() -> None:
+    from eplb_plugin.dispatch import DISPATCH_MODES, WATERFILL_COUNTS
+
+    assert tuple(WATERFILL_COUNTS) == DISPATCH_MODES
+    assert set(WATERFILL_COUNTS.values()) <= {None, "rank", "all"}
+
+
 def test_bad_input() -> None:
     layout, _, counts = _case()
     with pytest.raises(ValueError, match="dispatch"):
