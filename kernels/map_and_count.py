@@ -275,57 +275,15 @@ def map_and_count(
     preallocated ``workspace`` and ``out`` (``local`` mode also runs ``waterfill_shares``,
     whose temporaries come from the graph's memory pool).
     """
-    checks.check_map_and_count(
-        topk_ids,
-        log2phy,
-        logcnt,
-        replica_share,
-        counts,
-        layer,
-        num_valid,
-        dispatch=dispatch,
-        phy2log=phy2log,
-        slots_per_gpu=slots_per_gpu,
-        seed=seed,
-        out=out,
-        workspace=workspace,
-        block_size=block_size,
-        waterfill_iters=waterfill_iters,
-        validate=validate,
-    )
+    # the same arguments reach the checks, then the torch or the Triton implementation
+    args = (topk_ids, log2phy, logcnt, replica_share, counts, layer, num_valid)
+    options = dict(dispatch=dispatch, phy2log=phy2log, slots_per_gpu=slots_per_gpu, seed=seed,
+                   out=out, waterfill_iters=waterfill_iters)  # fmt: skip
+    launch = dict(workspace=workspace, block_size=block_size)
+    checks.check_map_and_count(*args, **options, **launch, validate=validate)
     if backend_for(topk_ids.device) == "torch":
-        return reference.map_and_count(
-            topk_ids,
-            log2phy,
-            logcnt,
-            replica_share,
-            counts,
-            layer,
-            num_valid,
-            dispatch=dispatch,
-            phy2log=phy2log,
-            slots_per_gpu=slots_per_gpu,
-            seed=seed,
-            out=out,
-            waterfill_iters=waterfill_iters,
-        )
-    return _map_and_count_triton(
-        topk_ids,
-        log2phy,
-        logcnt,
-        replica_share,
-        counts,
-        layer,
-        num_valid,
-        dispatch=dispatch,
-        phy2log=phy2log,
-        slots_per_gpu=slots_per_gpu,
-        seed=seed,
-        out=out,
-        workspace=workspace,
-        block_size=block_size,
-        waterfill_iters=waterfill_iters,
-    )
+        return reference.map_and_count(*args, **options)
+    return _map_and_count_triton(*args, **options, **launch)
 
 
 def _map_and_count_triton(
