@@ -105,6 +105,25 @@ def log_report(logger: logging.Logger, rank: int, report: dict) -> None:
         logger.debug("%s load snapshot taken, planning", head)
 
 
+class _Forward(logging.Handler):
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)
+
+
+def forward_runtime_logs(target: logging.Logger) -> None:
+    """Show the Balancer's own lines (logger ``eplb_plugin.runtime``: one per rebalance,
+    skips, ``log_balancedness``) through ``target``'s handlers (e.g. the engine's log); once."""
+    runtime = logging.getLogger("eplb_plugin.runtime")
+    if not any(isinstance(h, _Forward) for h in runtime.handlers):
+        runtime.addHandler(_Forward(target))
+        if runtime.level == logging.NOTSET:
+            runtime.setLevel(logging.INFO)
+
+
 def as_dict(obj: Any) -> Any:
     return asdict(obj) if is_dataclass(obj) else obj
 
@@ -242,4 +261,11 @@ class EngineRuntime:
         self.balancer.close()
 
 
-__all__ = ["EngineRuntime", "check_slots", "engine_topology", "log_report", "require_enabled"]
+__all__ = [
+    "EngineRuntime",
+    "check_slots",
+    "engine_topology",
+    "forward_runtime_logs",
+    "log_report",
+    "require_enabled",
+]

@@ -19,7 +19,7 @@ import torch
 from eplb_plugin.config import EplbConfig
 
 from ..common.hooks import RUNTIME_ATTR
-from ..common.runtime import EngineRuntime, check_slots, require_enabled
+from ..common.runtime import EngineRuntime, check_slots, forward_runtime_logs, require_enabled
 from . import model
 
 logger = logging.getLogger("vllm.eplb_plugin")
@@ -188,25 +188,6 @@ class VllmEplb(EngineRuntime):
 
     def summary(self) -> dict:
         return {**super().summary(), "layers": [layer.name for layer in self.layers]}
-
-
-class _Forward(logging.Handler):
-    def __init__(self, target: logging.Logger) -> None:
-        super().__init__()
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.handle(record)
-
-
-def forward_runtime_logs(target: logging.Logger) -> None:
-    """Show the Balancer's own lines (logger ``eplb_plugin.runtime``: one per rebalance,
-    skips, ``log_balancedness``) through ``target``'s handlers, i.e. vLLM's log; once."""
-    runtime = logging.getLogger("eplb_plugin.runtime")
-    if not any(isinstance(h, _Forward) for h in runtime.handlers):
-        runtime.addHandler(_Forward(target))
-        if runtime.level == logging.NOTSET:
-            runtime.setLevel(logging.INFO)
 
 
 def attach(runner, config: EplbConfig | None) -> VllmEplb | None:
