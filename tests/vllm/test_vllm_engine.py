@@ -74,7 +74,7 @@ def slot_balancedness_by_phase(history: list, initial: list) -> tuple[float, flo
 
 EPLB = ["--enable-eplb", "--eplb-num-redundant-experts", "4", "--eplb-window", "6",
         "--eplb-interval", "6", "--eplb-plan-delay", "1", "--eplb-layers-per-step", "1",
-        "--eplb-min-gain", "0"]  # fmt: skip
+        "--eplb-min-gain", "0", "--eplb-plan-wait-s", "60"]  # fmt: skip
 
 
 # The Qwen run goes through vLLM's compilation (Dynamo traces the router hook into the
