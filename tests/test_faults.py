@@ -269,7 +269,7 @@ def test_soak_short(terminal):
     check_soak(results, terminal, 8.0)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.parametrize("terminal", [None, "kill", "hang", "commit"])
 @pytest.mark.parametrize("seed", [11, 12])
 def test_soak_long(terminal, seed):
