@@ -35,19 +35,10 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-EXIT_UNHEALTHY = 3
-EXIT_NO_DEVICE = 2
-SECTIONS = (
-    "env",
-    "map_and_count",
-    "weights",
-    "graphs",
-    "e2e",
-    "speed_bandwidth",
-    "speed_map_and_count",
-    "speed_global",
-)
-SPEED_SECTIONS = ("speed_bandwidth", "speed_map_and_count", "speed_global")
+# the parent's names (gpu_check.py imports no torch and runs nothing on import); this file
+# runs as a script from benchmarks/, which is therefore on sys.path
+from gpu_check import EXIT_NO_DEVICE, EXIT_UNHEALTHY, SPEED_SECTIONS  # noqa: E402
+
 SHUFFLE_GOAL = 1.5  # shuffle time / copy time of the same bytes (issue 16)
 # docs/dispatch.md, apportionment step 3
 DITHER_EXPERT = np.float32(0.6180339887)
