@@ -158,40 +158,33 @@ _DEEPEP_LL_EP = (8, 16, 32, 64, 128, 256)
 _DEEPEP_LL_DISPATCH = (77.0, 118.0, 155.0, 173.0, 192.0, 194.0)
 _DEEPEP_LL_COMBINE = (114.0, 195.0, 273.0, 314.0, 369.0, 360.0)
 
+# What every preset shares: 8 GPUs per node, Hopper FP8 GEMM rate, DeepEP's low-latency
+# all-to-all figures.
+_HOPPER = dict(
+    gpus_per_node=8,
+    gemm_tflops=1200.0,
+    a2a_ep=_DEEPEP_LL_EP,
+    dispatch_us=_DEEPEP_LL_DISPATCH,
+    combine_us=_DEEPEP_LL_COMBINE,
+)
+# H800 SXM: DeepGEMM README (H800) reaches 2047-2064 GB/s in masked grouped GEMMs of
+# 256 tokens per expert and 1093-1297 TFLOP/s in contiguous grouped FP8 GEMMs.
+_H800_HBM_GBPS = 2050.0
+# H200 SXM: same Hopper compute as the H800/H100 (datasheet), HBM3e 4.8 TB/s against the
+# H800's 3.35 TB/s: the achieved bandwidth is the H800's scaled by 4.8 / 3.35 (estimate).
+_H200_HBM_GBPS = _H800_HBM_GBPS * 4.8 / 3.35
+
 HARDWARE: dict[str, Hardware] = {
-    # H800 SXM: DeepGEMM README (H800) reaches 2047-2064 GB/s in masked grouped GEMMs of
-    # 256 tokens per expert and 1093-1297 TFLOP/s in contiguous grouped FP8 GEMMs.
     "h800-ib400-multinode": Hardware(
-        name="h800-ib400-multinode",
-        gpus_per_node=8,
-        hbm_gbps=2050.0,
-        gemm_tflops=1200.0,
-        a2a_ep=_DEEPEP_LL_EP,
-        dispatch_us=_DEEPEP_LL_DISPATCH,
-        combine_us=_DEEPEP_LL_COMBINE,
-    ),  # fmt: skip
-    # H200 SXM: same Hopper compute as the H800/H100 (datasheet), HBM3e 4.8 TB/s against the
-    # H800's 3.35 TB/s: the achieved bandwidth is the H800's scaled by 4.8 / 3.35 (estimate).
+        name="h800-ib400-multinode", hbm_gbps=_H800_HBM_GBPS, **_HOPPER
+    ),
     # DeepEP's EP-8 row is measured over RDMA; inside one NVLink node it is an upper bound.
     "h200-nvlink-node": Hardware(
-        name="h200-nvlink-node",
-        gpus_per_node=8,
-        hbm_gbps=2050.0 * 4.8 / 3.35,
-        gemm_tflops=1200.0,
-        a2a_ep=_DEEPEP_LL_EP,
-        dispatch_us=_DEEPEP_LL_DISPATCH,
-        combine_us=_DEEPEP_LL_COMBINE,
-        ar_gbps=87.7,
-    ),  # fmt: skip
+        name="h200-nvlink-node", hbm_gbps=_H200_HBM_GBPS, ar_gbps=87.7, **_HOPPER
+    ),
     "h200-ib400-multinode": Hardware(
-        name="h200-ib400-multinode",
-        gpus_per_node=8,
-        hbm_gbps=2050.0 * 4.8 / 3.35,
-        gemm_tflops=1200.0,
-        a2a_ep=_DEEPEP_LL_EP,
-        dispatch_us=_DEEPEP_LL_DISPATCH,
-        combine_us=_DEEPEP_LL_COMBINE,
-    ),  # fmt: skip
+        name="h200-ib400-multinode", hbm_gbps=_H200_HBM_GBPS, **_HOPPER
+    ),
 }
 
 MODELS: dict[str, MoeShape] = {
