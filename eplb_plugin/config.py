@@ -269,7 +269,8 @@ class EplbConfig:
         return argv
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (``--eplb-config``, dict-valued fields)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -288,7 +289,7 @@ def _cli_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-_CLI_TYPES = {dict: _json_object, bool: _cli_bool}
+_CLI_TYPES = {dict: json_object, bool: _cli_bool}
 
 
 def cli_flag(name: str) -> str:

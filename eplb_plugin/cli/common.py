@@ -59,18 +59,6 @@ def _dest(name: str) -> str:
     return "eplb_" + name
 
 
-def _json_arg(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
 def add_eplb_options(
     parser: argparse.ArgumentParser, defaults: dict | None = None, *, enable_option: bool = True
 ) -> None:
@@ -83,7 +71,7 @@ def add_eplb_options(
         enable_option: add ``--enable-eplb`` (the demo always runs EPLB).
     Options default to None, so that :func:`eplb_config_from_args` sees which were given.
     """
-    from ..config import _HELP, DISPATCH_MODES, EplbConfig
+    from ..config import _HELP, DISPATCH_MODES, EplbConfig, json_object
 
     applied = {**_field_defaults(EplbConfig), **(defaults or {})}
     group = parser.add_argument_group(
@@ -101,7 +89,7 @@ def add_eplb_options(
         "--eplb-config",
         dest="eplb_config",
         action="append",
-        type=_json_arg,
+        type=json_object,
         metavar="JSON",
         help="JSON object of EplbConfig fields and/or vLLM's EPLBConfig keys, e.g. "
         '\'{"window_size": 1000, "step_interval": 3000, "min_gain": 0}\''
@@ -149,10 +137,10 @@ def _field_defaults(cls) -> dict:
 
 
 def _legacy_type(name: str):
-    from ..config import EplbConfig
+    from ..config import EplbConfig, json_object
 
     default = _field_defaults(EplbConfig)[name]
-    return _json_arg if isinstance(default, dict) else type(default)
+    return json_object if isinstance(default, dict) else type(default)
 
 
 def _norm(option: str) -> str:
