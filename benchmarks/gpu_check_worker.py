@@ -39,6 +39,8 @@ import torch  # noqa: E402
 # runs as a script from benchmarks/, which is therefore on sys.path
 from gpu_check import EXIT_NO_DEVICE, EXIT_UNHEALTHY, SPEED_SECTIONS  # noqa: E402
 
+from eplb_plugin.kernels._backend import forced_backend as kernels  # noqa: E402
+
 SHUFFLE_GOAL = 1.5  # shuffle time / copy time of the same bytes (issue 16)
 # docs/dispatch.md, apportionment step 3
 DITHER_EXPERT = np.float32(0.6180339887)
@@ -215,20 +217,6 @@ def _jsonable(value):
     if isinstance(value, torch.Tensor):
         return value.tolist()
     return str(value)
-
-
-@contextlib.contextmanager
-def kernels(backend: str | None):
-    """``EPLB_KERNELS`` for the ops called inside (read at call time): None = default."""
-    old = os.environ.pop("EPLB_KERNELS", None)
-    if backend is not None:
-        os.environ["EPLB_KERNELS"] = backend
-    try:
-        yield
-    finally:
-        os.environ.pop("EPLB_KERNELS", None)
-        if old is not None:
-            os.environ["EPLB_KERNELS"] = old
 
 
 def dispatch_modes() -> tuple[str, ...]:

@@ -12,7 +12,9 @@ kernel modules are imported: Triton decides at decoration time whether to interp
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -52,6 +54,21 @@ def backend_for(device: torch.device) -> str:
             )
         return "triton"
     return "triton" if runnable else "torch"
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str | None) -> Iterator[None]:
+    """Run the ops called inside on ``backend`` ("torch", "triton"; None: the default choice),
+    by setting ``EPLB_KERNELS`` (read at call time) and restoring it afterwards."""
+    before = os.environ.pop("EPLB_KERNELS", None)
+    if backend is not None:
+        os.environ["EPLB_KERNELS"] = backend
+    try:
+        yield
+    finally:
+        os.environ.pop("EPLB_KERNELS", None)
+        if before is not None:
+            os.environ["EPLB_KERNELS"] = before
 
 
 def next_power_of_2(n: int) -> int:

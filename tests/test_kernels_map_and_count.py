@@ -4,7 +4,6 @@ oracle that shares no code with the op). Outputs are integers: compared exactly.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 
@@ -14,6 +13,7 @@ import torch
 
 from eplb_plugin.kernels import checks
 from eplb_plugin.kernels._backend import backend_for
+from eplb_plugin.kernels._backend import forced_backend as kernels
 from eplb_plugin.kernels.map_and_count import map_and_count
 from eplb_plugin.kernels.waterfill import waterfill_shares
 from eplb_plugin.layout import ExpertLayout, Topology
@@ -114,20 +114,6 @@ def contract(topk_ids, layout, share, layer, num_valid, seed=0):
         torch.tensor(counts),
         c,
     )
-
-
-@contextlib.contextmanager
-def kernels(backend: str | None):
-    """Run the op on ``backend`` ("triton", "torch"; None: the default choice)."""
-    before = os.environ.pop("EPLB_KERNELS", None)
-    if backend is not None:
-        os.environ["EPLB_KERNELS"] = backend
-    try:
-        yield
-    finally:
-        os.environ.pop("EPLB_KERNELS", None)
-        if before is not None:
-            os.environ["EPLB_KERNELS"] = before
 
 
 def run(backend, topk_ids, layout, layer, num_valid, counts, **kw):
@@ -545,7 +531,6 @@ print("GPU OK")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_gpu_triton_matches_torch_and_captures_in_a_graph():
     # The test session interprets Triton (conftest); compiled kernels need a fresh process.
-    import os
     import subprocess
     import sys
 
