@@ -339,12 +339,7 @@ def finish_layout(
     if previous is not None:
         hierarchical = use_hierarchical(topology, config)
         phy2log = align_to_previous(phy2log, previous.phy2log.numpy(), topology, hierarchical)
-    layout = ExpertLayout.from_phy2log(
-        torch.from_numpy(phy2log),
-        topology,
-        load.shape[1],
-        rank=torch.from_numpy(slot_rank(phy2log)),
-    )
+    layout = ExpertLayout.from_plan(phy2log, slot_rank(phy2log), topology, load.shape[1])
     if config.shares == "balanced":
         layout = layout.with_share(planned_shares(layout, load))
     return layout
