@@ -40,7 +40,7 @@ def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
         weight = np.asarray(weight, dtype=np.float64)
         lo = np.zeros(rows)
         hi = weight.max(-1) + 1.0
-        for _ in range(60):
+        for _ in range(40):
             mid = (lo + hi) / 2
             fits = np.floor(weight / mid[:, None]).sum(-1) <= extra
             hi = np.where(fits, mid, hi)
@@ -191,27 +191,34 @@ def bldm_pack(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     rows, num_items = item_load.shape
     slots = num_items // num_gpus
     order = np.argsort(-item_load, axis=-1, kind="stable")
-    sums = np.take_along_axis(item_load, order, -1).reshape(rows, slots, num_gpus)
-    # label of each item: tuple * G + partial GPU within the tuple
-    label = np.empty((rows, num_items), dtype=np.int64)
-    np.put_along_axis(label, order, np.broadcast_to(np.arange(num_items), (rows, num_items)), -1)
+    # flat indices (numpy's take/put_along_axis cost several times more at these sizes)
+    offset = (np.arange(rows, dtype=np.int64) * num_items)[:, None]
+    order += offset
+    sums = item_load.reshape(-1)[order].reshape(rows, slots, num_gpus)
+    # label of each item: tuple * G + partial GPU within the tuple (+ its row's offset)
+    label = np.empty(rows * num_items, dtype=np.int64)
+    label[order.reshape(-1)] = (np.arange(num_items) + offset).reshape(-1)
     alive = np.ones((rows, slots), dtype=bool)
     row = np.arange(rows)
     within = np.arange(num_gpus)
+    base = np.arange(rows * num_items, dtype=np.int64)
     for _ in range(slots - 1):
+        # the two tuples with the largest spread, the first of equals first
         spread = np.where(alive, sums.max(-1) - sums.min(-1), -np.inf)
-        top = np.argsort(-spread, axis=-1, kind="stable")
-        a, b = top[:, 0], top[:, 1]
+        a = spread.argmax(-1)
+        spread[row, a] = -np.inf
+        b = spread.argmax(-1)
         sum_a, sum_b = sums[row, a], sums[row, b]
         up = np.argsort(sum_a, -1, kind="stable")
         down = np.argsort(-sum_b, -1, kind="stable")
         sums[row, a] = np.take_along_axis(sum_a, up, -1) + np.take_along_axis(sum_b, down, -1)
         alive[row, b] = False
-        remap = np.tile(np.arange(slots * num_gpus), (rows, 1))
-        merged = a[:, None] * num_gpus + within
-        np.put_along_axis(remap, a[:, None] * num_gpus + up, merged, -1)
-        np.put_along_axis(remap, b[:, None] * num_gpus + down, merged, -1)
-        label = np.take_along_axis(remap, label, -1)
+        merged = (a[:, None] * num_gpus + within + offset).reshape(-1)
+        remap = base.copy()
+        remap[(a[:, None] * num_gpus + up + offset).reshape(-1)] = merged
+        remap[(b[:, None] * num_gpus + down + offset).reshape(-1)] = merged
+        label = remap[label]
+    label = label.reshape(rows, num_items) - offset
     return label % num_gpus
 
 
@@ -260,12 +267,16 @@ def repartition_pairs(
     r = np.arange(rows)[:, None]
     rank = np.arange(k)
     arrays = [place, slot_load] + ([movable] if movable is not None else [])
+    # [rows * G, S] views: one flat gather fetches a heavy and a light GPU's slots at once
+    gpus_of = [a.reshape(rows * num_gpus, slots) for a in arrays]
+    slot_load_now = gpus_of[1].reshape(rows, num_gpus, slots)
     for round_ in range(rounds):
-        gpu_load = slot_load.sum(-1)
+        gpu_load = slot_load_now.sum(-1)
         order = np.argsort(gpu_load, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]
         light = order[:, (rank + round_) % k]
-        pools = [np.concatenate([a[r, heavy], a[r, light]], -1) for a in arrays]  # [rows,k,2S]
+        pair = np.stack([heavy, light], -1) + r[..., None] * num_gpus  # [rows, k, 2]
+        pools = [g[pair].reshape(rows, k, 2 * slots) for g in gpus_of]  # [rows, k, 2S]
         pool = pools[1]
         total = pool.sum(-1, keepdims=True)
         # float32 ranks the splits; |side - total/2| is the larger side's excess
@@ -288,10 +299,13 @@ def repartition_pairs(
             break
         index = pick[best]  # [rows, k, 2S]
         keep = ~better[..., None]
-        for array, pooled in zip(arrays, pools):
-            new = np.take_along_axis(pooled, index, -1)
-            array[r, heavy] = np.where(keep, array[r, heavy], new[..., :slots])
-            array[r, light] = np.where(keep, array[r, light], new[..., slots:])
+        index += np.arange(0, rows * k * 2 * slots, 2 * slots).reshape(rows, k, 1)
+        for gpus, pooled in zip(gpus_of, pools):
+            new = np.where(keep, pooled, pooled.reshape(-1)[index])
+            gpus[pair] = new.reshape(rows, k, 2, slots)
+    for array, gpus in zip(arrays, gpus_of):
+        if not np.shares_memory(array, gpus):  # reshape copied a non-contiguous array
+            array[...] = gpus.reshape(array.shape)
 
 
 def refine_swaps(
