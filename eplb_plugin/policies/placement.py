@@ -14,6 +14,7 @@ Arrays:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -198,21 +199,24 @@ def bldm_pack(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     # label of each item: tuple * G + partial GPU within the tuple (+ its row's offset)
     label = np.empty(rows * num_items, dtype=np.int64)
     label[order.reshape(-1)] = (np.arange(num_items) + offset).reshape(-1)
-    alive = np.ones((rows, slots), dtype=bool)
+    # spread (max - min) of each tuple, -inf once merged away; a tuple of sorted items
+    # spreads from its first to its last
+    spread = sums[:, :, 0] - sums[:, :, -1]
     row = np.arange(rows)
     within = np.arange(num_gpus)
     base = np.arange(rows * num_items, dtype=np.int64)
     for _ in range(slots - 1):
         # the two tuples with the largest spread, the first of equals first
-        spread = np.where(alive, sums.max(-1) - sums.min(-1), -np.inf)
         a = spread.argmax(-1)
         spread[row, a] = -np.inf
         b = spread.argmax(-1)
         sum_a, sum_b = sums[row, a], sums[row, b]
         up = np.argsort(sum_a, -1, kind="stable")
         down = np.argsort(-sum_b, -1, kind="stable")
-        sums[row, a] = np.take_along_axis(sum_a, up, -1) + np.take_along_axis(sum_b, down, -1)
-        alive[row, b] = False
+        merged_sums = np.take_along_axis(sum_a, up, -1) + np.take_along_axis(sum_b, down, -1)
+        sums[row, a] = merged_sums
+        spread[row, a] = merged_sums.max(-1) - merged_sums.min(-1)
+        spread[row, b] = -np.inf
         merged = (a[:, None] * num_gpus + within + offset).reshape(-1)
         remap = base.copy()
         remap[(a[:, None] * num_gpus + up + offset).reshape(-1)] = merged
@@ -353,6 +357,9 @@ def refine_swaps(
     item_expert, item_load = place.reshape(flat).copy(), slot_load.reshape(flat).copy()
     item_replicated = replicated.reshape(flat).copy()
     perm = np.tile(np.arange(num_gpus * slots).reshape(num_gpus, slots), (rows, 1, 1))
+    perm_of_gpu = perm.reshape(rows * num_gpus, slots)  # a view: updates go to perm
+    src_key, dst_key = src_key.reshape(-1), dst_key.reshape(-1)
+    expert_of, replicated_of = item_expert.reshape(-1), item_replicated.reshape(-1)
     check = bool((movable & replicated).any())
     gpu_load = slot_load.sum(-1)  # [rows, G], kept up to date
     stale = np.zeros(rows, dtype=np.int64)
@@ -362,26 +369,29 @@ def refine_swaps(
     for round_ in range(max_rounds):
         if active.size == 0:
             break
-        r = active[:, None]
-        r3 = active[:, None, None]
         loads = gpu_load[active]
         order = np.argsort(loads, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]  # [n, k] heaviest first
         light = order[:, (rank + round_) % k]
         high = np.take_along_axis(loads, heavy, -1)
         half = (high - np.take_along_axis(loads, light, -1)).astype(np.float32) / 2
-        src, dst = perm[r, heavy], perm[r, light]  # [n, k, S] item numbers
+        # item numbers [n, k, S] of each pair's slots; flat indices (numpy's fancy indexing
+        # by (row, item) costs several times more) of their attributes
+        gpu_base = active[:, None] * num_gpus
+        src, dst = perm_of_gpu[gpu_base + heavy], perm_of_gpu[gpu_base + light]
+        item_base = (active * (num_gpus * slots))[:, None, None]
+        src_at, dst_at = src + item_base, dst + item_base
         # moving delta from the heavy to the light GPU leaves the pair's larger load at
         # high - (half - |delta - half|): the best swap has delta closest to half
-        miss = src_key[r3, src][..., :, None] - dst_key[r3, dst][..., None, :]  # [n, k, S, S]
+        miss = src_key[src_at][..., :, None] - dst_key[dst_at][..., None, :]  # [n, k, S, S]
         miss -= half[..., None, None]
         np.abs(miss, out=miss)
         if check:
-            src_exp, dst_exp = item_expert[r3, src], item_expert[r3, dst]
-            src_there = (src_exp[..., :, None] == dst_exp[..., None, :]).any(-1)  # [n, k, S]
-            dst_there = (dst_exp[..., :, None] == src_exp[..., None, :]).any(-1)
-            bad = (item_replicated[r3, src] & src_there)[..., :, None] | (
-                item_replicated[r3, dst] & dst_there
+            same = expert_of[src_at][..., :, None] == expert_of[dst_at][..., None, :]
+            src_there = same.any(-1)  # [n, k, S]
+            dst_there = same.any(-2)
+            bad = (replicated_of[src_at] & src_there)[..., :, None] | (
+                replicated_of[dst_at] & dst_there
             )[..., None, :]
             miss[bad] = np.inf
         miss = miss.reshape(active.size, k, -1)
@@ -402,17 +412,21 @@ def refine_swaps(
         swaps[active] += made
         stale[active] = np.where(made > 0, 0, stale[active] + 1)
         active = active[(stale[active] < patience) & (gpu_load[active].max(-1) > floor[active])]
-    index = perm.reshape(flat)
+    index = perm.reshape(-1) + np.repeat(np.arange(rows) * (num_gpus * slots), num_gpus * slots)
     for arr, item in ((place, item_expert), (slot_load, item_load)):
-        arr[...] = np.take_along_axis(item, index, -1).reshape(arr.shape)
+        arr[...] = item.reshape(-1)[index].reshape(arr.shape)
     for arr in (movable, replicated):
-        arr[...] = np.take_along_axis(arr.reshape(flat).copy(), index, -1).reshape(arr.shape)
+        arr[...] = arr.reshape(-1)[index].reshape(arr.shape)
     return swaps
 
 
 # ---------------------------------------------------------------------- groups -> nodes
+@functools.lru_cache(maxsize=8)
 def _equal_partitions(num_items: int, num_packs: int) -> np.ndarray:
-    """All ways to split items into unlabeled packs of equal size: [ways, items] pack index."""
+    """All ways to split items into unlabeled packs of equal size: [ways, items] pack index.
+
+    Cached (every plan of a deployment asks for the same), hence read-only.
+    """
     per = num_items // num_packs
     out: list[list[int]] = []
 
@@ -429,7 +443,18 @@ def _equal_partitions(num_items: int, num_packs: int) -> np.ndarray:
                 sizes[pack] -= 1
 
     walk([0] * num_items, [0] * num_packs, 0)
-    return np.array(out, dtype=np.int64)
+    ways = np.array(out, dtype=np.int64)
+    ways.flags.writeable = False
+    return ways
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_members(num_items: int, num_packs: int) -> np.ndarray:
+    """[ways, items, packs] float64 (read-only, cached): 1 where a way puts an item in a pack."""
+    ways = _equal_partitions(num_items, num_packs)
+    onehot = (ways[:, :, None] == np.arange(num_packs)).astype(np.float64)
+    onehot.flags.writeable = False
+    return onehot
 
 
 def num_equal_partitions(num_items: int, num_packs: int) -> int:
@@ -455,8 +480,8 @@ def pack_groups(group_load: np.ndarray, num_nodes: int, max_exhaustive: int = 20
         return np.zeros((rows, num_groups), dtype=np.int64)
     if num_equal_partitions(num_groups, num_nodes) <= max_exhaustive:
         ways = _equal_partitions(num_groups, num_nodes)  # [W, groups]
-        onehot = ways[:, :, None] == np.arange(num_nodes)  # [W, groups, nodes]
-        node_load = np.einsum("rg,wgn->rwn", group_load, onehot.astype(np.float64))
+        onehot = _partition_members(num_groups, num_nodes)  # [W, groups, nodes]
+        node_load = np.einsum("rg,wgn->rwn", group_load, onehot)
         peak = node_load.max(-1)
         # lowest peak, then the most even spread below it
         spread = (node_load**2).sum(-1)
@@ -497,8 +522,7 @@ def pack_groups(group_load: np.ndarray, num_nodes: int, max_exhaustive: int = 20
 
 def partitions_peak_bound(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
     """[rows] the lowest most-loaded-node load any equal group-to-node split allows."""
-    ways = _equal_partitions(group_load.shape[1], num_nodes)
-    onehot = (ways[:, :, None] == np.arange(num_nodes)).astype(np.float64)
+    onehot = _partition_members(group_load.shape[1], num_nodes)
     return np.einsum("rg,wgn->rwn", group_load, onehot).max(-1).min(-1)
 
 
