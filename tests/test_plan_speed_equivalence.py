@@ -8,14 +8,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
 import pytest
 import torch
 
-from eplb_plugin import ExpertLayout, Topology
+from eplb_plugin import ExpertLayout, Topology, plan
 from eplb_plugin.policies import deepseek
 
 _spec = importlib.util.spec_from_file_location(
@@ -132,3 +134,66 @@ def test_replication_matches_the_reference(kind):
         ours = deepseek.replicate_experts(weight, slots)
         ref = eplb_reference.replicate_experts(weight, slots)
         assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
+
+# sha256 (first 16 hex digits) of phy2log, log2phy, logcnt and replica_share, recorded with
+# the plan code before the speed work (commit 49a79e6): the faster paths plan the same
+# layouts bit for bit. (Shapes that take repartition_pairs' float32 matmul are left out:
+# BLAS may sum in another order on another CPU.)
+_DIGESTS = {
+    "lognormal-(96, 8, 4, 16)-deepseek-{}": "a252dff29a18ef34",
+    "lognormal-(96, 8, 4, 16)-default-{}": "808e527ba26de3f9",
+    'lognormal-(96, 8, 4, 16)-default-{"dispatch": "local"}': "3014d6572f05f142",
+    'lognormal-(96, 8, 4, 16)-default-{"dispatch": "global"}': "3014d6572f05f142",
+    'lognormal-(96, 8, 4, 16)-default-{"phase": "decode"}': "0f587174a241fe3e",
+    "lognormal-(256, 1, 2, 32)-deepseek-{}": "fb230efa7379fcf4",
+    "lognormal-(256, 1, 2, 32)-default-{}": "95b93caa9aed6661",
+    'lognormal-(256, 1, 2, 32)-default-{"dispatch": "local"}': "e7e3360ff87082c5",
+    'lognormal-(256, 1, 2, 32)-default-{"dispatch": "global"}': "e7e3360ff87082c5",
+    'lognormal-(256, 1, 2, 32)-default-{"phase": "decode"}': "95b93caa9aed6661",
+    "ties-(96, 8, 4, 16)-deepseek-{}": "194758aa3224fff0",
+    "ties-(96, 8, 4, 16)-default-{}": "d8921816e9c9ec83",
+    'ties-(96, 8, 4, 16)-default-{"dispatch": "local"}': "542b77d4501d9142",
+    'ties-(96, 8, 4, 16)-default-{"dispatch": "global"}': "542b77d4501d9142",
+    'ties-(96, 8, 4, 16)-default-{"phase": "decode"}': "f1334394a1d43ad9",
+    "ties-(256, 1, 2, 32)-deepseek-{}": "c47bbb6d47cd4c91",
+    "ties-(256, 1, 2, 32)-default-{}": "de7a08e6fe2e7443",
+    'ties-(256, 1, 2, 32)-default-{"dispatch": "local"}': "e1b67c7541f239fa",
+    'ties-(256, 1, 2, 32)-default-{"dispatch": "global"}': "e1b67c7541f239fa",
+    'ties-(256, 1, 2, 32)-default-{"phase": "decode"}': "de7a08e6fe2e7443",
+}
+
+
+def _digest_load(seed: int, layers: int, experts: int, kind: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "lognormal":
+        popularity = torch.exp(torch.randn(layers, experts, generator=gen))
+        return torch.stack([
+            torch.bincount(torch.multinomial(p / p.sum(), 4096, True, generator=gen),
+                           minlength=experts)
+            for p in popularity
+        ]).float()  # fmt: skip
+    return torch.randint(0, 3, (layers, experts), generator=gen).float()
+
+
+def test_plans_are_those_of_the_code_before_the_speed_work():
+    cases = [
+        ("lognormal", (96, 8, 4, 16)), ("lognormal", (80, 1, 1, 16)),
+        ("lognormal", (256, 1, 2, 32)), ("ties", (96, 8, 4, 16)), ("ties", (80, 1, 1, 16)),
+        ("ties", (256, 1, 2, 32)),
+    ]  # fmt: skip
+    options = [{}, {"dispatch": "local"}, {"dispatch": "global"}, {"phase": "decode"}]
+    checked = 0
+    for seed, (kind, topology) in enumerate(cases):
+        weight = _digest_load(seed, 6, 64, kind)
+        for policy, opts in [("deepseek", {})] + [("default", o) for o in options]:
+            key = f"{kind}-{topology}-{policy}-{json.dumps(opts, sort_keys=True)}"
+            if key not in _DIGESTS:
+                continue
+            layout = plan(weight, Topology(*topology), policy, **opts)
+            digest = hashlib.sha256()
+            for tensor in (layout.phy2log, layout.log2phy, layout.logcnt, layout.replica_share):
+                digest.update(tensor.numpy().tobytes())
+            assert digest.hexdigest()[:16] == _DIGESTS[key], key
+            checked += 1
+    assert checked == len(_DIGESTS)
