@@ -58,7 +58,8 @@ def _packing_batches(
         new_key = (new_bits.astype(np.int64) << 32) | ((head & low) + 1)
         holds = bits != full
         holds[:, 1:] &= np.minimum.accumulate(new_key, axis=1)[:, :-1] > head[:, 1:]
-        take = int(np.logical_and.accumulate(holds, axis=1).sum(1).min())
+        # the shortest run of holding proposals over the rows (first False, else all)
+        take = int(np.where(holds.all(1), width, holds.argmin(1)).min())
         packs[:, done : done + take] = (head[:, :take] >> 16) & 0xFFFF
         ranks[:, done : done + take] = count[:, :take]
         key[:, :take] = new_key[:, :take]
@@ -79,23 +80,51 @@ def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarr
     sorted_load = _gather(weight.numpy(), order)  # heaviest first
     packs = np.empty((items, rows), dtype=np.int64).T  # column-major: one item per step
     ranks = np.empty((items, rows), dtype=np.int64).T
+    done, state = 0, None
+    if num_packs >= _BATCH_PACKS:
+        done, state = _packing_batches(sorted_load, per_pack, packs, ranks)
+    if done < items:
+        _packing_steps(sorted_load, num_packs, packs, ranks, done, state)
+    at = (order + _row_offsets(rows, items)).reshape(-1)
+    pack_index = np.empty(rows * items, dtype=np.int64)
+    rank_in_pack = np.empty(rows * items, dtype=np.int64)
+    pack_index[at] = packs.reshape(-1)
+    rank_in_pack[at] = ranks.reshape(-1)
+    return pack_index.reshape(rows, items), rank_in_pack.reshape(rows, items)
+
+
+def _packing_steps(
+    sorted_load: np.ndarray,
+    num_packs: int,
+    packs: np.ndarray,
+    ranks: np.ndarray,
+    done: int = 0,
+    state: np.ndarray | None = None,
+) -> None:
+    """The greedy of :func:`_packing` one item per step, from item ``done`` on.
+
+    Args:
+        sorted_load: [rows, items] float32, each row's loads heaviest first.
+        packs, ranks: [rows, items] int64 written with the pack and rank of each item.
+        state: [rows, num_packs] pack keys left by :func:`_packing_batches`, or None
+            (empty packs).
+    """
+    rows, items = sorted_load.shape
+    per_pack = items // num_packs
     # The packs' float32 loads, and a key per pack that orders them as the reference's
     # min() does: the load's bit pattern (monotone in the load for loads >= 0, inf
     # included: -0.0 cannot arise, a sum starting at +0.0 stays +0.0) or _FULL once a pack
     # has no room. argmin's first minimum is then the first lightest pack with room.
     key = np.zeros((rows, num_packs), dtype=np.int32)
+    flat_key = key.reshape(-1)
     pack_load = np.zeros(rows * num_packs, dtype=np.float32)
     count = np.zeros(rows * num_packs, dtype=np.int64)
-    done = 0
-    if num_packs >= _BATCH_PACKS:
-        done, state = _packing_batches(sorted_load, per_pack, packs, ranks)
-        if done < items:  # carry on one item per step from the batches' state
-            at = ((state >> 16) & 0xFFFF) + (np.arange(rows) * num_packs)[:, None]
-            bits = (state >> 32).astype(np.int32)
-            key.reshape(-1)[at] = bits
-            pack_load[at] = bits.view(np.float32)
-            count[at] = state & 0xFFFF
-    flat_key = key.reshape(-1)
+    if state is not None:
+        at = ((state >> 16) & 0xFFFF) + _row_offsets(rows, num_packs)
+        bits = (state >> 32).astype(np.int32)
+        flat_key[at] = bits
+        pack_load[at] = bits.view(np.float32)
+        count[at] = state & 0xFFFF
     step_load = np.ascontiguousarray(sorted_load.T)  # row i: every row's i-th item
     full = np.zeros(per_pack, dtype=np.int32)
     full[-1] = _FULL  # or-ed into the key of a pack taking its last item
@@ -110,7 +139,6 @@ def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarr
         load = pack_load[at] + step_load[i]
         pack_load[at] = load
         flat_key[at] = load.view(np.int32) | full[rank]
-    return _scatter(order, packs, items), _scatter(order, ranks, items)
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,24 +156,32 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
 def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`replicate_experts` on a float32 [rows, num_log] array, results in numpy."""
     rows, num_log = weight.shape
-    phy2log = np.tile(np.arange(num_phy, dtype=np.int64), (rows, 1))
-    rank = np.zeros((rows, num_phy), dtype=np.int64)
-    count = np.ones(rows * num_log, dtype=np.int64)
+    extra = num_phy - num_log
     flat = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
     # load per replica, as the reference's float32 / int64 division computes it (w / 1 = w);
-    # only the chosen expert's entry changes per step
+    # only the chosen expert's entry changes per step. Counts are kept in float32 (exact
+    # up to 2**24) so that the division needs no conversion.
     per_replica = flat.copy()
     per_replica_2d = per_replica.reshape(rows, num_log)
+    count = np.ones(rows * num_log, dtype=np.float32)
     base = np.arange(rows, dtype=np.int64) * num_log
-    for i in range(num_log, num_phy):
+    chosen_of = np.empty((extra, rows), dtype=np.int64)  # one step per row of these
+    taken_of = np.empty((extra, rows), dtype=np.float32)
+    for i in range(extra):
         chosen = per_replica_2d.argmax(-1)
-        phy2log[:, i] = chosen
+        chosen_of[i] = chosen
         at = chosen + base
         taken = count[at]
-        rank[:, i] = taken
-        count[at] = taken + 1
-        per_replica[at] = flat[at] / (taken + 1).astype(np.float32)
-    return phy2log, rank, count.reshape(rows, num_log)
+        taken_of[i] = taken
+        taken += 1
+        count[at] = taken
+        per_replica[at] = flat[at] / taken
+    phy2log = np.empty((rows, num_phy), dtype=np.int64)
+    phy2log[:, :num_log] = np.arange(num_log)
+    phy2log[:, num_log:] = chosen_of.T
+    rank = np.zeros((rows, num_phy), dtype=np.int64)
+    rank[:, num_log:] = taken_of.T
+    return phy2log, rank, count.astype(np.int64).reshape(rows, num_log)
 
 
 def replicate_experts(
@@ -203,17 +239,21 @@ def _hierarchical(
     phy_per_node = num_phy // num_nodes
 
     # 1. expert groups -> nodes (torch's float32 sum: its summation order, as the reference)
-    group_load = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
-    group_pack, group_rank = _packing(group_load, num_nodes)
-    log2mlog = (
-        ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None]
-        + np.arange(group_size, dtype=np.int64)
-    ).reshape(num_layers, num_log)
-    mlog2log = _scatter(log2mlog, np.broadcast_to(np.arange(num_log), log2mlog.shape), num_log)
-    _check_permutation(mlog2log, "the experts' order by node")
+    if num_groups == 1:  # one group, one node: the experts keep their order
+        mlog2log = None
+        mlog_load = weight.numpy()
+    else:
+        group_load = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
+        group_pack, group_rank = _packing(group_load, num_nodes)
+        log2mlog = (
+            ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None]
+            + np.arange(group_size, dtype=np.int64)
+        ).reshape(num_layers, num_log)
+        mlog2log = _scatter(log2mlog, np.broadcast_to(np.arange(num_log), log2mlog.shape), num_log)
+        _check_permutation(mlog2log, "the experts' order by node")
+        mlog_load = _gather(weight.numpy(), mlog2log).reshape(-1, log_per_node)
 
     # 2. replicas within each node: rows are (layer, node)
-    mlog_load = _gather(weight.numpy(), mlog2log).reshape(-1, log_per_node)
     phy2mlog, phy_rank, mlogcnt = _replicate(mlog_load, phy_per_node)
 
     # 3. a node's replicas -> its GPUs
@@ -225,7 +265,8 @@ def _hierarchical(
     pphy2mlog = _scatter(phy2pphy, phy2mlog + node_base, phy_per_node)
     _check_permutation(pphy2mlog, "the replicas' order by GPU")
     pphy_rank = _scatter(phy2pphy, phy_rank, phy_per_node).reshape(num_layers, -1)
-    pphy2log = _gather(mlog2log, pphy2mlog.reshape(num_layers, -1))
+    pphy2mlog = pphy2mlog.reshape(num_layers, -1)
+    pphy2log = pphy2mlog if mlog2log is None else _gather(mlog2log, pphy2mlog)
     return pphy2log, pphy_rank
 
 
