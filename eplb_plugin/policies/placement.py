@@ -480,12 +480,12 @@ def pack_groups(group_load: np.ndarray, num_nodes: int, max_exhaustive: int = 20
         return np.zeros((rows, num_groups), dtype=np.int64)
     if num_equal_partitions(num_groups, num_nodes) <= max_exhaustive:
         ways = _equal_partitions(num_groups, num_nodes)  # [W, groups]
-        onehot = _partition_members(num_groups, num_nodes)  # [W, groups, nodes]
-        node_load = np.einsum("rg,wgn->rwn", group_load, onehot)
-        peak = node_load.max(-1)
-        # lowest peak, then the most even spread below it
+        node_load = _partition_loads(group_load, num_nodes)  # [rows, W, nodes]
+        peak = functools.reduce(np.maximum, np.moveaxis(node_load, -1, 0))
+        # lowest peak, then the most even spread below it, then the first way
         spread = (node_load**2).sum(-1)
-        best = np.lexsort((spread, peak), axis=-1)[:, 0] if rows else np.zeros(0, np.int64)
+        lowest = peak == peak.min(-1, keepdims=True)
+        best = np.where(lowest, spread, np.inf).argmin(-1)
         return ways[best]
     per = num_groups // num_nodes
     node = np.zeros((rows, num_groups), dtype=np.int64)
@@ -518,6 +518,32 @@ def pack_groups(group_load: np.ndarray, num_nodes: int, max_exhaustive: int = 20
         load[r, nb] += group_load[r, a] - group_load[r, b]
         node[r, a], node[r, b] = nb, na
     return node
+
+
+def _partition_loads(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
+    """[rows, ways, nodes] float64 load of each node under each equal partition.
+
+    With at most two groups per node a node's load is one group's or the sum of two,
+    whatever the order of summation: then a gather and an add, exactly what the einsum
+    gives at a tenth of its cost.
+    """
+    rows, num_groups = group_load.shape
+    per = num_groups // num_nodes
+    if per <= 2:
+        members = _partition_groups(num_groups, num_nodes)  # [W, nodes, per]
+        node_load = group_load[:, members[..., 0]]
+        return node_load + group_load[:, members[..., 1]] if per == 2 else node_load
+    return np.einsum("rg,wgn->rwn", group_load, _partition_members(num_groups, num_nodes))
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_groups(num_items: int, num_packs: int) -> np.ndarray:
+    """[ways, packs, items per pack] int64 (read-only, cached): each pack's items, ascending."""
+    ways = _equal_partitions(num_items, num_packs)
+    by_pack = np.argsort(ways * num_items + np.arange(num_items), axis=-1, kind="stable")
+    members = by_pack.reshape(len(ways), num_packs, num_items // num_packs)
+    members.flags.writeable = False
+    return members
 
 
 def partitions_peak_bound(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
