@@ -20,6 +20,9 @@ import math
 
 import numpy as np
 
+# halvings of replica_counts' level range (a factor (extra + E) / extra wide): to 1e-8 of it
+BISECTION_STEPS = 28
+
 
 def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
     """Give each redundant slot to the expert with the highest load per replica (DeepSeek's rule).
@@ -39,9 +42,14 @@ def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
         # most ``extra`` of them lie, give those at once, and leave the rest (ties at the
         # level) to the greedy loop below: the same result as ``extra`` greedy steps.
         weight = np.asarray(weight, dtype=np.float64)
-        lo = np.zeros(rows)
-        hi = weight.max(-1) + 1.0
-        for _ in range(40):
+        # The level lies between total / (extra + E) and total / extra (sum_e floor(w_e / L)
+        # is within E below total / L): bisecting that range reaches a level with next to
+        # no ties left for the loop in a few dozen steps. (Any level gives the same counts:
+        # the steps only decide how much is left to the loop.)
+        total = weight.sum(-1)
+        lo = total / (extra + num_experts)
+        hi = np.where(total > 0, total / extra, 1.0)
+        for _ in range(BISECTION_STEPS):
             mid = (lo + hi) / 2
             fits = np.floor(weight / mid[:, None]).sum(-1) <= extra
             hi = np.where(fits, mid, hi)
@@ -388,8 +396,11 @@ def refine_swaps(
         np.abs(miss, out=miss)
         if check:
             same = expert_of[src_at][..., :, None] == expert_of[dst_at][..., None, :]
-            src_there = same.any(-1)  # [n, k, S]
-            dst_there = same.any(-2)
+            # any() over an axis of S: S or-s of slices (numpy reduces short axes slowly)
+            src_there, dst_there = same[..., 0].copy(), same[..., 0, :].copy()  # [n, k, S]
+            for other in range(1, slots):
+                src_there |= same[..., other]
+                dst_there |= same[..., other, :]
             bad = (replicated_of[src_at] & src_there)[..., :, None] | (
                 replicated_of[dst_at] & dst_there
             )[..., None, :]
