@@ -10,6 +10,8 @@ ways (gap closed between the vLLM/SGLang baseline and the per-step oracle, as in
 - ``exact split``: the same layout with the water-fill run to convergence (``--exact-iters``
   sweeps; 128 sweeps equal the linear program's min-max split to 4 decimals on these
   traces): the best any dispatch rule can do with that placement;
+- ``whole trace``: one plan on the whole trace's load (hindsight: the best stationary
+  forecast there is), kept for every step, exact split;
 - ``one step ahead``: a from-scratch ``default/global`` plan whose window also holds the
   interval's first step (the newest W steps up to it), exact split, scored on the interval's
   later steps: a forecast one step fresher than any engine has;
@@ -18,7 +20,7 @@ ways (gap closed between the vLLM/SGLang baseline and the per-step oracle, as in
 - ``own step``: a plan made on each step's own counts, exact split (the ceiling of
   placement plus global split).
 
-The last three are references, not policies. Scores are over the steps after each interval's
+The last four are references, not policies. Scores are over the steps after each interval's
 first (the step the ``one step ahead`` plan has seen), for every column alike.
 
     python benchmarks/bench_global_ceiling.py                   # examples/traces, 80:16, 96:32
@@ -43,7 +45,7 @@ from eplb_plugin.simulate import SimConfig, compare, step_balancedness
 from eplb_plugin.traces import read_routing_trace, steps_from_routing_trace, synthetic_routing_trace
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-COLUMNS = ("measured", "exact split", "one step ahead", "own interval", "own step")
+COLUMNS = ("measured", "exact split", "whole trace", "one step ahead", "own interval", "own step")
 
 
 def global_balancedness(layout: ExpertLayout, totals: torch.Tensor, iters: int) -> torch.Tensor:
@@ -79,6 +81,7 @@ def ceiling(
     served = {**options, "max_moved": args.max_moved}
     out: dict[str, list[float]] = {name: [] for name in COLUMNS}
     out["step"] = []
+    whole = plan_global(totals.sum(0), topology, options)
     layout = None
     for start in range(window, totals.shape[0], interval):
         layout = plan_global(totals[start - window : start], topology, served, previous=layout)
@@ -90,6 +93,7 @@ def ceiling(
         columns = {
             "measured": global_balancedness(layout, later, args.iters),
             "exact split": global_balancedness(layout, later, args.exact_iters),
+            "whole trace": global_balancedness(whole, later, args.exact_iters),
             "one step ahead": global_balancedness(ahead, later, args.exact_iters),
             "own interval": global_balancedness(own, later, args.exact_iters),
             "own step": own_step(later, topology, options, args.exact_iters),
