@@ -81,7 +81,7 @@ def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarr
     packs = np.empty((items, rows), dtype=np.int64).T  # column-major: one item per step
     ranks = np.empty((items, rows), dtype=np.int64).T
     done, state = 0, None
-    if num_packs >= _BATCH_PACKS:
+    if _BATCH_PACKS <= num_packs < 1 << 16 and per_pack < 1 << 16:  # fields of the keys
         done, state = _packing_batches(sorted_load, per_pack, packs, ranks)
     if done < items:
         _packing_steps(sorted_load, num_packs, packs, ranks, done, state)
@@ -157,6 +157,8 @@ def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray
     """:func:`replicate_experts` on a float32 [rows, num_log] array, results in numpy."""
     rows, num_log = weight.shape
     extra = num_phy - num_log
+    if extra < 0:
+        raise ValueError(f"{num_phy} slots cannot hold {num_log} experts")
     flat = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
     # load per replica, as the reference's float32 / int64 division computes it (w / 1 = w);
     # only the chosen expert's entry changes per step. Counts are kept in float32 (exact
@@ -165,7 +167,7 @@ def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray
     per_replica_2d = per_replica.reshape(rows, num_log)
     count = np.ones(rows * num_log, dtype=np.float32)
     base = np.arange(rows, dtype=np.int64) * num_log
-    chosen_of = np.empty((extra, rows), dtype=np.int64)  # one step per row of these
+    chosen_of = np.empty((extra, rows), dtype=np.int64)  # [step, row]: contiguous per step
     taken_of = np.empty((extra, rows), dtype=np.float32)
     for i in range(extra):
         chosen = per_replica_2d.argmax(-1)
