@@ -257,10 +257,12 @@ class ExpertLayout:
             raise ValueError("planned replica indices must lie in [0, replicas of the expert)")
         width = max(int(logcnt.max()) if logcnt.size else 1, 1)
         log2phy = np.full(num_layers * num_experts * width, -1, dtype=np.int64)
-        log2phy[flat * width + rank] = np.broadcast_to(np.arange(num_slots), flat.shape)
-        # every slot wrote one place below its expert's count: all L * P places written
-        # exactly when no two replicas of an expert share an index
-        if np.count_nonzero(log2phy >= 0) != phy2log.size:
+        place = flat * width + rank
+        slot = np.broadcast_to(np.arange(num_slots), flat.shape)
+        log2phy[place] = slot
+        # every slot finds its own number where it wrote it exactly when no two replicas
+        # of an expert share an index
+        if not np.array_equal(log2phy[place], slot):
             raise ValueError("planned replica indices repeat within an expert")
         log2phy = log2phy.reshape(num_layers, num_experts, width)
         share = np.float32(1.0) / count.astype(np.float32)
