@@ -111,19 +111,16 @@ def _packing_steps(
     """
     rows, items = sorted_load.shape
     per_pack = items // num_packs
-    # The packs' float32 loads, and a key per pack that orders them as the reference's
-    # min() does: the load's bit pattern (monotone in the load for loads >= 0, inf
-    # included: -0.0 cannot arise, a sum starting at +0.0 stays +0.0) or _FULL once a pack
-    # has no room. argmin's first minimum is then the first lightest pack with room.
+    # A key per pack that orders the packs as the reference's min() does: the bit pattern
+    # of its float32 load (monotone in the load for loads >= 0, inf included: -0.0 cannot
+    # arise, a sum starting at +0.0 stays +0.0) or _FULL once it has no room. argmin's
+    # first minimum is then the first lightest pack with room, whose key holds its load.
     key = np.zeros((rows, num_packs), dtype=np.int32)
     flat_key = key.reshape(-1)
-    pack_load = np.zeros(rows * num_packs, dtype=np.float32)
     count = np.zeros(rows * num_packs, dtype=np.int64)
     if state is not None:
         at = ((state >> 16) & 0xFFFF) + _row_offsets(rows, num_packs)
-        bits = (state >> 32).astype(np.int32)
-        flat_key[at] = bits
-        pack_load[at] = bits.view(np.float32)
+        flat_key[at] = (state >> 32).astype(np.int32)
         count[at] = state & 0xFFFF
     step_load = np.ascontiguousarray(sorted_load.T)  # row i: every row's i-th item
     full = np.zeros(per_pack, dtype=np.int32)
@@ -136,8 +133,7 @@ def _packing_steps(
         rank = count[at]
         ranks[:, i] = rank
         count[at] = rank + 1
-        load = pack_load[at] + step_load[i]
-        pack_load[at] = load
+        load = flat_key[at].view(np.float32) + step_load[i]
         flat_key[at] = load.view(np.int32) | full[rank]
 
 
