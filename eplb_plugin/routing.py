@@ -108,7 +108,8 @@ class Router:
 
         Collective: every rank must route every layer, in the same order.
         """
-        from eplb_plugin.kernels.waterfill import waterfill_shares
+        # the fused Triton water-fill where Triton runs, the torch reference otherwise
+        from eplb_plugin.kernels.waterfill_fused import waterfill
 
         num_experts = maps.num_experts
         ids = topk_ids.to(torch.int64)
@@ -121,7 +122,7 @@ class Router:
         if self.comm is not None and self.comm.world_size > 1:
             self.comm.all_reduce(expert_counts, op="sum")
         one = slice(layer, layer + 1)
-        water = waterfill_shares(
+        water = waterfill(
             expert_counts.unsqueeze(0).to(maps.device), maps.phy2log[one], maps.log2phy[one],
             maps.logcnt[one], maps.slots_per_gpu, maps.replica_share[one], WATERFILL_ITERS,
         )  # fmt: skip
