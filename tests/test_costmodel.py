@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eplb_plugin.costmodel import (
+    FUSED_SWEEP_US,
     HARDWARE,
     MODELS,
     Hardware,
@@ -21,6 +22,7 @@ from eplb_plugin.costmodel import (
     get_model,
     layer_us,
     mode_overhead_us,
+    waterfill_impl,
     waterfill_us,
 )
 
@@ -75,6 +77,23 @@ def test_mode_overheads() -> None:
     )
     fused = dataclasses.replace(HW, waterfill_us=5.0)
     assert mode_overhead_us(fused, MODEL, "local", 16, 4) == 5.0
+
+
+def test_fused_waterfill_estimate() -> None:
+    # one launch (kernel_us = 1) plus (8 + 1) sweeps at 2 us
+    fused = dataclasses.replace(HW, fused_waterfill=1, fused_sweep_us=2.0)
+    assert waterfill_impl(HW) == "torch" and waterfill_impl(fused) == "fused"
+    assert waterfill_us(fused, 8) == 19.0
+    assert waterfill_us(HW, 8, "fused") == 1.0 + 9 * FUSED_SWEEP_US
+    assert waterfill_us(fused, 8, "torch") == 318.0  # the other implementation, asked for
+    assert waterfill_us(fused, 0) == 3.0
+    assert mode_overhead_us(fused, MODEL, "local", 16, 4, iters=8) == 19.0
+    # a measured figure replaces the selected implementation only
+    measured = dataclasses.replace(fused, waterfill_us=7.0)
+    assert waterfill_us(measured, 8) == 7.0 and waterfill_us(measured, 8, "torch") == 318.0
+    with pytest.raises(ValueError, match="implementation"):
+        waterfill_us(HW, 8, "cuda")
+    assert get_hardware("h200-nvlink-node", fused_waterfill=1.0).fused_waterfill == 1
     with pytest.raises(ValueError, match="dispatch"):
         mode_overhead_us(HW, MODEL, "random", 16, 4)
 
@@ -123,6 +142,8 @@ def test_presets_and_overrides() -> None:
     [
         ({"hbm_gbps": 0.0}, "hbm_gbps"),
         ({"kernel_us": -1.0}, "kernel_us"),
+        ({"fused_waterfill": 0.5}, "fused_waterfill"),
+        ({"fused_sweep_us": -1.0}, "fused_sweep_us"),
         ({"ar_gbps": math.inf}, "ar_gbps"),
         ({"a2a_ep": (16, 4)}, "a2a_ep"),
         ({"a2a_hidden": 1.5}, "a2a_hidden"),
