@@ -160,3 +160,32 @@ def test_bad_model_is_refused() -> None:
         dataclasses.replace(MODEL, top_k=0)
     with pytest.raises(ValueError, match="weight_bytes"):
         dataclasses.replace(MODEL, weight_bytes=0)
+
+
+def test_recommend_rows_rebased_on_the_fused_waterfill() -> None:
+    """``eplb simulate --recommend`` shows the other water-fill by shifting the rows by the
+    difference of ``mode_overhead_us``: the same as replaying with that hardware."""
+    from eplb_plugin.cli.simulate import _rows_with_cost
+    from eplb_plugin.layout import Topology
+    from eplb_plugin.simulate import CostSpec, SimConfig, recommend
+
+    model = dataclasses.replace(get_model("deepseek-v3"), num_experts=32)
+    torch_hw = get_hardware("h800-ib400-multinode")
+    fused_hw = dataclasses.replace(torch_hw, fused_waterfill=1)
+    topo, config = Topology(40, 1, 1, 8), SimConfig(window=2, interval=2)
+    runs = {}
+    for hw in (torch_hw, fused_hw):
+        cost = CostSpec(hw, model, nodes=1)
+        runs[waterfill_impl(hw)] = (
+            cost,
+            recommend(cost, topo, [4, 4096], num_layers=2, steps=6, config=config),
+        )
+    (torch_cost, torch_rows), (fused_cost, fused_rows) = runs["torch"], runs["fused"]
+    shifted = _rows_with_cost(torch_rows, fused_cost, torch_cost, topo, config.waterfill_iters)
+    for got, want in zip(shifted, fused_rows):
+        for key in ("static_us", "local_us", "global_us", "speedup"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), key
+        assert got["best"] == want["best"]
+    # the fused estimate is ~600 us cheaper per layer for the water-fill modes
+    gap = torch_rows[0]["local_us"] - fused_rows[0]["local_us"]
+    assert gap == pytest.approx(waterfill_us(torch_hw, 8) - waterfill_us(fused_hw, 8))
