@@ -14,7 +14,10 @@ visible to the whole block), load. One sweep has four such exchanges; a buffer i
 only after a later barrier, so no thread still reads the old value. The sort of each
 expert's <= X replica bins is done by rank counting (a bin's rank is the number of bins
 below it, ties by index), and the sum of the k lowest bins is the sum of the bins whose rank
-is at most the bin's own: O(E X^2) work in O(E X) registers, no ``tl.sort``.
+is at most the bin's own: O(E X^2) work, no ``tl.sort``. Pairwise comparisons (bins of one
+expert; slots of one GPU holding the same expert) are one [E, X, X] / [G, S, S] tile when
+that has at most ``CUBE_ELEMENTS`` elements (and always in the interpreter), else a loop
+over the last axis in O(E X) / O(G S) registers.
 
 Agreement with the reference: the same formulas in float32 with FMA contraction off, but
 the sums (GPU loads, a GPU's own load of an expert, the sorted prefix sums, the
@@ -31,30 +34,59 @@ from __future__ import annotations
 
 import torch
 
-from eplb_plugin.kernels._backend import backend_for, next_power_of_2, tl, triton
+from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
 from eplb_plugin.kernels.waterfill import waterfill_shares
 
 __all__ = ["waterfill", "waterfill_shares_triton"]
 
+# largest [G, S, S] or [E, X, X] tile compared in one go on a GPU (16 elements a thread at
+# 8 warps); wider layouts loop over the last axis instead
+CUBE_ELEMENTS = 4096
+
 if triton is not None:
 
     @triton.jit
-    def _level(bins, counts, xs, X_PAD: tl.constexpr):
+    def _level(bins, counts, xs, X_PAD: tl.constexpr, CUBE: tl.constexpr):
         """[E_PAD] water level ``min_k (c + sum of the k lowest bins) / k`` per expert.
 
         ``bins``: [E_PAD, X_PAD] float32 (+inf for no bin); ``xs``: [1, X_PAD] replica index.
+        ``CUBE``: compare all pairs in one [E_PAD, X_PAD, X_PAD] tile (few instructions,
+        E X^2 registers) instead of a loop over the X_PAD columns.
         """
-        rank = tl.zeros(bins.shape, dtype=tl.int32)
-        for y in tl.static_range(X_PAD):
-            b_y = tl.sum(tl.where(xs == y, bins, 0.0), 1)[:, None]
-            lower = (b_y < bins) | ((b_y == bins) & (y < xs))
-            rank += lower.to(tl.int32)
-        lowest = tl.zeros(bins.shape, dtype=tl.float32)
-        for y in tl.static_range(X_PAD):
-            b_y = tl.sum(tl.where(xs == y, bins, 0.0), 1)[:, None]
-            r_y = tl.sum(tl.where(xs == y, rank, 0), 1)[:, None]
-            lowest += tl.where(r_y <= rank, b_y, 0.0)
+        if CUBE:
+            b_x = bins[:, :, None]
+            b_y = bins[:, None, :]
+            ys = tl.arange(0, X_PAD)[None, None, :]
+            lower = (b_y < b_x) | ((b_y == b_x) & (ys < xs[:, :, None]))
+            rank = tl.sum(lower.to(tl.int32), 2)
+            lowest = tl.sum(tl.where(rank[:, None, :] <= rank[:, :, None], b_y, 0.0), 2)
+        else:
+            rank = tl.zeros(bins.shape, dtype=tl.int32)
+            for y in tl.static_range(X_PAD):
+                b_y = tl.sum(tl.where(xs == y, bins, 0.0), 1)[:, None]
+                lower = (b_y < bins) | ((b_y == bins) & (y < xs))
+                rank += lower.to(tl.int32)
+            lowest = tl.zeros(bins.shape, dtype=tl.float32)
+            for y in tl.static_range(X_PAD):
+                b_y = tl.sum(tl.where(xs == y, bins, 0.0), 1)[:, None]
+                r_y = tl.sum(tl.where(xs == y, rank, 0), 1)[:, None]
+                lowest += tl.where(r_y <= rank, b_y, 0.0)
         return tl.min((counts[:, None] + lowest) / (rank + 1).to(tl.float32), 1)
+
+    @triton.jit
+    def _own_load(phy, contrib, s, S: tl.constexpr, CUBE: tl.constexpr):
+        """[G_PAD, S_PAD] load of each slot's expert on the slot's GPU (its replicas there
+        together). ``CUBE``: one [G_PAD, S_PAD, S_PAD] tile instead of a loop over S."""
+        if CUBE:
+            same = phy[:, :, None] == phy[:, None, :]
+            own = tl.sum(tl.where(same, contrib[:, None, :], 0.0), 2)
+        else:
+            own = tl.zeros(contrib.shape, dtype=tl.float32)
+            for j in tl.static_range(S):
+                phy_j = tl.sum(tl.where(s == j, phy, 0), 1)
+                contrib_j = tl.sum(tl.where(s == j, contrib, 0.0), 1)
+                own += tl.where(phy == phy_j[:, None], contrib_j[:, None], 0.0)
+        return own
 
     @triton.jit
     def _waterfill_kernel(
@@ -75,6 +107,8 @@ if triton is not None:
         S_PAD: tl.constexpr,
         E_PAD: tl.constexpr,
         X_PAD: tl.constexpr,
+        OWN_CUBE: tl.constexpr,
+        LEVEL_CUBE: tl.constexpr,
     ):
         layer = tl.program_id(0)
         num_slots = num_gpus * S
@@ -129,17 +163,13 @@ if triton is not None:
         for _ in range(iters):
             contrib = slot_count * share
             gpu_load = tl.sum(contrib, 1)
-            own = tl.zeros([G_PAD, S_PAD], dtype=tl.float32)
-            for j in tl.static_range(S):
-                phy_j = tl.sum(tl.where(s == j, phy, 0), 1)
-                contrib_j = tl.sum(tl.where(s == j, contrib, 0.0), 1)
-                own += tl.where(phy == phy_j[:, None], contrib_j[:, None], 0.0)
-            background = gpu_load[:, None] - own
+            # padding slots contribute 0, so their matches do not count
+            background = gpu_load[:, None] - _own_load(phy, contrib, s, S, OWN_CUBE)
             # slot -> expert: each expert's bins
             tl.store(slot_buf + p, tl.where(repeat, inf, background), mask=in_slot)
             tl.debug_barrier()
             bins = tl.load(slot_buf + slot_ex, mask=valid, other=inf)
-            level = _level(bins, counts_e, xs, X_PAD)
+            level = _level(bins, counts_e, xs, X_PAD, LEVEL_CUBE)
             # expert -> slot: the level of the slot's expert
             tl.store(expert_buf + es, level, mask=in_e)
             tl.debug_barrier()
@@ -179,6 +209,8 @@ def waterfill_shares_triton(
     slots_per_gpu: int,
     base_share: torch.Tensor,
     iters: int = 8,
+    *,
+    cube: bool | None = None,
 ) -> torch.Tensor:
     """``waterfill_shares`` in one Triton launch (same arguments, shapes and result, within
     float32 rounding). No host synchronisation; the scratch row is allocated per call.
@@ -189,6 +221,9 @@ def waterfill_shares_triton(
         slots_per_gpu: slots per GPU (P is a multiple of it).
         base_share: [L, P] float32 starting split.
         iters: water-fill sweeps (>= 0).
+        cube: pairwise comparisons as one 3-D tile (True) or a loop (False); None: cubes
+            up to ``CUBE_ELEMENTS`` elements, and always in the interpreter (where each
+            tile op costs far more than its size).
 
     Returns:
         [L, P] float32 shares on ``counts.device``.
@@ -210,6 +245,13 @@ def waterfill_shares_triton(
     e_pad, x_pad = next_power_of_2(num_experts), next_power_of_2(width)
     g_pad, s_pad = next_power_of_2(num_gpus), next_power_of_2(slots_per_gpu)
     tile = max(e_pad * x_pad, g_pad * s_pad)
+    own_cube, level_cube = g_pad * s_pad * s_pad, e_pad * x_pad * x_pad
+    if cube is None:
+        own_cube, level_cube = (
+            interpreting() or n <= CUBE_ELEMENTS for n in (own_cube, level_cube)
+        )
+    else:
+        own_cube = level_cube = cube
     _waterfill_kernel[(num_layers,)](
         counts.contiguous(),
         phy2log.contiguous(),
@@ -228,6 +270,8 @@ def waterfill_shares_triton(
         S_PAD=s_pad,
         E_PAD=e_pad,
         X_PAD=x_pad,
+        OWN_CUBE=own_cube,
+        LEVEL_CUBE=level_cube,
         num_warps=min(16, max(4, tile // 256)),
         enable_fp_fusion=False,
     )

@@ -50,10 +50,10 @@ def random_counts(num_layers: int, num_experts: int, seed: int) -> torch.Tensor:
     return counts
 
 
-def both(layout: ExpertLayout, counts: torch.Tensor, iters: int):
+def both(layout: ExpertLayout, counts: torch.Tensor, iters: int, cube: bool | None = None):
     args = (counts, layout.phy2log, layout.log2phy, layout.logcnt,
             layout.topology.slots_per_gpu, layout.replica_share, iters)  # fmt: skip
-    return waterfill_shares_triton(*args), waterfill_shares(*args)
+    return waterfill_shares_triton(*args, cube=cube), waterfill_shares(*args)
 
 
 def check_shares(layout: ExpertLayout, counts: torch.Tensor, share: torch.Tensor) -> None:
@@ -89,6 +89,20 @@ def test_fused_matches_torch_reference(num_layers, num_experts, num_gpus, slots_
     check_shares(layout, counts, fused)
     if iters > 0 and layout.num_slots > layout.num_experts:
         assert not torch.equal(ref, layout.replica_share), "the case moved nothing"
+
+
+@pytest.mark.parametrize("num_experts,num_gpus,slots_per_gpu", [(5, 3, 5), (7, 3, 3)])
+def test_column_loops_match_the_cubes(num_experts, num_gpus, slots_per_gpu):
+    """Wide layouts on a GPU loop over columns instead of [G, S, S] / [E, X, X] tiles (the
+    interpreter's default): the same shares."""
+    seed = num_experts + slots_per_gpu
+    layout = odd_layout(1, num_experts, num_gpus, slots_per_gpu, seed)
+    counts = random_counts(1, num_experts, seed)
+    loops, ref = both(layout, counts, 4, cube=False)
+    torch.testing.assert_close(loops, ref, atol=ATOL, rtol=0)
+    check_shares(layout, counts, loops)
+    cubes, _ = both(layout, counts, 4, cube=True)
+    torch.testing.assert_close(loops, cubes, atol=ATOL, rtol=0)
 
 
 def test_duplicates_on_one_gpu_and_integer_counts():
