@@ -25,7 +25,8 @@ records as they came) and ``DIR/worker.log`` (the worker's output). Sections, in
 6. ``speed_*`` (skipped with a note when the time budget runs short): ``map_and_count``
    latency per layer vs a ``log2phy`` gather + ``bincount`` (eager, and in CUDA graphs vs a
    gather + ``scatter_add_``); ``shuffle_experts`` / pack / unpack vs ``copy_`` of the same
-   bytes and vs this run's copy bandwidth; the ``global`` all-reduce on a one-rank NCCL group.
+   bytes and vs this run's copy bandwidth; the ``global`` all-reduce on a one-rank NCCL group;
+   the water-fill of one layer, fused Triton kernel vs torch ops (DeepSeek-V3 shapes).
 
 The checks run in a worker process (``gpu_check_worker.py``) that records each result as it
 ends; if the worker dies, hangs or leaves the CUDA context broken, the section it was in is
@@ -59,8 +60,9 @@ SECTIONS = (
     "speed_bandwidth",
     "speed_map_and_count",
     "speed_global",
+    "speed_waterfill",
 )
-SPEED_SECTIONS = ("speed_bandwidth", "speed_map_and_count", "speed_global")
+SPEED_SECTIONS = ("speed_bandwidth", "speed_map_and_count", "speed_global", "speed_waterfill")
 EXIT_UNHEALTHY = 3  # the worker's "CUDA context broken, start a fresh one"
 EXIT_NO_DEVICE = 2  # the worker found no CUDA device
 WRITE_EVERY_S = 15.0  # results.json and summary.md are rewritten this often during a run
@@ -647,7 +649,33 @@ def _speed_tables(checks: list[dict]) -> list[str]:
                 ]
             ],
         )
+    lines += _waterfill_table(done)
     return lines
+
+
+def _waterfill_table(done: dict[str, dict]) -> list[str]:
+    fills = [d for n, d in done.items() if n.startswith("water-fill/")]
+    if not fills:
+        return []
+    lines = [
+        "## Water-fill of one layer: fused Triton kernel vs torch ops (µs, medians)",
+        "",
+        "What `local`/`global` dispatch add per layer; the figures to replace the estimates "
+        "of eplb_plugin/costmodel.py's `waterfill_us` (torch ops and fused kernel) with.",
+        "",
+    ]
+    rows = [
+        [
+            d["experts"], d["slots"], d["gpus"], d["sweeps"], d.get("max_replicas", "-"),
+            _us(d.get("torch_eager")), _us(d.get("fused_eager")), _us(d.get("torch_graph")),
+            _us(d.get("fused_graph")), _f(d.get("ratio_torch_vs_fused")),
+            f"{d.get('max_abs_diff', float('nan')):.1e}",
+        ]
+        for d in fills
+    ]  # fmt: skip
+    header = ["E", "P", "G", "sweeps", "max replicas", "torch eager", "fused eager",
+              "torch graph", "fused graph", "torch / fused", "max abs diff"]  # fmt: skip
+    return lines + _table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -541,12 +541,7 @@ def route_case(ctx, bal, layout, mode, tokens, dtype, index) -> dict:
     (out_k, cnt_k), (out_t, cnt_t) = results["compiled"], results["torch"]
     others = np.delete(cnt_k, layer, axis=0)
     require(not others.any(), "route counted into another layer's row")
-    require(
-        np.array_equal(out_k, out_t) and np.array_equal(cnt_k, cnt_t),
-        "compiled kernel and torch path disagree",
-        entries_differing=int((out_k != out_t).sum()),
-        count_diff=int(np.abs(cnt_k - cnt_t).max()),
-    )
+    agree = same_routing([out_k], cnt_k, [out_t], cnt_t, mode, "compiled kernel and torch path")
     ids_np = _np(ids)
     details = check_routing(ids_np, out_k, cnt_k[layer], layout, layer, num_valid, mode)
     share = _np(layout.replica_share[layer]).astype(np.float32)
@@ -559,8 +554,27 @@ def route_case(ctx, bal, layout, mode, tokens, dtype, index) -> dict:
             entries_differing=int((out_k != want_out).sum()),
         )
         details["contract"] = "exact"
-    details.update(tokens=tokens, num_valid=num_valid, layer=layer, dtype=str(dtype))
+    details.update(tokens=tokens, num_valid=num_valid, layer=layer, dtype=str(dtype), **agree)
     return details
+
+
+def same_routing(outs_k, cnt_k, outs_t, cnt_t, mode: str, what: str) -> dict:
+    """The compiled path's routing against the torch path's.
+
+    ``static``: bit for bit. Modes that water-fill on the device: the compiled path runs the
+    fused Triton water-fill, whose shares agree with the torch reference's within float32
+    rounding (sums in another order), so an interval end ``floor(c S_j + u)`` lying within
+    rounding of an integer may move by one entry: allowed are per-slot counts within 2 (both
+    ends of a slot's interval) and at most one differing entry per slot.
+    """
+    differing = int(sum(int((a != b).sum()) for a, b in zip(outs_k, outs_t)))
+    count_diff = int(np.abs(cnt_k - cnt_t).max()) if cnt_k.size else 0
+    if mode == "static":
+        ok = differing == 0 and count_diff == 0
+    else:
+        ok = count_diff <= 2 and differing <= cnt_k.shape[-1] * len(outs_k)
+    require(ok, f"{what} disagree", entries_differing=differing, count_diff=count_diff)
+    return {"entries_differing_from_torch": differing, "count_diff_from_torch": count_diff}
 
 
 def op_extras(ctx: Context, layout) -> dict:
@@ -905,11 +919,8 @@ def graph_case(ctx: Context, mode: str) -> dict:
         with kernels("torch"):
             ref = [_np(bal.route(ids_buf.clone(), i, nv, seed=seed).long()) for i in range(layers)]
         ref_counts = _np(bal.counts.long())
-        require(
-            all(np.array_equal(a, b) for a, b in zip(got, ref))
-            and np.array_equal(got_counts, ref_counts),
-            f"{tag}: replayed routing differs from the eager torch path on the current maps",
-        )
+        what = f"{tag}: replayed routing and the eager torch path on the current maps"
+        same_routing(got, got_counts, ref, ref_counts, mode, what)
         current = bal.layout
         for i in range(layers):
             check_routing(ids, got[i], got_counts[i], current, i, num_valid, mode)
@@ -1342,6 +1353,67 @@ def global_speed(ctx: Context) -> dict:
             dist.destroy_process_group()
 
 
+WATERFILL_DEPLOYMENTS = ((288, 8), (288, 32), (320, 32), (320, 64), (320, 320))  # slots, GPUs
+WATERFILL_SWEEPS = (8, 32)
+
+
+def sec_speed_waterfill(ctx: Context) -> None:
+    """The water-fill of one layer (what ``local``/``global`` dispatch add per layer): the
+    fused Triton kernel against the torch ops, DeepSeek-V3 shapes (256 experts)."""
+    z = ctx.sizes
+    if ctx.smoke:
+        cases = [(z.slots, z.gpus, 8)]
+    else:
+        cases = [(s, g, it) for s, g in WATERFILL_DEPLOYMENTS for it in WATERFILL_SWEEPS]
+    for slots, gpus, iters in cases:
+        name = f"water-fill/E={z.experts}/P={slots}/G={gpus}/sweeps={iters}"
+        if ctx.speed_ok(name, 10.0 if ctx.cuda else 1.0):
+            ctx.check(name, "speed", waterfill_speed, ctx, slots, gpus, iters)
+
+
+def waterfill_speed(ctx: Context, slots: int, gpus: int, iters: int) -> dict:
+    """Per-call time of ``waterfill_shares`` (torch ops) and ``waterfill_shares_triton``
+    (one launch) on one layer, eager and replayed in a CUDA graph (``inner`` calls per
+    timed region), and the largest difference of their shares (must stay within 2e-5,
+    as in tests/test_kernels_waterfill.py)."""
+    from eplb_plugin.kernels.waterfill import waterfill_shares
+    from eplb_plugin.kernels.waterfill_fused import waterfill_shares_triton
+
+    z, dev = ctx.sizes, ctx.device
+    layout = random_layout(1, z.experts, slots, gpus, seed=slots + gpus)
+    g = torch.Generator().manual_seed(7)
+    counts = (torch.rand(1, z.experts, generator=g) ** 3 * 2000).round().to(dev)
+    args = (counts, layout.phy2log.to(dev), layout.log2phy.to(dev), layout.logcnt.to(dev),
+            slots // gpus, layout.replica_share.to(dev), iters)  # fmt: skip
+    fused, ref = waterfill_shares_triton(*args), waterfill_shares(*args)
+    ctx.sync()
+    diff = float((fused - ref).abs().max())
+    require(diff <= 2e-5, "fused water-fill and torch reference disagree", max_abs_diff=diff)
+    inner, reps = z.speed_inner, z.speed_reps
+    clock = Clock(ctx)
+    res = {"experts": z.experts, "slots": slots, "gpus": gpus, "sweeps": iters,
+           "max_replicas": int(layout.logcnt.max()), "max_abs_diff": diff,
+           "calls_per_timing": inner}  # fmt: skip
+    for label, fn in (("torch", waterfill_shares), ("fused", waterfill_shares_triton)):
+
+        def calls(fn=fn):
+            for _ in range(inner):
+                fn(*args)
+
+        res[f"{label}_eager"] = stats([t / inner for t in clock.times(calls, reps)])
+        if ctx.cuda:
+            replay, _ = capture(ctx, calls)
+            res[f"{label}_graph"] = stats([t / inner for t in clock.times(replay, reps)])
+            del replay
+    kind = "graph" if ctx.cuda else "eager"
+    res["ratio_torch_vs_fused"] = (
+        res[f"torch_{kind}"]["median_s"] / res[f"fused_{kind}"]["median_s"]
+    )
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
 RUNNERS = {
     "env": sec_env,
     "map_and_count": sec_map_and_count,
@@ -1351,6 +1423,7 @@ RUNNERS = {
     "speed_bandwidth": sec_speed_bandwidth,
     "speed_map_and_count": sec_speed_map_and_count,
     "speed_global": sec_speed_global,
+    "speed_waterfill": sec_speed_waterfill,
 }
 
 
