@@ -157,14 +157,19 @@ def map_and_count(
     seed: torch.Tensor | int | None = None,
     out: torch.Tensor | None = None,
     waterfill_iters: int = 8,
+    offsets: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The torch path of ``eplb_plugin.kernels.map_and_count`` (same arguments, less the
     Triton-only ``workspace``/``block_size``/``validate``; checked by the caller).
 
     Sorting the entries by expert (stable) lines them up by occurrence index; replica ``j``
     of expert ``e`` then takes the next ``b_j - b_{j-1}`` entries, so the sorted slot ids are
-    ``repeat_interleave`` of the slots by their token counts. Allocates O(N * K + E * X)
-    temporaries; no host synchronisation (``output_size`` keeps the repeat static).
+    ``repeat_interleave`` of the slots by their token counts. With ``offsets``/``totals``
+    the bounds are those of the all-rank numbering, and this batch, occurrences
+    ``[offsets[e], offsets[e] + c[e])`` of it, takes its part of each interval. Allocates
+    O(N * K + E * X) temporaries; no host synchronisation (``output_size`` keeps the repeat
+    static).
     """
     num_tokens, top_k = topk_ids.shape
     _, num_experts, width = log2phy.shape
@@ -198,7 +203,15 @@ def map_and_count(
         slots_per_gpu,
         waterfill_iters,
     )
-    bounds = replica_bounds(expert_counts, log2phy_l, logcnt_l, share, seed)  # [E, X]
+    if offsets is None:
+        bounds = replica_bounds(expert_counts, log2phy_l, logcnt_l, share, seed)  # [E, X]
+    else:
+        # this batch's part of the all-rank intervals, renumbered from its first occurrence
+        start = offsets.to(torch.int64).unsqueeze(1)
+        bounds = replica_bounds(totals.to(torch.int64), log2phy_l, logcnt_l, share, seed)
+        bounds = torch.minimum((bounds - start).clamp(min=0), expert_counts.unsqueeze(1))
+        last = torch.arange(width, device=device).unsqueeze(0) >= (logcnt_l - 1).unsqueeze(1)
+        bounds = torch.where(last, expert_counts.unsqueeze(1), bounds)
 
     # tokens per replica: b_j - b_{j-1}; padding columns get 0
     prev = torch.cat([torch.zeros_like(bounds[:, :1]), bounds[:, :-1]], 1)

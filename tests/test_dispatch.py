@@ -110,7 +110,7 @@ def _device_counts(layout, topk_ids, counts, dispatch, seeds, backend):
     device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
     share = layout.replica_share
     if dispatch == "global":
-        share = dispatch_shares(layout, counts.sum(0))
+        return _global_counts(layout, topk_ids, counts, seeds, backend)
     with forced_backend(backend):
         for layer in range(layout.num_layers):
             for rank in range(ranks):
@@ -120,6 +120,28 @@ def _device_counts(layout, topk_ids, counts, dispatch, seeds, backend):
                     dispatch="local" if dispatch == "local" else "static",
                     phy2log=layout.phy2log, slots_per_gpu=layout.topology.slots_per_gpu,
                     seed=int(seeds[rank]),
+                )  # fmt: skip
+    return device
+
+
+def _global_counts(layout, topk_ids, counts, seeds, backend):
+    """Global dispatch as the Router runs it on each rank: the op numbers this rank's tokens
+    after the lower ranks' (``offsets``) among all ranks' (``totals``), with rank 0's seed."""
+    from eplb_plugin.kernels._backend import forced_backend
+    from eplb_plugin.kernels.map_and_count import map_and_count
+
+    ranks = counts.shape[0]
+    device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    share = dispatch_shares(layout, counts.sum(0))
+    totals = counts.sum(0).to(torch.int64)
+    offsets = counts.cumsum(0).to(torch.int64) - counts.to(torch.int64)
+    with forced_backend(backend):
+        for layer in range(layout.num_layers):
+            for rank in range(ranks):
+                ids = topk_ids[rank::ranks, layer].contiguous()
+                map_and_count(
+                    ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
+                    seed=int(seeds[0]), offsets=offsets[rank, layer], totals=totals[layer],
                 )  # fmt: skip
     return device
 
@@ -139,6 +161,38 @@ def test_token_loads_equal_the_device_op(dispatch: str, backend: str) -> None:
     assert (model - slot_loads(layout, counts, dispatch)).abs().max() <= ranks
     # other seeds round differently (the model follows them)
     assert not torch.equal(token_loads(layout, counts, dispatch), model) or dispatch == "static"
+
+
+def _router_body(rank: int, world_size: int, dispatch: str) -> list:
+    """One rank of a gloo group routing its round-robin share of a step through the Router."""
+    from eplb_plugin.comm import make_communicator
+    from eplb_plugin.maps import ExpertMaps
+    from eplb_plugin.routing import Router, dither_seed
+
+    layout, topk_ids, _ = _case(5, world_size)
+    router = Router(dispatch, make_communicator("torch"))
+    maps = ExpertMaps.of(layout)
+    counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    for layer in range(layout.num_layers):
+        ids = topk_ids[rank::world_size, layer].contiguous()
+        seed = torch.tensor(dither_seed(3, 7, rank, world_size))
+        phys = router(ids, maps, counts, layer, seed=seed)
+        assert torch.equal(layout.phy2log[layer][phys], ids)
+    return counts.tolist()
+
+
+@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+def test_router_over_ranks_realizes_token_loads(dispatch: str) -> None:
+    from dist_utils import run_ranks
+
+    from eplb_plugin.routing import dither_seed
+
+    ranks = 2
+    layout, _, counts = _case(5, ranks)
+    results = run_ranks(_router_body, ranks, dispatch, timeout=120.0)
+    device = torch.tensor(results).sum(0).double()
+    seeds = [dither_seed(3, 7, rank, ranks) for rank in range(ranks)]
+    assert torch.equal(device, token_loads(layout, counts, dispatch, seeds))
 
 
 def test_token_loads_one_rank_of_singles_is_exact() -> None:
