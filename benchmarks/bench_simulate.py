@@ -11,6 +11,10 @@ Rows: the vLLM/SGLang baseline (DeepSeek, window sum, static uniform split), the
     python benchmarks/bench_simulate.py --traces ../shared/data/*.npz --synthetic
     python benchmarks/bench_simulate.py --json > replay.json
 
+Each gap comes with a 95% interval: a moving-block bootstrap (blocks of one plan interval)
+of the per-step difference against the baseline, so a figure whose interval spans 0 is not
+told apart from the baseline on that trace.
+
 Every step is also timed by the step-time model (``eplb_plugin.costmodel``; ``--hardware``
 preset, DeepSeek-V2-Lite's expert shape, the traces' model): ``speedup`` is the modelled
 MoE-layer throughput against the baseline.
@@ -79,6 +83,23 @@ def traces(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return out
 
 
+def paired_ci(diff: torch.Tensor, block: int, reps: int = 2000, seed: int = 0) -> tuple:
+    """95% interval of the mean of ``diff`` [steps] float64 (a configuration's per-step
+    balancedness minus the baseline's) by a moving-block bootstrap: blocks of ``block``
+    consecutive steps (one plan interval) are resampled, since steps served by the same
+    plan are correlated. Returns (low, high)."""
+    n = diff.numel()
+    if n == 0:
+        return (float("nan"), float("nan"))
+    block = max(1, min(block, n))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - block + 1, (reps, -(-n // block)), generator=gen)
+    index = (starts.unsqueeze(-1) + torch.arange(block)).flatten(1)[:, :n]
+    means = diff[index].mean(-1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=means.dtype))
+    return float(low), float(high)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_traces = sorted(glob.glob(os.path.join(ROOT, "examples", "traces", "*.npz")))
@@ -128,10 +149,15 @@ def main() -> None:
         labels = ["baseline", "oracle"] + [label for label, _ in configs]
         gaps = [0.0, 1.0, *out["gap_closed"]]
         base_us = out["baseline"].mean_layer_us
+        span = out["oracle"].mean - out["baseline"].mean
         for label, result, gap in zip(labels, results, gaps):
             s = result.summary()
             speedup = base_us / result.mean_layer_us
-            rows.append({"case": case, "config": label, "gap": gap, "speedup": speedup, **s})
+            diff = result.balancedness.double() - out["baseline"].balancedness.double()
+            low, high = paired_ci(diff, args.interval)
+            ci = [low / span, high / span] if span > 1e-12 else [float("nan")] * 2
+            rows.append({"case": case, "config": label, "gap": gap, "gap_ci95": ci,
+                         "speedup": speedup, **s})  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -140,12 +166,17 @@ def main() -> None:
         "moved = slots moved per rebalance / all slots"
     )
     print(f"step-time model: {hardware.name}, deepseek-v2-lite experts")
-    print("case | config | balancedness | gap closed | moved | layer us | speedup | plan ms")
+    print(
+        "case | config | balancedness | gap closed (95% interval) | moved | layer us | "
+        "speedup | plan ms"
+    )
     for r in rows:
         moved = "-" if r["config"] == "oracle" else f"{100 * r['slots_moved_fraction']:.0f}%"
+        low, high = r["gap_ci95"]
         print(
-            f"{r['case']} | {r['config']} | {r['balancedness']:.4f} | {100 * r['gap']:.0f}% | "
-            f"{moved} | {r['layer_us']:.1f} | {r['speedup']:.3f}x | {r['plan_ms_median']:.1f}"
+            f"{r['case']} | {r['config']} | {r['balancedness']:.4f} | {100 * r['gap']:.0f}% "
+            f"({100 * low:.0f}..{100 * high:.0f}%) | {moved} | {r['layer_us']:.1f} | "
+            f"{r['speedup']:.3f}x | {r['plan_ms_median']:.1f}"
         )
     print("\nmean share of the gap closed over all cases:")
     for label, _ in configs:

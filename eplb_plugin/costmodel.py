@@ -19,10 +19,18 @@ One MoE layer of one step is modelled as (all times in microseconds)::
   the critical path (each rank's counts and seed in its row: ``eplb_plugin.routing.Router``;
   NCCL's own latency model: tree or ring with the LL protocol, whichever is faster,
   intra-node hops over NVLink and inter-node hops over the network, plus bytes / bandwidth);
-  ``local`` and ``global`` run the water-fill on the device: ``waterfill_us`` per layer when
-  set, else the number of device kernels the torch water-fill launches (30 plus 36 per
-  sweep, counted with the torch profiler) times ``kernel_us``, the time of one tiny kernel
-  replayed in a CUDA graph (an estimate: it has not been measured on a GPU here);
+  ``local`` and ``global`` run the water-fill on the device (``waterfill_us``), modelled in
+  one of two implementations (``Hardware.fused_waterfill``):
+
+  * ``torch`` (default): the torch ops of ``waterfill_shares``, the path where Triton cannot
+    run: the device kernels it launches (30 plus 36 per sweep, counted with the torch
+    profiler) times ``kernel_us``, the time of one tiny kernel replayed in a CUDA graph;
+  * ``fused``: the fused Triton kernel (``kernels/waterfill_fused.py``), what the device ops
+    run where Triton runs: one launch (``kernel_us``) plus ``fused_sweep_us`` per sweep and
+    one more sweep's worth for loading, duplicate detection and renormalisation.
+
+  Both are estimates: neither has been measured on a GPU here (``benchmarks/gpu_check.py``
+  times both where a GPU is lent); a measured figure goes in ``Hardware.waterfill_us``.
   ``static`` pays nothing.
 
 Every figure a preset uses, and where it comes from, is listed in ``docs/policy.md``
@@ -38,6 +46,19 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from .dispatch import check_dispatch
+
+# The fused kernel (kernels/waterfill_fused.py) runs a layer row in ONE thread block, so it
+# is bound by the latency of its dependent chain, not by bandwidth: a sweep touches about
+# 4 (P + 2 E X + E + G) bytes of scratch, ~11 KB at P = 320, E = 256, X = 4, which one
+# SM's L1 (~128 B per clock) moves in ~100 cycles. The chain of one sweep is
+#   4 exchanges through the scratch row (store, bar.sync, load: an L2 round trip of a few
+#   hundred cycles, Chips and Cheese's H100 measurements; ~300 cycles each), and
+#   ~2 S + 4 X + 6 cross-thread reductions (S slots per GPU, X replicas per expert; a warp
+#   shuffle tree or shared-memory reduction, ~100 cycles each, counted as if serial),
+# e.g. 1200 + 40 x 100 = 5200 cycles at S = 9, X = 4 (DeepSeek-V3 prefill, 288 slots on 32
+# GPUs), 2.6 us at 1.98 GHz (H100/H200 boost clock). Rounded to 2.5 us per sweep for every
+# shape: an ESTIMATE to be replaced by benchmarks/gpu_check.py's measurement.
+FUSED_SWEEP_US = 2.5
 
 
 @dataclass(frozen=True)
@@ -65,9 +86,12 @@ class Hardware:
         a2a_hidden: fraction of the dispatch + combine time hidden behind other work (0:
             serial; DeepSeek's two-micro-batch overlap hides most of it).
         kernel_us: time of one tiny kernel replayed in a CUDA graph, us (estimate).
-        waterfill_us: device time of one water-fill per layer, us; negative (default):
-            estimated from its kernel count and ``kernel_us``. A fused water-fill kernel
-            would be one launch: set it to that kernel's measured time.
+        fused_waterfill: 1 models the fused Triton water-fill kernel, 0 (default) the torch
+            ops (a number, so that ``--hw-param fused_waterfill=1`` selects it).
+        fused_sweep_us: on-chip time of one sweep of the fused kernel, us (estimate,
+            derived where ``FUSED_SWEEP_US`` is defined).
+        waterfill_us: measured device time of one water-fill per layer, us, for the
+            implementation ``fused_waterfill`` selects; negative (default): estimated.
     """
 
     name: str
@@ -88,6 +112,8 @@ class Hardware:
     ar_gbps: float = 19.0
     a2a_hidden: float = 0.0
     kernel_us: float = 2.0
+    fused_waterfill: float = 0.0
+    fused_sweep_us: float = FUSED_SWEEP_US
     waterfill_us: float = -1.0
 
     def __post_init__(self) -> None:
@@ -99,6 +125,11 @@ class Hardware:
                 raise ValueError(f"Hardware.{f.name} must be a number, got {value!r}")
             if not math.isfinite(value) or (value < 0 and f.name != "waterfill_us"):
                 raise ValueError(f"Hardware.{f.name} must be finite and >= 0, got {value!r}")
+        if self.fused_waterfill not in (0, 1):
+            raise ValueError(
+                f"Hardware.fused_waterfill must be 0 (torch ops) or 1 (fused kernel), "
+                f"got {self.fused_waterfill!r}"
+            )
         if self.a2a_hidden > 1:
             raise ValueError(f"Hardware.a2a_hidden must lie in [0, 1], got {self.a2a_hidden!r}")
         for name in ("gpus_per_node", "hbm_gbps", "gemm_tflops", "a2a_ref_tokens"):
@@ -271,10 +302,31 @@ WATERFILL_KERNELS_FIXED = 30
 WATERFILL_KERNELS_PER_SWEEP = 36
 
 
-def waterfill_us(hw: Hardware, iters: int) -> float:
-    """Device time of one water-fill of ``iters`` sweeps per layer, us."""
-    if hw.waterfill_us >= 0:
+WATERFILL_IMPLS = ("torch", "fused")
+
+
+def waterfill_impl(hw: Hardware) -> str:
+    """``"torch"`` or ``"fused"``: the water-fill implementation ``hw`` models."""
+    return WATERFILL_IMPLS[int(hw.fused_waterfill)]
+
+
+def waterfill_us(hw: Hardware, iters: int, impl: str | None = None) -> float:
+    """Device time of one water-fill of ``iters`` sweeps per layer, us.
+
+    ``impl``: ``"torch"`` (the torch ops: kernel count x ``kernel_us``), ``"fused"`` (one
+    Triton launch: ``kernel_us + (iters + 1) x fused_sweep_us``) or None (the one ``hw``
+    selects). ``hw.waterfill_us``, when set, replaces the selected implementation's figure.
+    """
+    selected = waterfill_impl(hw)
+    impl = selected if impl is None else impl
+    if impl not in WATERFILL_IMPLS:
+        raise ValueError(
+            f"water-fill implementation must be one of {WATERFILL_IMPLS}, got {impl!r}"
+        )
+    if impl == selected and hw.waterfill_us >= 0:
         return hw.waterfill_us
+    if impl == "fused":
+        return hw.kernel_us + (iters + 1) * hw.fused_sweep_us
     return (WATERFILL_KERNELS_FIXED + WATERFILL_KERNELS_PER_SWEEP * iters) * hw.kernel_us
 
 

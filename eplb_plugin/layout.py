@@ -213,6 +213,66 @@ class ExpertLayout:
         return layout
 
     @classmethod
+    def from_plan(
+        cls, phy2log: np.ndarray, rank: np.ndarray, topology: Topology, num_experts: int
+    ) -> ExpertLayout:
+        """The layout a policy planned, built in numpy with uniform shares.
+
+        Gives what ``from_phy2log(phy2log, topology, num_experts, rank=rank)`` gives, at a
+        fraction of the cost (a plan's largest item at scale was building and validating
+        its layout with torch's small ops). Policies build ``phy2log`` and ``rank``
+        consistent by construction, so instead of :meth:`validate`'s cross-checks it
+        checks only what would make the tensors inconsistent: ids in range, every expert
+        placed, every replica index used exactly once. Layouts from users and files go
+        through :meth:`from_phy2log` / :meth:`load`, which validate fully.
+
+        Args:
+            phy2log: [L, P] int64 logical expert per slot.
+            rank: [L, P] int64 replica index of each slot within its expert.
+            topology: with ``num_replicas == P``; ``num_experts`` (E) must fit it.
+        Raises:
+            ValueError when the arrays are not a consistent layout.
+        """
+        phy2log = np.ascontiguousarray(phy2log, dtype=np.int64)
+        rank = np.ascontiguousarray(rank, dtype=np.int64)
+        num_layers, num_slots = phy2log.shape
+        if num_slots != topology.num_replicas or rank.shape != phy2log.shape:
+            raise ValueError(
+                f"planned phy2log {phy2log.shape} / rank {rank.shape} do not fit "
+                f"{topology.num_replicas} slots"
+            )
+        topology.check_experts(num_experts)
+        if phy2log.size and (phy2log.min() < 0 or phy2log.max() >= num_experts):
+            raise ValueError(f"planned phy2log ids must lie in [0, {num_experts})")
+        flat = phy2log + (np.arange(num_layers) * num_experts)[:, None]  # [L, P]
+        logcnt = np.bincount(flat.ravel(), minlength=num_layers * num_experts)
+        if num_layers and logcnt.min() < 1:
+            missing = int(np.argmin(logcnt))
+            raise ValueError(
+                f"logical expert {missing % num_experts} of layer {missing // num_experts} "
+                "has no slot"
+            )
+        count = logcnt[flat]  # [L, P] replicas of each slot's expert
+        if rank.size and (rank.min() < 0 or (rank >= count).any()):
+            raise ValueError("planned replica indices must lie in [0, replicas of the expert)")
+        width = max(int(logcnt.max()) if logcnt.size else 1, 1)
+        log2phy = np.full(num_layers * num_experts * width, -1, dtype=np.int64)
+        place = flat * width + rank
+        slot = np.broadcast_to(np.arange(num_slots), flat.shape)
+        log2phy[place] = slot
+        # every slot finds its own number where it wrote it exactly when no two replicas
+        # of an expert share an index
+        if not np.array_equal(log2phy[place], slot):
+            raise ValueError("planned replica indices repeat within an expert")
+        log2phy = log2phy.reshape(num_layers, num_experts, width)
+        share = np.float32(1.0) / count.astype(np.float32)
+        return cls(
+            torch.from_numpy(phy2log), torch.from_numpy(log2phy),
+            torch.from_numpy(logcnt.reshape(num_layers, num_experts)), torch.from_numpy(share),
+            topology,
+        )  # fmt: skip
+
+    @classmethod
     def identity(cls, num_layers: int, num_experts: int, topology: Topology) -> ExpertLayout:
         """Expert e on slot e, redundant slots filled round-robin (e.g. a fresh engine)."""
         topology.check_experts(num_experts)

@@ -23,6 +23,10 @@ from .comm.base import Communicator, LocalCommunicator
 from .predictor import EmaLoad, check_predictor
 from .traces import read_load, write_load
 
+# Most per-step rows a plan sees (:meth:`LoadRecorder.plan_steps`): the window is cut into
+# this many consecutive runs of steps.
+PLAN_STEPS = 8
+
 
 class LoadRecorder:
     """Per-step slot counts -> ring window and EMA of logical loads.
@@ -173,6 +177,28 @@ class LoadRecorder:
         if reduce and self.comm.world_size > 1:
             self.comm.all_reduce(load, op="sum")
         return load.cpu()
+
+    def plan_steps(self, max_steps: int = PLAN_STEPS, reduce: bool = True) -> torch.Tensor | None:
+        """[S', L, E] float64 the window cut into ``S' = min(filled, max_steps)`` consecutive
+        runs of steps, each summed, oldest first, on the host; summed over ranks when
+        ``reduce`` (collective). None with the ``ema`` predictor (no per-step window).
+
+        What a policy that weighs the window's steps one by one (recency, spread) plans
+        on: its sum is the window predictor's load. Runs rather than single steps keep the
+        all-reduce small (``max_steps`` x L x E) for windows of thousands of steps; runs of
+        many steps average per-step noise out, so what ``spread`` then sees is the drift
+        between them. ``torch.tensor_split`` sizes: runs differ by one step at most.
+        """
+        if self.predictor != "window":
+            return None
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        per_step = self.logical_window().to(torch.float64)  # [S, L, E]
+        runs = max(1, min(per_step.shape[0], max_steps))
+        steps = torch.stack([part.sum(0) for part in torch.tensor_split(per_step, runs)])
+        if reduce and self.comm.world_size > 1:
+            self.comm.all_reduce(steps, op="sum")
+        return steps.cpu()
 
     def gpu_loads(self, num_gpus: int, reduce: bool = True) -> torch.Tensor:
         """[L, num_gpus] float64 tokens each GPU received over the window (measured).

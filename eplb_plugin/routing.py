@@ -137,7 +137,8 @@ class Router:
 
         Collective: every rank must route every layer, in the same order.
         """
-        from eplb_plugin.kernels.waterfill import waterfill_shares
+        # the fused Triton water-fill where Triton runs, the torch reference otherwise
+        from eplb_plugin.kernels.waterfill_fused import waterfill
 
         num_experts = maps.num_experts
         ids = topk_ids.to(torch.int64)
@@ -165,7 +166,7 @@ class Router:
             totals = expert_counts.to(torch.int64)
             seed = table[0, num_experts].to(torch.int64)
         one = slice(layer, layer + 1)
-        water = waterfill_shares(
+        water = waterfill(
             expert_counts.unsqueeze(0).to(maps.device), maps.phy2log[one], maps.log2phy[one],
             maps.logcnt[one], maps.slots_per_gpu, maps.replica_share[one], WATERFILL_ITERS,
         )  # fmt: skip

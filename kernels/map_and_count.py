@@ -15,8 +15,9 @@ falls in its interval. Three Triton launches compute it without a host synchroni
    replicas to find the interval holding it, writes the slot, and the first entry of each
    interval adds the interval's length to ``counts[layer, slot]``.
 
-For ``dispatch="local"`` the shares come from ``waterfill_shares`` (pure torch) on the totals
-of step 2, between steps 2 and 3.
+For ``dispatch="local"`` the shares come from the fused water-fill kernel
+(``waterfill_fused.py``, one launch, the same algorithm as the torch ``waterfill_shares`` of
+the torch path within float32 rounding) on the totals of step 2, between steps 2 and 3.
 
 Atomics and ordering (what makes it race-free on a GPU; the interpreter runs programs one by
 one and proves none of this):
@@ -41,6 +42,7 @@ import torch
 
 from eplb_plugin.kernels import checks, reference
 from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
+from eplb_plugin.kernels.waterfill_fused import waterfill_shares_triton
 
 __all__ = [
     "make_map_and_count_workspace",
@@ -292,8 +294,9 @@ def map_and_count(
         [N, K] physical slot ids, dtype of ``topk_ids`` (``out`` when given).
 
     No host synchronisation and static launch shapes: capturable in a CUDA graph given a
-    preallocated ``workspace`` and ``out`` (``local`` mode also runs ``waterfill_shares``,
-    whose temporaries come from the graph's memory pool).
+    preallocated ``workspace`` and ``out`` (``local`` mode also runs the water-fill: the
+    fused kernel on the Triton path, ``waterfill_shares`` on the torch path; their
+    temporaries come from the graph's memory pool).
     """
     # the same arguments reach the checks, then the torch or the Triton implementation
     args = (topk_ids, log2phy, logcnt, replica_share, counts, layer, num_valid)
@@ -375,13 +378,21 @@ def _map_and_count_triton(
         TILE_E=scan_e,
         TILE_B=min(next_power_of_2(num_blocks), 32),
     )
+    # this batch's valid entries per expert (step 2); the argument ``totals`` is all ranks'
+    batch_counts = workspace[num_blocks * num_experts : (num_blocks + 1) * num_experts]
     if dispatch == "static":
         share = replica_share[layer]
+    elif dispatch == "local":
+        # the fused water-fill: one launch for every sweep (the torch path runs the reference)
+        rows = slice(layer, layer + 1)
+        share = waterfill_shares_triton(
+            batch_counts.unsqueeze(0), phy2log[rows], log2phy[rows], logcnt[rows], slots_per_gpu,
+            replica_share[rows], waterfill_iters,
+        )[0]  # fmt: skip
     else:
-        totals = workspace[num_blocks * num_experts : (num_blocks + 1) * num_experts]
         share = reference.layer_shares(
             dispatch,
-            totals,
+            batch_counts,
             layer,
             replica_share,
             log2phy,

@@ -146,6 +146,41 @@ def test_the_policy_plans_for_the_configured_dispatch_mode(dispatch):
     assert seen == [dispatch, "called"]
 
 
+@pytest.mark.parametrize("predictor", ["window", "ema"])
+def test_the_policy_sees_the_windows_steps_with_the_window_predictor(predictor):
+    """recency / spread of the default policy act in serving, not only in the simulator:
+    the window predictor hands the policy the window's per-step runs (their sum is the
+    load), the EMA predictor only its [L, E] load."""
+    from eplb_plugin.policies.default import default_policy
+
+    seen = []
+
+    def recording(weight, topology, previous=None, *, steps=None, **options):
+        seen.append((weight.clone(), None if steps is None else steps.clone()))
+        return default_policy(weight, topology, previous=previous, steps=steps, **options)
+
+    register_policy("test-steps", recording, replace=True)
+    config = EplbConfig(
+        num_redundant_experts=3, window=3, interval=3, plan_delay=0, policy="test-steps",
+        predictor=predictor, min_gain=0.0,
+    )  # fmt: skip
+    bal, _ = single_rank(config)
+    gen = torch.Generator().manual_seed(6)
+    routed = torch.zeros(3, LAYERS, 6)
+    for step in range(3):
+        for layer in range(LAYERS):
+            ids = skewed_ids(gen, 6)
+            routed[step, layer] += torch.bincount(ids.flatten(), minlength=6).float()
+            bal.route(ids, layer)
+        bal.step()
+    assert bal.stats.failures == 0 and len(seen) == 1
+    weight, steps = seen[0]
+    if predictor == "window":
+        assert torch.equal(steps, routed) and torch.equal(weight, routed.sum(0))
+    else:
+        assert steps is None and weight.shape == (LAYERS, 6)
+
+
 def test_a_failing_policy_is_reported_and_serving_continues():
     def broken(weight, topology, previous=None, **options):
         raise RuntimeError("policy bug")
@@ -199,7 +234,7 @@ def test_log_lines_rebalance_skips_and_balancedness(caplog):
     bal, _ = single_rank(config)
     gen = torch.Generator().manual_seed(0)
     with caplog.at_level("INFO", logger="eplb_plugin.runtime"):
-        for _ in range(9):
+        for _ in range(8):
             for layer in range(LAYERS):
                 bal.route(skewed_ids(gen, 6), layer)
             bal.step()
@@ -407,9 +442,11 @@ def test_four_ranks_end_to_end(tmp_path, plan_on, dispatch, communicator):
 def _rank_dependent_plans(rank: int, world_size: int) -> dict:
     from eplb_plugin.policies.default import default_policy
 
-    def by_rank(weight, topology, previous=None, **options):
+    def by_rank(weight, topology, previous=None, *, steps=None, **options):
         # rank 1 plans for another load: what a policy that is not deterministic does
-        return default_policy(weight if rank == 0 else weight.flip(-1), topology, **options)
+        if rank == 1:
+            weight, steps = weight.flip(-1), steps.flip(-1)
+        return default_policy(weight, topology, steps=steps, **options)
 
     register_policy("test-by-rank", by_rank, replace=True)
     topo = topology_for(world_size)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from eplb_plugin.costmodel import (
+    FUSED_SWEEP_US,
     HARDWARE,
     MODELS,
     Hardware,
@@ -21,6 +22,7 @@ from eplb_plugin.costmodel import (
     get_model,
     layer_us,
     mode_overhead_us,
+    waterfill_impl,
     waterfill_us,
 )
 
@@ -76,6 +78,23 @@ def test_mode_overheads() -> None:
     )
     fused = dataclasses.replace(HW, waterfill_us=5.0)
     assert mode_overhead_us(fused, MODEL, "local", 16, 4) == 5.0
+
+
+def test_fused_waterfill_estimate() -> None:
+    # one launch (kernel_us = 1) plus (8 + 1) sweeps at 2 us
+    fused = dataclasses.replace(HW, fused_waterfill=1, fused_sweep_us=2.0)
+    assert waterfill_impl(HW) == "torch" and waterfill_impl(fused) == "fused"
+    assert waterfill_us(fused, 8) == 19.0
+    assert waterfill_us(HW, 8, "fused") == 1.0 + 9 * FUSED_SWEEP_US
+    assert waterfill_us(fused, 8, "torch") == 318.0  # the other implementation, asked for
+    assert waterfill_us(fused, 0) == 3.0
+    assert mode_overhead_us(fused, MODEL, "local", 16, 4, iters=8) == 19.0
+    # a measured figure replaces the selected implementation only
+    measured = dataclasses.replace(fused, waterfill_us=7.0)
+    assert waterfill_us(measured, 8) == 7.0 and waterfill_us(measured, 8, "torch") == 318.0
+    with pytest.raises(ValueError, match="implementation"):
+        waterfill_us(HW, 8, "cuda")
+    assert get_hardware("h200-nvlink-node", fused_waterfill=1.0).fused_waterfill == 1
     with pytest.raises(ValueError, match="dispatch"):
         mode_overhead_us(HW, MODEL, "random", 16, 4)
 
@@ -124,6 +143,8 @@ def test_presets_and_overrides() -> None:
     [
         ({"hbm_gbps": 0.0}, "hbm_gbps"),
         ({"kernel_us": -1.0}, "kernel_us"),
+        ({"fused_waterfill": 0.5}, "fused_waterfill"),
+        ({"fused_sweep_us": -1.0}, "fused_sweep_us"),
         ({"ar_gbps": math.inf}, "ar_gbps"),
         ({"a2a_ep": (16, 4)}, "a2a_ep"),
         ({"a2a_hidden": 1.5}, "a2a_hidden"),
@@ -140,3 +161,32 @@ def test_bad_model_is_refused() -> None:
         dataclasses.replace(MODEL, top_k=0)
     with pytest.raises(ValueError, match="weight_bytes"):
         dataclasses.replace(MODEL, weight_bytes=0)
+
+
+def test_recommend_rows_rebased_on_the_fused_waterfill() -> None:
+    """``eplb simulate --recommend`` shows the other water-fill by shifting the rows by the
+    difference of ``mode_overhead_us``: the same as replaying with that hardware."""
+    from eplb_plugin.cli.simulate import _rows_with_cost
+    from eplb_plugin.layout import Topology
+    from eplb_plugin.simulate import CostSpec, SimConfig, recommend
+
+    model = dataclasses.replace(get_model("deepseek-v3"), num_experts=32)
+    torch_hw = get_hardware("h800-ib400-multinode")
+    fused_hw = dataclasses.replace(torch_hw, fused_waterfill=1)
+    topo, config = Topology(40, 1, 1, 8), SimConfig(window=2, interval=2)
+    runs = {}
+    for hw in (torch_hw, fused_hw):
+        cost = CostSpec(hw, model, nodes=1)
+        runs[waterfill_impl(hw)] = (
+            cost,
+            recommend(cost, topo, [4, 4096], num_layers=2, steps=6, config=config),
+        )
+    (torch_cost, torch_rows), (fused_cost, fused_rows) = runs["torch"], runs["fused"]
+    shifted = _rows_with_cost(torch_rows, fused_cost, torch_cost, topo, config.waterfill_iters)
+    for got, want in zip(shifted, fused_rows):
+        for key in ("static_us", "local_us", "global_us", "speedup"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), key
+        assert got["best"] == want["best"]
+    # the fused estimate is ~600 us cheaper per layer for the water-fill modes
+    gap = torch_rows[0]["local_us"] - fused_rows[0]["local_us"]
+    assert gap == pytest.approx(waterfill_us(torch_hw, 8) - waterfill_us(fused_hw, 8))

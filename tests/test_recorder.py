@@ -172,3 +172,25 @@ def test_bad_arguments():
         LoadRecorder(L, P, E, 2, a.phy2log, predictor="mean")
     with pytest.raises(ValueError, match="phy2log"):
         LoadRecorder(L, P, E, 2, a.phy2log[:, :4])
+
+
+def test_plan_steps_are_the_window_cut_into_runs_through_each_steps_layout():
+    a, b = layouts()
+    gen = torch.Generator().manual_seed(5)
+    truth = torch.randint(0, 50, (6, L, E), generator=gen)
+    rec = LoadRecorder(L, P, E, 10, a.phy2log)
+    for step in range(6):
+        layout = a if step < 3 else b
+        if step == 3:
+            rec.set_layout(b.phy2log)
+        rec.counts.copy_(spread(truth[step], layout))
+        rec.record()
+    runs = rec.plan_steps(4)  # 6 steps in 4 runs: 2, 2, 1, 1 steps, oldest first
+    expected = torch.stack([truth[0:2].sum(0), truth[2:4].sum(0), truth[4], truth[5]])
+    assert runs.dtype == torch.float64 and torch.equal(runs, expected.double())
+    assert torch.equal(runs.sum(0), rec.logical_load())
+    assert torch.equal(rec.plan_steps(8), truth.double())  # fewer steps than runs: one each
+    with pytest.raises(ValueError, match="max_steps"):
+        rec.plan_steps(0)
+    ema = LoadRecorder(L, P, E, 10, a.phy2log, predictor="ema")
+    assert ema.plan_steps() is None

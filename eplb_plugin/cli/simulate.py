@@ -411,8 +411,8 @@ def _cost_dict(cost: CostSpec) -> dict:
 
 def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
     """``--recommend``: the fastest dispatch mode per batch size for one deployment."""
-    from ..costmodel import waterfill_us
-    from ..simulate import SimConfig, crossovers, recommend
+    from ..costmodel import waterfill_impl, waterfill_us
+    from ..simulate import CostSpec, SimConfig, crossovers, recommend
 
     grid = _positive_ints(args.tokens_per_gpu, "tokens-per-gpu")
     if isinstance(args.layers, bool) or args.layers < 1:
@@ -432,32 +432,57 @@ def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
     finally:
         progress.close()
     changes = crossovers(rows)
-    wf = waterfill_us(cost.hardware, args.waterfill_iters)
+    hw, iters = cost.hardware, args.waterfill_iters
+    wf, impl = waterfill_us(hw, iters), waterfill_impl(hw)
+    # the same rows with the other water-fill implementation (an additive per-layer term)
+    other = dataclasses.replace(hw, fused_waterfill=1 - hw.fused_waterfill, waterfill_us=-1.0)
+    alt_rows = _rows_with_cost(rows, CostSpec(other, cost.model, cost.nodes), cost, topology,
+                               iters)  # fmt: skip
+    alt = {"waterfill": waterfill_impl(other), "waterfill_us": waterfill_us(other, iters),
+           "rows": alt_rows, "crossovers": [list(c) for c in crossovers(alt_rows)]}  # fmt: skip
     if args.json:
         out = {"cost_model": _cost_dict(cost), "topology": topology.to_dict(), "rows": rows}
         out["crossovers"] = [list(c) for c in changes]
         out["waterfill_us"] = wf
+        out["waterfill"] = impl
+        out["other_waterfill"] = alt
         print(json.dumps(out, indent=2))
         return 0
     m = cost.model
+    source = "measured" if hw.waterfill_us >= 0 else "estimate"
     print(
         f"{m.name} (hidden {m.hidden}, {m.num_experts} experts, top-{m.top_k}) on "
         f"{topology.num_gpus} GPUs / {topology.num_nodes} nodes, {topology.num_replicas} slots; "
-        f"hardware {cost.hardware.name}; water-fill {wf:.0f} us per layer"
+        f"hardware {cost.hardware.name}; water-fill {wf:.1f} us per layer ({_WF_NAMES[impl]}, "
+        f"{source})"
     )
     header = ["tokens/GPU", "baseline us", "static us", "local us", "global us", "best", "speedup"]
-    table = [
-        [
-            r["tokens_per_gpu"], f"{r['baseline_us']:.1f}", f"{r['static_us']:.1f}",
-            f"{r['local_us']:.1f}", f"{r['global_us']:.1f}", r["best"], f"{r['speedup']:.3f}x",
-        ]
-        for r in rows
-    ]  # fmt: skip
-    print(format_table(header, table))
+    print(format_table(header, [_row_cells(r) for r in rows]))
     print(
         "modelled MoE-layer time per step (mean over layers and steps) on a synthetic drifting "
         "load; speedup: the best mode's throughput against the baseline (deepseek, static)"
     )
+    _print_answer(rows, changes)
+    print(
+        f"\nwith the {_WF_NAMES[alt['waterfill']]} instead: water-fill "
+        f"{alt['waterfill_us']:.1f} us per layer (estimate, not measured on a GPU)"
+    )
+    print(format_table(header, [_row_cells(r) for r in alt_rows]))
+    _print_answer(alt_rows, crossovers(alt_rows))
+    return 0
+
+
+_WF_NAMES = {"torch": "torch-ops water-fill", "fused": "fused Triton water-fill kernel"}
+
+
+def _row_cells(r: dict) -> list:
+    return [
+        r["tokens_per_gpu"], f"{r['baseline_us']:.1f}", f"{r['static_us']:.1f}",
+        f"{r['local_us']:.1f}", f"{r['global_us']:.1f}", r["best"], f"{r['speedup']:.3f}x",
+    ]  # fmt: skip
+
+
+def _print_answer(rows: list[dict], changes: list) -> None:
     if not changes:
         print(f"recommended dispatch: {rows[0]['best']} at every batch size evaluated")
     for below, above, best_below, best_above in changes:
@@ -465,7 +490,29 @@ def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
             f"the answer changes between {below} and {above} tokens per GPU: "
             f"{best_below} below, {best_above} above"
         )
-    return 0
+
+
+def _rows_with_cost(
+    rows: list[dict], new: CostSpec, old: CostSpec, topology: Topology, iters: int
+) -> list[dict]:
+    """``recommend`` rows re-timed under ``new`` hardware that differs from ``old`` only in
+    the modes' own per-layer cost (``mode_overhead_us``, added to every layer of every
+    step, so the mean shifts by the difference); best mode and speedup recomputed."""
+    from ..costmodel import mode_overhead_us
+    from ..simulate import RECOMMEND_MODES
+
+    ranks, nodes = topology.num_gpus, old.nodes
+    out = []
+    for row in rows:
+        r = dict(row)
+        for mode in RECOMMEND_MODES:
+            shift = mode_overhead_us(new.hardware, new.model, mode, ranks, nodes, iters)
+            shift -= mode_overhead_us(old.hardware, old.model, mode, ranks, nodes, iters)
+            r[f"{mode}_us"] = row[f"{mode}_us"] + shift
+        r["best"] = min(RECOMMEND_MODES, key=lambda m: r[f"{m}_us"])
+        r["speedup"] = r["baseline_us"] / r[f"{r['best']}_us"]
+        out.append(r)
+    return out
 
 
 def _check_writable(path: str) -> None:

@@ -1,9 +1,11 @@
 """DeepSeek's EPLB policy, output-identical to deepseek-ai/EPLB, vectorized over layers.
 
 The reference walks every layer in Python; here each greedy step runs once for all rows
-(layers, or layers x nodes) at a time, using the same torch ops in the same order so that
-ties break the same way: ``sort(descending=True)`` for the packing order, the first
-maximum for replication, and the first lightest pack with room for packing.
+(layers, or layers x nodes) at a time, in numpy (a tenth of torch's per-op overhead on
+arrays this small), with the reference's arithmetic so that ties break the same way:
+torch's ``sort(descending=True)`` for the packing order (torch's unstable sort orders ties
+its own way), torch's float32 sum for the group loads, the first maximum for replication,
+and the first lightest pack with room for packing.
 """
 
 from __future__ import annotations
@@ -12,6 +14,127 @@ import numpy as np
 import torch
 
 from ..layout import ExpertLayout, Topology
+
+# A pack with no room left: above the int32 bit pattern of every float32 load (inf included).
+_FULL = np.int32(0x7FFFFFFF)
+# Packs per row from which rounds of the greedy are tried as one batch (_packing_batches).
+_BATCH_PACKS = 16
+
+
+def _packing_batches(
+    sorted_load: np.ndarray, per_pack: int, packs: np.ndarray, ranks: np.ndarray
+) -> tuple[int, np.ndarray]:
+    """Run the greedy of :func:`_packing` several items per step while that is exact.
+
+    Each pack is one int64 key, ``(load bits or _FULL) << 32 | pack << 16 | items``, so that
+    a row's keys sort as the reference's min() ranks the packs (lightest, then first).
+    A step proposes the next items, in order, to the packs in that order (item j of the
+    step to the j-th lightest); item j's proposal is what the one-item greedy would do
+    exactly when every pack loaded earlier in the step now ranks above (is heavier than)
+    the j-th pack. The step keeps the longest prefix that holds in every row (rows stay
+    in step). Rounds of heaviest-first packing mostly hold whole, so a step places about
+    one item per pack; ties and zero loads make steps short, and then this returns early.
+
+    Args:
+        sorted_load: [rows, items] float32, each row's loads heaviest first.
+        packs, ranks: [rows, items] int64 written with the pack and rank of each item.
+    Returns:
+        (items placed, [rows, num_packs] int64 keys of the packs).
+    """
+    rows, items = sorted_load.shape
+    num_packs = items // per_pack
+    key = np.broadcast_to(np.arange(num_packs, dtype=np.int64) << 16, (rows, num_packs)).copy()
+    low = np.int64(0xFFFFFFFF)
+    full = np.int64(_FULL)
+    done = 0
+    while done < items:
+        width = min(num_packs, items - done)
+        key.sort(axis=1)
+        head = key[:, :width]
+        bits = head >> 32
+        count = head & 0xFFFF
+        load = bits.astype(np.int32).view(np.float32) + sorted_load[:, done : done + width]
+        new_bits = np.where(count + 1 == per_pack, _FULL, load.view(np.int32))
+        new_key = (new_bits.astype(np.int64) << 32) | ((head & low) + 1)
+        holds = bits != full
+        holds[:, 1:] &= np.minimum.accumulate(new_key, axis=1)[:, :-1] > head[:, 1:]
+        # the shortest run of holding proposals over the rows (first False, else all)
+        take = int(np.where(holds.all(1), width, holds.argmin(1)).min())
+        packs[:, done : done + take] = (head[:, :take] >> 16) & 0xFFFF
+        ranks[:, done : done + take] = count[:, :take]
+        key[:, :take] = new_key[:, :take]
+        done += take
+        if take * 4 < num_packs:
+            break
+    return done, key
+
+
+def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`balanced_packing` on a float32 [rows, items] tensor, results in numpy."""
+    rows, items = weight.shape
+    per_pack = items // num_packs
+    if per_pack == 1:
+        pack_index = np.broadcast_to(np.arange(items, dtype=np.int64), (rows, items)).copy()
+        return pack_index, np.zeros((rows, items), dtype=np.int64)
+    order = weight.sort(-1, descending=True).indices.numpy()
+    sorted_load = _gather(weight.numpy(), order)  # heaviest first
+    packs = np.empty((items, rows), dtype=np.int64).T  # column-major: one item per step
+    ranks = np.empty((items, rows), dtype=np.int64).T
+    done, state = 0, None
+    if _BATCH_PACKS <= num_packs < 1 << 16 and per_pack < 1 << 16:  # fields of the keys
+        done, state = _packing_batches(sorted_load, per_pack, packs, ranks)
+    if done < items:
+        _packing_steps(sorted_load, num_packs, packs, ranks, done, state)
+    at = (order + _row_offsets(rows, items)).reshape(-1)
+    pack_index = np.empty(rows * items, dtype=np.int64)
+    rank_in_pack = np.empty(rows * items, dtype=np.int64)
+    pack_index[at] = packs.reshape(-1)
+    rank_in_pack[at] = ranks.reshape(-1)
+    return pack_index.reshape(rows, items), rank_in_pack.reshape(rows, items)
+
+
+def _packing_steps(
+    sorted_load: np.ndarray,
+    num_packs: int,
+    packs: np.ndarray,
+    ranks: np.ndarray,
+    done: int = 0,
+    state: np.ndarray | None = None,
+) -> None:
+    """The greedy of :func:`_packing` one item per step, from item ``done`` on.
+
+    Args:
+        sorted_load: [rows, items] float32, each row's loads heaviest first.
+        packs, ranks: [rows, items] int64 written with the pack and rank of each item.
+        state: [rows, num_packs] pack keys left by :func:`_packing_batches`, or None
+            (empty packs).
+    """
+    rows, items = sorted_load.shape
+    per_pack = items // num_packs
+    # A key per pack that orders the packs as the reference's min() does: the bit pattern
+    # of its float32 load (monotone in the load for loads >= 0, inf included: -0.0 cannot
+    # arise, a sum starting at +0.0 stays +0.0) or _FULL once it has no room. argmin's
+    # first minimum is then the first lightest pack with room, whose key holds its load.
+    key = np.zeros((rows, num_packs), dtype=np.int32)
+    flat_key = key.reshape(-1)
+    count = np.zeros(rows * num_packs, dtype=np.int64)
+    if state is not None:
+        at = ((state >> 16) & 0xFFFF) + _row_offsets(rows, num_packs)
+        flat_key[at] = (state >> 32).astype(np.int32)
+        count[at] = state & 0xFFFF
+    step_load = np.ascontiguousarray(sorted_load.T)  # row i: every row's i-th item
+    full = np.zeros(per_pack, dtype=np.int32)
+    full[-1] = _FULL  # or-ed into the key of a pack taking its last item
+    base = np.arange(rows, dtype=np.int64) * num_packs
+    for i in range(done, items):
+        pack = key.argmin(-1)
+        packs[:, i] = pack
+        at = pack + base
+        rank = count[at]
+        ranks[:, i] = rank
+        count[at] = rank + 1
+        load = flat_key[at].view(np.float32) + step_load[i]
+        flat_key[at] = load.view(np.int32) | full[rank]
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,34 +145,41 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     Returns:
         (pack_index [rows, items] int64, rank_in_pack [rows, items] int64).
     """
-    rows, items = weight.shape
-    per_pack = items // num_packs
-    if per_pack == 1:
-        pack_index = torch.arange(items, dtype=torch.int64).expand(rows, items).contiguous()
-        return pack_index, torch.zeros(rows, items, dtype=torch.int64)
-    # The greedy loop runs in numpy (a tenth of torch's per-op overhead on small arrays);
-    # the order comes from torch's sort so that ties among equal loads match the reference.
-    order = weight.float().sort(-1, descending=True).indices.numpy()
-    w = weight.float().numpy()
-    pack_weight = np.zeros((rows, num_packs), dtype=np.float32)
-    pack_items = np.zeros((rows, num_packs), dtype=np.int64)
-    pack_index = np.empty((rows, items), dtype=np.int64)
-    rank_in_pack = np.empty((rows, items), dtype=np.int64)
-    row = np.arange(rows)
-    for i in range(items):
-        item = order[:, i]
-        # the first lightest pack among those with room, as the reference's min() picks:
-        # an argmin over (room ? weight : inf) would pick a full pack when every pack with
-        # room weighs inf, leaving positions of the inverse permutation unwritten
-        room = pack_items < per_pack
-        masked = np.where(room, pack_weight, np.inf)
-        pack = (room & (masked == masked.min(-1, keepdims=True))).argmax(-1)
-        pack_index[row, item] = pack
-        rank_in_pack[row, item] = pack_items[row, pack]
-        pack_weight[row, pack] += w[row, item]
-        pack_items[row, pack] += 1
-    pack_index, rank_in_pack = torch.from_numpy(pack_index), torch.from_numpy(rank_in_pack)
-    return pack_index, rank_in_pack
+    pack_index, rank_in_pack = _packing(weight.float().contiguous(), num_packs)
+    return torch.from_numpy(pack_index), torch.from_numpy(rank_in_pack)
+
+
+def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`replicate_experts` on a float32 [rows, num_log] array, results in numpy."""
+    rows, num_log = weight.shape
+    extra = num_phy - num_log
+    if extra < 0:
+        raise ValueError(f"{num_phy} slots cannot hold {num_log} experts")
+    flat = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
+    # load per replica, as the reference's float32 / int64 division computes it (w / 1 = w);
+    # only the chosen expert's entry changes per step. Counts are kept in float32 (exact
+    # up to 2**24) so that the division needs no conversion.
+    per_replica = flat.copy()
+    per_replica_2d = per_replica.reshape(rows, num_log)
+    count = np.ones(rows * num_log, dtype=np.float32)
+    base = np.arange(rows, dtype=np.int64) * num_log
+    chosen_of = np.empty((extra, rows), dtype=np.int64)  # [step, row]: contiguous per step
+    taken_of = np.empty((extra, rows), dtype=np.float32)
+    for i in range(extra):
+        chosen = per_replica_2d.argmax(-1)
+        chosen_of[i] = chosen
+        at = chosen + base
+        taken = count[at]
+        taken_of[i] = taken
+        taken += 1
+        count[at] = taken
+        per_replica[at] = flat[at] / taken
+    phy2log = np.empty((rows, num_phy), dtype=np.int64)
+    phy2log[:, :num_log] = np.arange(num_log)
+    phy2log[:, num_log:] = chosen_of.T
+    rank = np.zeros((rows, num_phy), dtype=np.int64)
+    rank[:, num_log:] = taken_of.T
+    return phy2log, rank, count.astype(np.int64).reshape(rows, num_log)
 
 
 def replicate_experts(
@@ -64,29 +194,78 @@ def replicate_experts(
         (phy2log [rows, num_phy] int64, rank [rows, num_phy] int64 replica index,
         logcnt [rows, num_log] int64).
     """
-    rows, num_log = weight.shape
-    phy2log = np.tile(np.arange(num_phy, dtype=np.int64), (rows, 1))
-    rank = np.zeros((rows, num_phy), dtype=np.int64)
-    logcnt = np.ones((rows, num_log), dtype=np.int64)
-    w = weight.float().numpy()
-    row = np.arange(rows)
-    for i in range(num_log, num_phy):
-        # float32 / float32 as the reference's float32 / int64 tensor division computes it
-        chosen = (w / logcnt.astype(np.float32)).argmax(-1)
-        phy2log[:, i] = chosen
-        rank[:, i] = logcnt[row, chosen]
-        logcnt[row, chosen] += 1
-    phy2log, rank, logcnt = (torch.from_numpy(a) for a in (phy2log, rank, logcnt))
+    arrays = _replicate(weight.float().numpy(), num_phy)
+    phy2log, rank, logcnt = (torch.from_numpy(a) for a in arrays)
     return phy2log, rank, logcnt
 
 
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    """Row-wise inverse of a permutation [rows, n] int64."""
-    # full of -1, not empty: should perm ever not be a permutation, the unwritten positions
-    # fail the layout's validation instead of carrying whatever the memory held
-    inv = torch.full_like(perm, -1)
-    inv.scatter_(1, perm, torch.arange(perm.size(1), dtype=torch.int64).expand(perm.shape))
-    return inv
+def _row_offsets(rows: int, width: int) -> np.ndarray:
+    """[rows, 1] int64 flat index of each row's first element in a [rows, width] array."""
+    return (np.arange(rows, dtype=np.int64) * width)[:, None]
+
+
+def _gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``values[r, index[r, j]]`` for [rows, n] ``values`` (flat indexing: numpy's
+    take_along_axis costs several times more on arrays this small)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    return flat[index + _row_offsets(*values.shape)]
+
+
+def _scatter(index: np.ndarray, values: np.ndarray, width: int) -> np.ndarray:
+    """[rows, width] int64 ``out`` with ``out[r, index[r, j]] = values[r, j]``, -1 elsewhere."""
+    rows = index.shape[0]
+    out = np.full(rows * width, -1, dtype=np.int64)
+    out[(index + _row_offsets(rows, width)).reshape(-1)] = values.reshape(-1)
+    return out.reshape(rows, width)
+
+
+def _check_permutation(perm: np.ndarray, what: str) -> None:
+    # a -1 left by _scatter would index the previous row when gathered
+    if perm.size and perm.min() < 0:
+        raise RuntimeError(f"DeepSeek policy: {what} is not a permutation (please report)")
+
+
+def _hierarchical(
+    weight: torch.Tensor, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hierarchical` on a float32 [L, E] tensor -> (phy2log, rank) in numpy."""
+    num_layers, num_log = weight.shape
+    group_size = num_log // num_groups
+    groups_per_node = num_groups // num_nodes
+    slots_per_gpu = num_phy // num_gpus
+    log_per_node = num_log // num_nodes
+    phy_per_node = num_phy // num_nodes
+
+    # 1. expert groups -> nodes (torch's float32 sum: its summation order, as the reference)
+    if num_groups == 1:  # one group, one node: the experts keep their order
+        mlog2log = None
+        mlog_load = weight.numpy()
+    else:
+        group_load = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
+        group_pack, group_rank = _packing(group_load, num_nodes)
+        log2mlog = (
+            ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None]
+            + np.arange(group_size, dtype=np.int64)
+        ).reshape(num_layers, num_log)
+        mlog2log = _scatter(log2mlog, np.broadcast_to(np.arange(num_log), log2mlog.shape), num_log)
+        _check_permutation(mlog2log, "the experts' order by node")
+        mlog_load = _gather(weight.numpy(), mlog2log).reshape(-1, log_per_node)
+
+    # 2. replicas within each node: rows are (layer, node)
+    phy2mlog, phy_rank, mlogcnt = _replicate(mlog_load, phy_per_node)
+
+    # 3. a node's replicas -> its GPUs
+    phy_load = _gather(mlog_load / mlogcnt.astype(np.float32), phy2mlog)
+    pack, rank_in_pack = _packing(torch.from_numpy(phy_load), num_gpus // num_nodes)
+    phy2pphy = pack * slots_per_gpu + rank_in_pack
+    node_base = np.arange(0, num_log, log_per_node, dtype=np.int64)
+    node_base = np.tile(node_base, num_layers)[:, None]  # [L * nodes, 1]
+    pphy2mlog = _scatter(phy2pphy, phy2mlog + node_base, phy_per_node)
+    _check_permutation(pphy2mlog, "the replicas' order by GPU")
+    pphy_rank = _scatter(phy2pphy, phy_rank, phy_per_node).reshape(num_layers, -1)
+    pphy2mlog = pphy2mlog.reshape(num_layers, -1)
+    pphy2log = pphy2mlog if mlog2log is None else _gather(mlog2log, pphy2mlog)
+    return pphy2log, pphy_rank
 
 
 def hierarchical(
@@ -99,47 +278,26 @@ def hierarchical(
     Returns:
         (phy2log [L, P] int64, rank [L, P] int64, logcnt [L, E] int64).
     """
-    num_layers, num_log = weight.shape
-    group_size = num_log // num_groups
-    groups_per_node = num_groups // num_nodes
-    slots_per_gpu = num_phy // num_gpus
-    log_per_node = num_log // num_nodes
+    weight = weight.float().contiguous()
+    phy2log, rank = _hierarchical(weight, num_phy, num_groups, num_nodes, num_gpus)
+    offsets = _row_offsets(*weight.shape)
+    logcnt = np.bincount((phy2log + offsets).reshape(-1), minlength=weight.numel())
+    arrays = phy2log, rank, logcnt.reshape(weight.shape)
+    return tuple(torch.from_numpy(a) for a in arrays)
 
-    # 1. expert groups -> nodes
-    group_load = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
-    group_pack, group_rank = balanced_packing(group_load, num_nodes)
-    log2mlog = (
-        ((group_pack * groups_per_node + group_rank) * group_size).unsqueeze(-1)
-        + torch.arange(group_size, dtype=torch.int64)
-    ).flatten(-2)
-    mlog2log = _inverse(log2mlog)
 
-    # 2. replicas within each node: rows are (layer, node)
-    mlog_load = weight.gather(-1, mlog2log).view(-1, log_per_node)
-    phy2mlog, phy_rank, mlogcnt = replicate_experts(mlog_load, num_phy // num_nodes)
-
-    # 3. a node's replicas -> its GPUs
-    phy_load = (mlog_load / mlogcnt).gather(-1, phy2mlog)
-    pack, rank_in_pack = balanced_packing(phy_load, num_gpus // num_nodes)
-    pphy2phy = _inverse(pack * slots_per_gpu + rank_in_pack)
-
-    pphy2mlog = phy2mlog.gather(-1, pphy2phy)
-    node_base = torch.arange(0, num_log, log_per_node, dtype=torch.int64).view(1, -1, 1)
-    pphy2mlog = (pphy2mlog.view(num_layers, num_nodes, -1) + node_base).flatten(-2)
-    pphy2log = mlog2log.gather(-1, pphy2mlog)
-    pphy_rank = phy_rank.gather(-1, pphy2phy).view(num_layers, -1)
-    logcnt = mlogcnt.view(num_layers, -1).gather(-1, log2mlog)
-    return pphy2log, pphy_rank, logcnt
+def _topology_args(topology: Topology) -> tuple[int, int, int, int]:
+    t = topology
+    if t.hierarchical:
+        return t.num_replicas, t.num_groups, t.num_nodes, t.num_gpus
+    return t.num_replicas, 1, 1, t.num_gpus
 
 
 def deepseek_tensors(
     weight: torch.Tensor, topology: Topology
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek's policy on a validated [L, E] float32 load -> (phy2log, rank, logcnt)."""
-    t = topology
-    if t.hierarchical:
-        return hierarchical(weight, t.num_replicas, t.num_groups, t.num_nodes, t.num_gpus)
-    return hierarchical(weight, t.num_replicas, 1, 1, t.num_gpus)
+    return hierarchical(weight, *_topology_args(topology))
 
 
 def deepseek_policy(
@@ -155,5 +313,6 @@ def deepseek_policy(
         weight: [L, E] float32 load (validated by ``plan``); ``previous`` and ``steps``
             (per-step loads) are ignored: DeepSeek plans on the window's sum.
     """
-    phy2log, rank, _logcnt = deepseek_tensors(weight, topology)
-    return ExpertLayout.from_phy2log(phy2log, topology, weight.shape[1], rank=rank)
+    weight = weight.float().contiguous()
+    phy2log, rank = _hierarchical(weight, *_topology_args(topology))
+    return ExpertLayout.from_plan(phy2log, rank, topology, weight.shape[1])

@@ -317,15 +317,20 @@ def _plan(
 
 def slot_rank(phy2log: np.ndarray) -> np.ndarray:
     """[L, P] int64 replica index of each slot within its expert, in slot order."""
-    order = np.argsort(phy2log, axis=-1, kind="stable")
-    ordered = np.take_along_axis(phy2log, order, -1)
-    index = np.broadcast_to(np.arange(phy2log.shape[1]), phy2log.shape)
-    start = np.ones(phy2log.shape, dtype=bool)
+    rows, slots = phy2log.shape
+    # expert ids < slots <= 8192 fit int16, which numpy's stable sort radix-sorts
+    keys = phy2log.astype(np.int16) if slots <= np.iinfo(np.int16).max else phy2log
+    at = np.argsort(keys, axis=-1, kind="stable")
+    at += (np.arange(rows, dtype=np.int64) * slots)[:, None]  # flat index of the sorted order
+    at = at.reshape(-1)
+    ordered = phy2log.reshape(-1)[at].reshape(rows, slots)
+    index = np.broadcast_to(np.arange(slots), (rows, slots))
+    start = np.ones((rows, slots), dtype=bool)
     start[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     first = np.maximum.accumulate(np.where(start, index, 0), axis=-1)
-    rank = np.empty_like(phy2log)
-    np.put_along_axis(rank, order, index - first, -1)
-    return rank
+    rank = np.empty(rows * slots, dtype=np.int64)
+    rank[at] = (index - first).reshape(-1)
+    return rank.reshape(rows, slots)
 
 
 def finish_layout(
@@ -339,12 +344,7 @@ def finish_layout(
     if previous is not None:
         hierarchical = use_hierarchical(topology, config)
         phy2log = align_to_previous(phy2log, previous.phy2log.numpy(), topology, hierarchical)
-    layout = ExpertLayout.from_phy2log(
-        torch.from_numpy(phy2log),
-        topology,
-        load.shape[1],
-        rank=torch.from_numpy(slot_rank(phy2log)),
-    )
+    layout = ExpertLayout.from_plan(phy2log, slot_rank(phy2log), topology, load.shape[1])
     if config.shares == "balanced":
         layout = layout.with_share(planned_shares(layout, load))
     return layout

@@ -14,10 +14,14 @@ Arrays:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import numpy as np
+
+# halvings of replica_counts' level range (a factor (extra + E) / extra wide): to 1e-8 of it
+BISECTION_STEPS = 28
 
 
 def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
@@ -38,9 +42,14 @@ def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
         # most ``extra`` of them lie, give those at once, and leave the rest (ties at the
         # level) to the greedy loop below: the same result as ``extra`` greedy steps.
         weight = np.asarray(weight, dtype=np.float64)
-        lo = np.zeros(rows)
-        hi = weight.max(-1) + 1.0
-        for _ in range(60):
+        # The level lies between total / (extra + E) and total / extra (sum_e floor(w_e / L)
+        # is within E below total / L): bisecting that range reaches a level with next to
+        # no ties left for the loop in a few dozen steps. (Any level gives the same counts:
+        # the steps only decide how much is left to the loop.)
+        total = weight.sum(-1)
+        lo = total / (extra + num_experts)
+        hi = np.where(total > 0, total / extra, 1.0)
+        for _ in range(BISECTION_STEPS):
             mid = (lo + hi) / 2
             fits = np.floor(weight / mid[:, None]).sum(-1) <= extra
             hi = np.where(fits, mid, hi)
@@ -191,27 +200,37 @@ def bldm_pack(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     rows, num_items = item_load.shape
     slots = num_items // num_gpus
     order = np.argsort(-item_load, axis=-1, kind="stable")
-    sums = np.take_along_axis(item_load, order, -1).reshape(rows, slots, num_gpus)
-    # label of each item: tuple * G + partial GPU within the tuple
-    label = np.empty((rows, num_items), dtype=np.int64)
-    np.put_along_axis(label, order, np.broadcast_to(np.arange(num_items), (rows, num_items)), -1)
-    alive = np.ones((rows, slots), dtype=bool)
+    # flat indices (numpy's take/put_along_axis cost several times more at these sizes)
+    offset = (np.arange(rows, dtype=np.int64) * num_items)[:, None]
+    order += offset
+    sums = item_load.reshape(-1)[order].reshape(rows, slots, num_gpus)
+    # label of each item: tuple * G + partial GPU within the tuple (+ its row's offset)
+    label = np.empty(rows * num_items, dtype=np.int64)
+    label[order.reshape(-1)] = (np.arange(num_items) + offset).reshape(-1)
+    # spread (max - min) of each tuple, -inf once merged away; a tuple of sorted items
+    # spreads from its first to its last
+    spread = sums[:, :, 0] - sums[:, :, -1]
     row = np.arange(rows)
     within = np.arange(num_gpus)
+    base = np.arange(rows * num_items, dtype=np.int64)
     for _ in range(slots - 1):
-        spread = np.where(alive, sums.max(-1) - sums.min(-1), -np.inf)
-        top = np.argsort(-spread, axis=-1, kind="stable")
-        a, b = top[:, 0], top[:, 1]
+        # the two tuples with the largest spread, the first of equals first
+        a = spread.argmax(-1)
+        spread[row, a] = -np.inf
+        b = spread.argmax(-1)
         sum_a, sum_b = sums[row, a], sums[row, b]
         up = np.argsort(sum_a, -1, kind="stable")
         down = np.argsort(-sum_b, -1, kind="stable")
-        sums[row, a] = np.take_along_axis(sum_a, up, -1) + np.take_along_axis(sum_b, down, -1)
-        alive[row, b] = False
-        remap = np.tile(np.arange(slots * num_gpus), (rows, 1))
-        merged = a[:, None] * num_gpus + within
-        np.put_along_axis(remap, a[:, None] * num_gpus + up, merged, -1)
-        np.put_along_axis(remap, b[:, None] * num_gpus + down, merged, -1)
-        label = np.take_along_axis(remap, label, -1)
+        merged_sums = np.take_along_axis(sum_a, up, -1) + np.take_along_axis(sum_b, down, -1)
+        sums[row, a] = merged_sums
+        spread[row, a] = merged_sums.max(-1) - merged_sums.min(-1)
+        spread[row, b] = -np.inf
+        merged = (a[:, None] * num_gpus + within + offset).reshape(-1)
+        remap = base.copy()
+        remap[(a[:, None] * num_gpus + up + offset).reshape(-1)] = merged
+        remap[(b[:, None] * num_gpus + down + offset).reshape(-1)] = merged
+        label = remap[label]
+    label = label.reshape(rows, num_items) - offset
     return label % num_gpus
 
 
@@ -260,12 +279,16 @@ def repartition_pairs(
     r = np.arange(rows)[:, None]
     rank = np.arange(k)
     arrays = [place, slot_load] + ([movable] if movable is not None else [])
+    # [rows * G, S] views: one flat gather fetches a heavy and a light GPU's slots at once
+    gpus_of = [a.reshape(rows * num_gpus, slots) for a in arrays]
+    slot_load_now = gpus_of[1].reshape(rows, num_gpus, slots)
     for round_ in range(rounds):
-        gpu_load = slot_load.sum(-1)
+        gpu_load = slot_load_now.sum(-1)
         order = np.argsort(gpu_load, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]
         light = order[:, (rank + round_) % k]
-        pools = [np.concatenate([a[r, heavy], a[r, light]], -1) for a in arrays]  # [rows,k,2S]
+        pair = np.stack([heavy, light], -1) + r[..., None] * num_gpus  # [rows, k, 2]
+        pools = [g[pair].reshape(rows, k, 2 * slots) for g in gpus_of]  # [rows, k, 2S]
         pool = pools[1]
         total = pool.sum(-1, keepdims=True)
         # float32 ranks the splits; |side - total/2| is the larger side's excess
@@ -288,10 +311,13 @@ def repartition_pairs(
             break
         index = pick[best]  # [rows, k, 2S]
         keep = ~better[..., None]
-        for array, pooled in zip(arrays, pools):
-            new = np.take_along_axis(pooled, index, -1)
-            array[r, heavy] = np.where(keep, array[r, heavy], new[..., :slots])
-            array[r, light] = np.where(keep, array[r, light], new[..., slots:])
+        index += np.arange(0, rows * k * 2 * slots, 2 * slots).reshape(rows, k, 1)
+        for gpus, pooled in zip(gpus_of, pools):
+            new = np.where(keep, pooled, pooled.reshape(-1)[index])
+            gpus[pair] = new.reshape(rows, k, 2, slots)
+    for array, gpus in zip(arrays, gpus_of):
+        if not np.shares_memory(array, gpus):  # reshape copied a non-contiguous array
+            array[...] = gpus.reshape(array.shape)
 
 
 def refine_swaps(
@@ -339,6 +365,9 @@ def refine_swaps(
     item_expert, item_load = place.reshape(flat).copy(), slot_load.reshape(flat).copy()
     item_replicated = replicated.reshape(flat).copy()
     perm = np.tile(np.arange(num_gpus * slots).reshape(num_gpus, slots), (rows, 1, 1))
+    perm_of_gpu = perm.reshape(rows * num_gpus, slots)  # a view: updates go to perm
+    src_key, dst_key = src_key.reshape(-1), dst_key.reshape(-1)
+    expert_of, replicated_of = item_expert.reshape(-1), item_replicated.reshape(-1)
     check = bool((movable & replicated).any())
     gpu_load = slot_load.sum(-1)  # [rows, G], kept up to date
     stale = np.zeros(rows, dtype=np.int64)
@@ -348,26 +377,32 @@ def refine_swaps(
     for round_ in range(max_rounds):
         if active.size == 0:
             break
-        r = active[:, None]
-        r3 = active[:, None, None]
         loads = gpu_load[active]
         order = np.argsort(loads, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]  # [n, k] heaviest first
         light = order[:, (rank + round_) % k]
         high = np.take_along_axis(loads, heavy, -1)
         half = (high - np.take_along_axis(loads, light, -1)).astype(np.float32) / 2
-        src, dst = perm[r, heavy], perm[r, light]  # [n, k, S] item numbers
+        # item numbers [n, k, S] of each pair's slots; flat indices (numpy's fancy indexing
+        # by (row, item) costs several times more) of their attributes
+        gpu_base = active[:, None] * num_gpus
+        src, dst = perm_of_gpu[gpu_base + heavy], perm_of_gpu[gpu_base + light]
+        item_base = (active * (num_gpus * slots))[:, None, None]
+        src_at, dst_at = src + item_base, dst + item_base
         # moving delta from the heavy to the light GPU leaves the pair's larger load at
         # high - (half - |delta - half|): the best swap has delta closest to half
-        miss = src_key[r3, src][..., :, None] - dst_key[r3, dst][..., None, :]  # [n, k, S, S]
+        miss = src_key[src_at][..., :, None] - dst_key[dst_at][..., None, :]  # [n, k, S, S]
         miss -= half[..., None, None]
         np.abs(miss, out=miss)
         if check:
-            src_exp, dst_exp = item_expert[r3, src], item_expert[r3, dst]
-            src_there = (src_exp[..., :, None] == dst_exp[..., None, :]).any(-1)  # [n, k, S]
-            dst_there = (dst_exp[..., :, None] == src_exp[..., None, :]).any(-1)
-            bad = (item_replicated[r3, src] & src_there)[..., :, None] | (
-                item_replicated[r3, dst] & dst_there
+            same = expert_of[src_at][..., :, None] == expert_of[dst_at][..., None, :]
+            # any() over an axis of S: S or-s of slices (numpy reduces short axes slowly)
+            src_there, dst_there = same[..., 0].copy(), same[..., 0, :].copy()  # [n, k, S]
+            for other in range(1, slots):
+                src_there |= same[..., other]
+                dst_there |= same[..., other, :]
+            bad = (replicated_of[src_at] & src_there)[..., :, None] | (
+                replicated_of[dst_at] & dst_there
             )[..., None, :]
             miss[bad] = np.inf
         miss = miss.reshape(active.size, k, -1)
@@ -388,17 +423,21 @@ def refine_swaps(
         swaps[active] += made
         stale[active] = np.where(made > 0, 0, stale[active] + 1)
         active = active[(stale[active] < patience) & (gpu_load[active].max(-1) > floor[active])]
-    index = perm.reshape(flat)
+    index = perm.reshape(-1) + np.repeat(np.arange(rows) * (num_gpus * slots), num_gpus * slots)
     for arr, item in ((place, item_expert), (slot_load, item_load)):
-        arr[...] = np.take_along_axis(item, index, -1).reshape(arr.shape)
+        arr[...] = item.reshape(-1)[index].reshape(arr.shape)
     for arr in (movable, replicated):
-        arr[...] = np.take_along_axis(arr.reshape(flat).copy(), index, -1).reshape(arr.shape)
+        arr[...] = arr.reshape(-1)[index].reshape(arr.shape)
     return swaps
 
 
 # ---------------------------------------------------------------------- groups -> nodes
+@functools.lru_cache(maxsize=8)
 def _equal_partitions(num_items: int, num_packs: int) -> np.ndarray:
-    """All ways to split items into unlabeled packs of equal size: [ways, items] pack index."""
+    """All ways to split items into unlabeled packs of equal size: [ways, items] pack index.
+
+    Cached (every plan of a deployment asks for the same), hence read-only.
+    """
     per = num_items // num_packs
     out: list[list[int]] = []
 
@@ -415,7 +454,18 @@ def _equal_partitions(num_items: int, num_packs: int) -> np.ndarray:
                 sizes[pack] -= 1
 
     walk([0] * num_items, [0] * num_packs, 0)
-    return np.array(out, dtype=np.int64)
+    ways = np.array(out, dtype=np.int64)
+    ways.flags.writeable = False
+    return ways
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_members(num_items: int, num_packs: int) -> np.ndarray:
+    """[ways, items, packs] float64 (read-only, cached): 1 where a way puts an item in a pack."""
+    ways = _equal_partitions(num_items, num_packs)
+    onehot = (ways[:, :, None] == np.arange(num_packs)).astype(np.float64)
+    onehot.flags.writeable = False
+    return onehot
 
 
 def num_equal_partitions(num_items: int, num_packs: int) -> int:
@@ -441,12 +491,12 @@ def pack_groups(group_load: np.ndarray, num_nodes: int, max_exhaustive: int = 20
         return np.zeros((rows, num_groups), dtype=np.int64)
     if num_equal_partitions(num_groups, num_nodes) <= max_exhaustive:
         ways = _equal_partitions(num_groups, num_nodes)  # [W, groups]
-        onehot = ways[:, :, None] == np.arange(num_nodes)  # [W, groups, nodes]
-        node_load = np.einsum("rg,wgn->rwn", group_load, onehot.astype(np.float64))
-        peak = node_load.max(-1)
-        # lowest peak, then the most even spread below it
+        node_load = _partition_loads(group_load, num_nodes)  # [rows, W, nodes]
+        peak = functools.reduce(np.maximum, np.moveaxis(node_load, -1, 0))
+        # lowest peak, then the most even spread below it, then the first way
         spread = (node_load**2).sum(-1)
-        best = np.lexsort((spread, peak), axis=-1)[:, 0] if rows else np.zeros(0, np.int64)
+        lowest = peak == peak.min(-1, keepdims=True)
+        best = np.where(lowest, spread, np.inf).argmin(-1)
         return ways[best]
     per = num_groups // num_nodes
     node = np.zeros((rows, num_groups), dtype=np.int64)
@@ -481,10 +531,35 @@ def pack_groups(group_load: np.ndarray, num_nodes: int, max_exhaustive: int = 20
     return node
 
 
+def _partition_loads(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
+    """[rows, ways, nodes] float64 load of each node under each equal partition.
+
+    With at most two groups per node a node's load is one group's or the sum of two,
+    whatever the order of summation: then a gather and an add, exactly what the einsum
+    gives at a tenth of its cost.
+    """
+    rows, num_groups = group_load.shape
+    per = num_groups // num_nodes
+    if per <= 2:
+        members = _partition_groups(num_groups, num_nodes)  # [W, nodes, per]
+        node_load = group_load[:, members[..., 0]]
+        return node_load + group_load[:, members[..., 1]] if per == 2 else node_load
+    return np.einsum("rg,wgn->rwn", group_load, _partition_members(num_groups, num_nodes))
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_groups(num_items: int, num_packs: int) -> np.ndarray:
+    """[ways, packs, items per pack] int64 (read-only, cached): each pack's items, ascending."""
+    ways = _equal_partitions(num_items, num_packs)
+    by_pack = np.argsort(ways * num_items + np.arange(num_items), axis=-1, kind="stable")
+    members = by_pack.reshape(len(ways), num_packs, num_items // num_packs)
+    members.flags.writeable = False
+    return members
+
+
 def partitions_peak_bound(group_load: np.ndarray, num_nodes: int) -> np.ndarray:
     """[rows] the lowest most-loaded-node load any equal group-to-node split allows."""
-    ways = _equal_partitions(group_load.shape[1], num_nodes)
-    onehot = (ways[:, :, None] == np.arange(num_nodes)).astype(np.float64)
+    onehot = _partition_members(group_load.shape[1], num_nodes)
     return np.einsum("rg,wgn->rwn", group_load, onehot).max(-1).min(-1)
 
 
