@@ -115,6 +115,11 @@ def main() -> None:
         help="device time of one water-fill per layer (default: estimated from its kernels)",
     )  # fmt: skip
     parser.add_argument("--configs", help="comma-separated subset of the configurations")
+    parser.add_argument(
+        "--rounding", choices=["fractional", "tokens"], default="fractional",
+        help="count each slot's tokens as the dispatch model splits them (fractional) or as "
+        "the device op rounds them per rank (tokens); baseline and oracle alike",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configs = CONFIGS
@@ -132,7 +137,10 @@ def main() -> None:
     rows = []
     for name, topology, ids in tqdm(cases, desc="replays", disable=args.json):
         counts = steps_from_routing_trace(ids, args.batch_tokens, topology.num_gpus)
-        sims = [SimConfig(interval=args.interval, window=args.window, **kw) for _, kw in configs]
+        sims = [
+            SimConfig(interval=args.interval, window=args.window, rounding=args.rounding, **kw)
+            for _, kw in configs
+        ]
         model = get_model("deepseek-v2-lite")
         cost = CostSpec(hardware, model, nodes=1)
         out = compare(counts, topology, sims, cost=cost)

@@ -15,8 +15,9 @@ One MoE layer of one step is modelled as (all times in microseconds)::
   for every dispatch mode (DeepEP README latencies at 128 tokens per GPU and hidden 7168,
   scaled linearly in tokens and hidden size above that; below 128 tokens the 128-token
   latency is kept, an estimate: the kernels' latency there is not published).
-- ``t_mode``: ``global`` dispatch all-reduces ``E`` int32 counts per layer on the critical
-  path (NCCL's own latency model: tree or ring with the LL protocol, whichever is faster,
+- ``t_mode``: ``global`` dispatch all-reduces an ``[R, E + 1]`` float32 table per layer on
+  the critical path (each rank's counts and seed in its row: ``eplb_plugin.routing.Router``;
+  NCCL's own latency model: tree or ring with the LL protocol, whichever is faster,
   intra-node hops over NVLink and inter-node hops over the network, plus bytes / bandwidth);
   ``local`` and ``global`` run the water-fill on the device (``waterfill_us``), modelled in
   one of two implementations (``Hardware.fused_waterfill``):
@@ -337,7 +338,8 @@ def mode_overhead_us(
         return 0.0
     cost = waterfill_us(hw, iters)
     if dispatch == "global":
-        cost += allreduce_us(hw, 4.0 * model.num_experts, ranks, nodes)
+        # one row of E counts and the seed per rank (eplb_plugin.routing.Router)
+        cost += allreduce_us(hw, 4.0 * ranks * (model.num_experts + 1), ranks, nodes)
     return cost
 
 

@@ -3,12 +3,14 @@
 A *dispatch mode* picks, for every token routed to a logical expert, which of the expert's
 replicas serves it (``docs/dispatch.md``). :func:`slot_loads` is the exact aggregate of what
 the device op ``eplb_plugin.kernels.map_and_count`` does token by token (up to rounding to
-whole tokens), so the simulator and the policies can reason about a mode without running it.
+whole tokens), so the simulator and the policies can reason about a mode without running it;
+:func:`token_loads` counts the whole tokens as the op rounds them.
 
 - ``static``: each expert's tokens split by ``layout.replica_share``;
 - ``local``: each rank water-fills its own tokens (no communication);
-- ``global``: every rank uses the split water-filled on the step's all-rank counts (one small
-  all-reduce of [E] counts per layer).
+- ``global``: every rank uses the split water-filled on the step's all-rank counts, and the
+  ranks' tokens are apportioned to whole tokens as one batch (one small all-reduce of an
+  [R, E + 1] table of counts per layer).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .names import WATERFILL_ITERS as WATERFILL_ITERS
 
 # The counts each mode water-fills its replica shares from: None (the layout's shares as
 # they are), "rank" (each rank's own counts of the step) or "all" (the step's counts summed
-# over the ranks: one all-reduce of [E] per layer, ``eplb_plugin.routing.Router``). A new
+# over the ranks: one all-reduce per layer, ``eplb_plugin.routing.Router``). A new
 # mode is a name in ``names.DISPATCH_MODES``, a row here and, if it splits tokens another
 # way than by shares, its device op.
 WATERFILL_COUNTS = {"static": None, "local": "rank", "global": "all"}
@@ -109,6 +111,68 @@ def slot_loads(
         share = dispatch_shares(layout, counts.sum(0) if source == "all" else counts, iters)
         share = share.double()
     return (per_rank * share).sum(0)
+
+
+def token_loads(
+    layout: ExpertLayout,
+    rank_counts: object,
+    dispatch: str = "static",
+    seeds: object = None,
+    iters: int = WATERFILL_ITERS,
+) -> torch.Tensor:
+    """Whole tokens each physical slot receives in one step: the device op's own counts.
+
+    :func:`slot_loads` splits every rank's tokens in fractions; the op rounds them to whole
+    tokens with a dither (``docs/dispatch.md``, apportionment), within one token per slot of
+    the fractions. ``static`` and ``local`` round rank by rank, and over R ranks these
+    roundings add up, about ``sqrt(R)`` tokens per slot, as much as the imbalance being
+    removed at decode batch sizes; ``global`` rounds all ranks' tokens as one batch. This
+    model applies the op's arithmetic the same way, so it equals the sum of the ranks'
+    ``map_and_count`` counts (float32 shares computed in one batch, as here, can differ from
+    the op's in the last bit; a boundary then moves by one token).
+
+    Args:
+        layout: the layout in service.
+        rank_counts: [R, L, E] whole tokens routed by each rank ([L, E]: one rank).
+        dispatch: ``static``, ``local`` or ``global`` (global: the shares water-filled on
+            the all-rank counts and the whole tokens apportioned once over all ranks'
+            tokens, numbered rank after rank, with rank 0's seed, as the Router does).
+        seeds: [R] integer dither seed of each rank's op (``routing.dither_seed``);
+            None: rank ``r`` uses seed ``r``.
+        iters: water-fill sweeps (``local``/``global``).
+    Returns:
+        [L, P] float64 whole numbers.
+    """
+    from eplb_plugin.kernels.reference import apportion, dither
+
+    check_dispatch(dispatch)
+    counts = _check_rank_counts(layout, rank_counts)
+    if not torch.equal(counts, counts.round()):
+        raise ValueError("rank_counts must be whole numbers of tokens")
+    ranks = counts.shape[0]
+    seeds = torch.arange(ranks) if seeds is None else torch.as_tensor(seeds)
+    if seeds.shape != (ranks,) or seeds.is_floating_point() or seeds.dtype == torch.bool:
+        raise ValueError(f"seeds must be {ranks} integers, one per rank, got {seeds!r}")
+    source = WATERFILL_COUNTS[dispatch]
+    if source is None:
+        share = layout.replica_share.to(torch.float32).expand(ranks, -1, -1)
+    elif source == "all":  # one batch of all ranks' tokens
+        counts, seeds, ranks = counts.sum(0, keepdim=True), seeds[:1], 1
+        share = dispatch_shares(layout, counts, iters)
+    else:
+        share = dispatch_shares(layout, counts, iters)
+    experts = layout.num_experts
+    u = torch.stack([dither(experts, int(seed), torch.device("cpu")) for seed in seeds])
+    lead = (ranks, layout.num_layers)
+    bounds = apportion(
+        counts.to(torch.int64), layout.log2phy.expand(*lead, -1, -1),
+        layout.logcnt.expand(*lead, -1), share.contiguous(), u.unsqueeze(1).expand(*lead, -1),
+    )  # fmt: skip  # [R, L, E, X]
+    per_replica = bounds - torch.nn.functional.pad(bounds[..., :-1], (1, 0))
+    in_use = torch.arange(bounds.shape[-1]) < layout.logcnt.unsqueeze(-1)  # [L, E, X]
+    per_replica = torch.where(in_use, per_replica, 0).sum(0).flatten(1).double()
+    loads = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.float64)
+    return loads.scatter_add_(1, layout.log2phy.clamp(min=0).flatten(1), per_replica)
 
 
 def gpu_loads_of(layout: ExpertLayout, loads: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ import sys
 DISPATCH_MODES = ("static", "local", "global")
 # Water-fill sweeps of the device op's default; the model must use the same number.
 WATERFILL_ITERS = 8
+# how the simulator counts a step's tokens per slot (eplb_plugin.simulate.SimConfig.rounding)
+ROUNDINGS = ("fractional", "tokens")
 # load predictors (eplb_plugin.predictor)
 PREDICTORS = ("window", "ema")
 # how `eplb export` reads tensors (eplb_plugin.export)

@@ -6,8 +6,11 @@ once:
 
 - ``static`` and ``local``: one call of the device op ``eplb_plugin.kernels.map_and_count``;
 - ``global``: the layer's per-expert counts (a masked ``index_add_``, no host sync) are
-  summed over the EP ranks through the Communicator (so its timeout applies), water-filled
-  into replica shares, and the op splits this rank's tokens by them as a static split.
+  exchanged between the EP ranks through the Communicator (one all-reduce of an [R, E + 1]
+  table holding each rank's row, so its timeout applies), water-filled into replica shares
+  from the all-rank counts, and the op splits this rank's tokens by them as a static split,
+  numbering them after the lower ranks' (``offsets``/``totals``): the apportionment to whole
+  tokens is then made once for all ranks, with rank 0's seed.
 
 A Router keeps its buffers between calls (the op's workspace, grown to the largest batch
 seen, and global dispatch's share rows), so steady-state routing allocates nothing.
@@ -41,12 +44,24 @@ class Router:
         comm: the EP ranks' Communicator (``global`` dispatch all-reduces through it; None
             or a one-rank communicator means a single rank).
         validate: passed to ``map_and_count`` (``None``: check id values on CPU tensors).
+        rank_invariant: every rank routes the same tokens (and passes the same seed), so
+            they must map them alike: ``global`` dispatch then sums the ranks' counts and
+            each rank apportions its tokens alone, instead of numbering them after the lower
+            ranks'.
     """
 
-    def __init__(self, dispatch: str, comm: object | None = None, *, validate: bool | None = None):
+    def __init__(
+        self,
+        dispatch: str,
+        comm: object | None = None,
+        *,
+        validate: bool | None = None,
+        rank_invariant: bool = False,
+    ):
         self.dispatch = check_dispatch(dispatch)
         self.comm = comm
         self.validate = validate
+        self.rank_invariant = rank_invariant
         # Workspaces are only ever added: a CUDA graph captured with an older (smaller) one
         # keeps its pointer, so it must stay allocated.
         self._workspaces: list[torch.Tensor] = []
@@ -80,14 +95,18 @@ class Router:
         if num_valid is None:
             num_valid = topk_ids.shape[0]
         share, dispatch = maps.replica_share, self.dispatch
+        offsets = totals = None
         if WATERFILL_COUNTS[dispatch] == "all":  # the op splits by the shares it is given
-            share = self._global_share(topk_ids, maps, layer, num_valid)
+            share, offsets, totals, seed = self._global_split(
+                topk_ids, maps, layer, num_valid, seed
+            )
             dispatch = "static"
         return map_and_count(
             topk_ids, maps.log2phy, maps.logcnt, share, counts, layer, num_valid,
             dispatch=dispatch, phy2log=maps.phy2log, slots_per_gpu=maps.slots_per_gpu,
             seed=seed, out=out, workspace=self._workspace(topk_ids, maps.num_experts),
-            waterfill_iters=WATERFILL_ITERS, validate=self.validate,
+            waterfill_iters=WATERFILL_ITERS, validate=self.validate, offsets=offsets,
+            totals=totals,
         )  # fmt: skip
 
     def _workspace(self, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -100,11 +119,21 @@ class Router:
             self._workspaces.append(ws)
         return ws
 
-    def _global_share(
-        self, topk_ids: torch.Tensor, maps: ExpertMaps, layer: int, num_valid: torch.Tensor | int
-    ) -> torch.Tensor:
-        """[L, P] float32 shares whose row ``layer`` is water-filled from every rank's counts
-        of this layer (other rows are stale: the op reads only row ``layer``).
+    def _global_split(
+        self,
+        topk_ids: torch.Tensor,
+        maps: ExpertMaps,
+        layer: int,
+        num_valid: torch.Tensor | int,
+        seed: torch.Tensor | int | None,
+    ) -> tuple:
+        """What the op needs to split this rank's tokens as one all-rank batch.
+
+        Returns ``(share, offsets, totals, seed)``: [L, P] float32 shares whose row
+        ``layer`` is water-filled from every rank's counts of this layer (other rows are
+        stale: the op reads only row ``layer``); [E] int64 valid entries of the lower ranks
+        and of all ranks per expert, and rank 0's seed (0-dim int64), or None, None and
+        ``seed`` on one rank.
 
         Collective: every rank must route every layer, in the same order.
         """
@@ -119,8 +148,23 @@ class Router:
         expert_counts.index_add_(
             0, ids.clamp(0, num_experts - 1).reshape(-1), known.reshape(-1).to(torch.float32)
         )
-        if self.comm is not None and self.comm.world_size > 1:
+        offsets = totals = None
+        if self.comm is not None and self.comm.world_size > 1 and self.rank_invariant:
             self.comm.all_reduce(expert_counts, op="sum")
+        elif self.comm is not None and self.comm.world_size > 1:
+            # one row per rank: counts, then the seed (exact in float32 below 2^24)
+            rank, ranks = self.comm.rank, self.comm.world_size
+            table = torch.zeros(ranks, num_experts + 1, dtype=torch.float32, device=ids.device)
+            table[rank, :num_experts] = expert_counts
+            if isinstance(seed, torch.Tensor):
+                table[rank, num_experts] = seed.to(device=ids.device, dtype=torch.float32)
+            elif seed is not None:
+                table[rank, num_experts] = float(seed)
+            self.comm.all_reduce(table, op="sum")
+            expert_counts = table[:, :num_experts].sum(0)
+            offsets = table[:rank, :num_experts].sum(0).to(torch.int64)
+            totals = expert_counts.to(torch.int64)
+            seed = table[0, num_experts].to(torch.int64)
         one = slice(layer, layer + 1)
         water = waterfill(
             expert_counts.unsqueeze(0).to(maps.device), maps.phy2log[one], maps.log2phy[one],
@@ -131,7 +175,7 @@ class Router:
         if share is None:
             share = self._shares[key] = maps.replica_share.clone()
         share[layer] = water[0]
-        return share
+        return share, offsets, totals, seed
 
 
 __all__ = ["Router", "SEED_MODULUS", "dither_seed"]

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .costmodel import Hardware, MoeShape, layer_us
-from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads
+from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads, token_loads
 from .layout import ExpertLayout, Topology
 from .names import DSV2_LITE_EXPERT_BYTES as DSV2_LITE_EXPERT_BYTES
+from .names import ROUNDINGS
 from .policies import dispatch_option, get_policy, plan
 from .predictor import PREDICTORS as PREDICTORS  # re-exported for the CLI
 from .predictor import check_predictor, predict_from_history
@@ -86,6 +87,10 @@ class SimConfig:
         bytes_per_slot: bytes of one expert's weights, to report bytes moved.
         policy_options: extra keyword options for the policy.
         waterfill_iters: water-fill sweeps of ``local``/``global`` dispatch.
+        rounding: ``fractional`` (:func:`~eplb_plugin.dispatch.slot_loads`: each rank's
+            tokens split in fractions) or ``tokens`` (:func:`~eplb_plugin.dispatch.token_loads`:
+            the whole tokens the device op gives each slot, rank by rank, with the dither
+            seeds the engines use).
     """
 
     policy: str = "default"
@@ -98,10 +103,15 @@ class SimConfig:
     bytes_per_slot: int = DSV2_LITE_EXPERT_BYTES
     policy_options: dict = field(default_factory=dict)
     waterfill_iters: int = WATERFILL_ITERS
+    rounding: str = "fractional"
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
         check_dispatch(self.dispatch)
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(
+                f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}"
+            )
         for name in ("interval", "window", "waterfill_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -176,6 +186,25 @@ def step_balancedness(gpu_loads: torch.Tensor) -> torch.Tensor:
     return ratio.mean(-1)
 
 
+def served_loads(
+    layout: ExpertLayout, rank_counts: torch.Tensor, dispatch: str, step: int, config: SimConfig
+) -> torch.Tensor:
+    """[L, P] float64 tokens per slot of one served step, counted as ``config.rounding`` says.
+
+    Args:
+        rank_counts: [R, L, E] the step's per-rank counts.
+        step: the step's index (``tokens`` rounding: the dither seeds of
+            ``routing.dither_seed(0, step, rank, R)``, as the engines pass them).
+    """
+    if config.rounding == "fractional":
+        return slot_loads(layout, rank_counts, dispatch, config.waterfill_iters)
+    from .routing import dither_seed
+
+    ranks = rank_counts.shape[0]
+    seeds = [dither_seed(0, step, rank, ranks) for rank in range(ranks)]
+    return token_loads(layout, rank_counts, dispatch, seeds, config.waterfill_iters)
+
+
 def first_scored_step(config: SimConfig) -> int:
     """Steps before this one only fill the first window; scoring starts here."""
     return config.window
@@ -230,7 +259,7 @@ def replay(
             if layout is not None:
                 moved.append(int(new.diff(layout).sum()))
             layout = new
-        loads = slot_loads(layout, rank_counts[step], config.dispatch, config.waterfill_iters)
+        loads = served_loads(layout, rank_counts[step], config.dispatch, step, config)
         scores.append(float(step_balancedness(gpu_loads_of(layout, loads))))
         if cost is not None:
             step_us.append(
@@ -257,7 +286,8 @@ def oracle(
     progress: Callable[[int], None] | None = None,
     cost: CostSpec | None = None,
 ) -> ReplayResult:
-    """DeepSeek's policy planned on each scored step's own counts, static uniform split."""
+    """DeepSeek's policy planned on each scored step's own counts, static uniform split
+    (rounded to whole tokens per rank as the other configurations, ``config.rounding``)."""
     totals = rank_counts.sum(1)
     start = first_scored_step(config)
     scores, times, step_us = [], [], []
@@ -265,9 +295,12 @@ def oracle(
         tic = time.perf_counter()
         layout = plan(totals[step], topology, "deepseek")
         times.append((time.perf_counter() - tic) * 1e3)
-        scores.append(float(step_balancedness(layout.gpu_loads(totals[step]))))
-        if cost is not None:
+        if config.rounding == "fractional":
             loads = slot_loads(layout, totals[step], "static")
+        else:
+            loads = served_loads(layout, rank_counts[step], "static", step, config)
+        scores.append(float(step_balancedness(gpu_loads_of(layout, loads))))
+        if cost is not None:
             step_us.append(step_layer_us(cost, layout, loads, "static"))
         if progress is not None:
             progress(1)
@@ -283,7 +316,7 @@ def baseline_config(config: SimConfig) -> SimConfig:
     """vLLM/SGLang: DeepSeek's policy on the window sum, static uniform split."""
     return SimConfig(
         policy="deepseek", dispatch="static", interval=config.interval, window=config.window,
-        predictor="window", bytes_per_slot=config.bytes_per_slot,
+        predictor="window", bytes_per_slot=config.bytes_per_slot, rounding=config.rounding,
     )  # fmt: skip
 
 

@@ -113,6 +113,8 @@ def check_map_and_count(
     block_size: int | None = None,
     waterfill_iters: int = 8,
     validate: bool | None = None,
+    offsets: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the bad argument; reads no tensor data unless validating.
 
@@ -187,6 +189,15 @@ def check_map_and_count(
             raise ValueError(f"seed must be on {device} like topk_ids, got {seed.device}")
     elif seed is not None and not is_int(seed):
         raise ValueError(f"seed must be None, an int or a 0-dim int tensor, got {seed!r}")
+    if (offsets is None) != (totals is None):
+        raise ValueError("offsets and totals go together: pass both or neither")
+    if offsets is not None:
+        if dispatch != "static":
+            raise ValueError("offsets/totals need dispatch='static' (shares given by the caller)")
+        for name, value in (("offsets", offsets), ("totals", totals)):
+            check_tensor(name, value, ndim=1, dtypes=INDEX_DTYPES, device=device, contiguous=True)
+            if value.shape[0] != num_experts:
+                raise ValueError(f"{name} must be [E] = [{num_experts}], got {_describe(value)}")
     if out is not None:
         check_tensor("out", out, ndim=2, dtypes=(ids.dtype,), device=device)
         if out.shape != ids.shape:
@@ -209,6 +220,8 @@ def check_map_and_count(
         validate = device.type == "cpu"
     if validate:
         _check_map_values(ids, log2phy[layer], logcnt[layer], num_slots, num_valid)
+        if offsets is not None and bool((offsets < 0).any() | (totals < 0).any()):
+            raise ValueError("offsets and totals must be >= 0")
 
 
 def _check_map_values(

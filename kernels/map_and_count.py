@@ -157,6 +157,8 @@ if triton is not None:
         num_valid,
         seed_ptr,
         seed,
+        offsets_ptr,
+        totals_ptr,
         num_tokens,
         top_k,
         num_experts,
@@ -165,6 +167,7 @@ if triton is not None:
         num_blocks,
         NUM_VALID_FROM_PTR: tl.constexpr,
         SEED_FROM_PTR: tl.constexpr,
+        ALL_RANKS: tl.constexpr,
         BLOCK: tl.constexpr,
         TILE_E: tl.constexpr,
     ):
@@ -196,8 +199,15 @@ if triton is not None:
             rank += tl.sum(tl.where(hot, run, 0), 1)
         e = tl.where(valid, ids, 0)
         earlier = tl.load(ws_ptr + block * num_experts + e, mask=valid, other=0)
-        c = tl.load(ws_ptr + num_blocks * num_experts + e, mask=valid, other=0)
-        n = earlier + rank
+        mine = tl.load(ws_ptr + num_blocks * num_experts + e, mask=valid, other=0)
+        if ALL_RANKS:
+            # all-rank numbering: this batch holds occurrences [start, start + mine) of c
+            start = tl.load(offsets_ptr + e, mask=valid, other=0).to(tl.int32)
+            c = tl.load(totals_ptr + e, mask=valid, other=0).to(tl.int32)
+        else:
+            start = tl.zeros([BLOCK], dtype=tl.int32)
+            c = mine
+        n = start + earlier + rank
         cnt = tl.load(logcnt_ptr + e, mask=valid, other=1).to(tl.int32)
 
         if SEED_FROM_PTR:
@@ -215,10 +225,13 @@ if triton is not None:
             cum += tl.load(share_ptr + slot, mask=use, other=0.0)
             hi = tl.floor(c_f * cum + u).to(tl.int32)
             hi = tl.minimum(tl.maximum(hi, lo), c)
-            hi = tl.where(j == cnt - 1, c, hi)
+            # the last replica takes the rest (also past c, should totals be short)
+            hi = tl.where(j == cnt - 1, tl.maximum(c, start + mine), hi)
             hit = use & (n >= lo) & (n < hi)
             slot_of = tl.where(hit, slot, slot_of)
-            add = tl.where(hit & (n == lo), hi - lo, add)
+            # the batch's first entry in the interval adds the batch's part of it
+            first_n = tl.maximum(lo, start)
+            add = tl.where(hit & (n == first_n), tl.minimum(hi, start + mine) - first_n, add)
             lo = tl.where(use, hi, lo)
         tl.store(out_at, slot_of.to(out_ptr.dtype.element_ty), mask=valid)
         in_range = (slot_of >= 0) & (slot_of < num_slots)
@@ -243,6 +256,8 @@ def map_and_count(
     block_size: int | None = None,
     waterfill_iters: int = 8,
     validate: bool | None = None,
+    offsets: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Map logical expert ids to physical slots and count tokens per slot (docs/dispatch.md).
 
@@ -269,6 +284,11 @@ def map_and_count(
         validate: check id/layout values before writing (reads tensor data: a host sync on
             a GPU). ``None`` = on CPU tensors only. Unvalidated out-of-range ids map to -1
             and are not counted; no memory outside the tensors is ever touched.
+        offsets, totals: [E] int32/int64 on the device, both or neither (``static`` only):
+            number this batch's entries of expert ``e`` from ``offsets[e]`` among the
+            ``totals[e]`` entries of all ranks (global dispatch: the valid entries of the
+            lower ranks, and of all ranks), so the apportionment is made once for all
+            ranks; every rank must then pass the same ``seed`` and shares.
 
     Returns:
         [N, K] physical slot ids, dtype of ``topk_ids`` (``out`` when given).
@@ -281,7 +301,8 @@ def map_and_count(
     # the same arguments reach the checks, then the torch or the Triton implementation
     args = (topk_ids, log2phy, logcnt, replica_share, counts, layer, num_valid)
     options = dict(dispatch=dispatch, phy2log=phy2log, slots_per_gpu=slots_per_gpu, seed=seed,
-                   out=out, waterfill_iters=waterfill_iters)  # fmt: skip
+                   out=out, waterfill_iters=waterfill_iters, offsets=offsets,
+                   totals=totals)  # fmt: skip
     launch = dict(workspace=workspace, block_size=block_size)
     checks.check_map_and_count(*args, **options, **launch, validate=validate)
     if backend_for(topk_ids.device) == "torch":
@@ -306,6 +327,8 @@ def _map_and_count_triton(
     workspace: torch.Tensor | None,
     block_size: int | None,
     waterfill_iters: int,
+    offsets: torch.Tensor | None,
+    totals: torch.Tensor | None,
 ) -> torch.Tensor:
     num_tokens, top_k = topk_ids.shape
     _, num_experts, width = log2phy.shape
@@ -355,20 +378,21 @@ def _map_and_count_triton(
         TILE_E=scan_e,
         TILE_B=min(next_power_of_2(num_blocks), 32),
     )
-    totals = workspace[num_blocks * num_experts : (num_blocks + 1) * num_experts]
+    # this batch's valid entries per expert (step 2); the argument ``totals`` is all ranks'
+    batch_counts = workspace[num_blocks * num_experts : (num_blocks + 1) * num_experts]
     if dispatch == "static":
         share = replica_share[layer]
     elif dispatch == "local":
         # the fused water-fill: one launch for every sweep (the torch path runs the reference)
         rows = slice(layer, layer + 1)
         share = waterfill_shares_triton(
-            totals.unsqueeze(0), phy2log[rows], log2phy[rows], logcnt[rows], slots_per_gpu,
+            batch_counts.unsqueeze(0), phy2log[rows], log2phy[rows], logcnt[rows], slots_per_gpu,
             replica_share[rows], waterfill_iters,
         )[0]  # fmt: skip
     else:
         share = reference.layer_shares(
             dispatch,
-            totals,
+            batch_counts,
             layer,
             replica_share,
             log2phy,
@@ -393,6 +417,8 @@ def _map_and_count_triton(
         nv_value,
         seed_ptr,
         seed_value,
+        workspace if offsets is None else offsets,  # unread placeholders without offsets
+        workspace if totals is None else totals,
         num_tokens,
         top_k,
         num_experts,
@@ -401,6 +427,7 @@ def _map_and_count_triton(
         num_blocks,
         NUM_VALID_FROM_PTR=nv_from_ptr,
         SEED_FROM_PTR=seed_from_ptr,
+        ALL_RANKS=offsets is not None,
         BLOCK=block,
         TILE_E=tile_e,
         num_warps=4,

@@ -96,24 +96,49 @@ def replica_bounds(
         share: [P] float32 shares for this batch.
         seed: dither seed (0-dim int tensor, int, or None = 0).
     """
-    num_experts, width = log2phy_l.shape
-    device = log2phy_l.device
-    cols = torch.arange(width, device=device)
-    in_use = cols.unsqueeze(0) < logcnt_l.unsqueeze(1)
-    s = torch.where(in_use, share[log2phy_l.clamp(min=0)], 0.0)
+    u = dither(log2phy_l.shape[0], seed, log2phy_l.device)
+    return apportion(expert_counts, log2phy_l, logcnt_l, share, u)
+
+
+def apportion(
+    expert_counts: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    share: torch.Tensor,
+    u: torch.Tensor,
+) -> torch.Tensor:
+    """Interval ends ``b_j`` (:func:`replica_bounds`) for any number of batches at once.
+
+    The same float32 arithmetic as the op, batch by batch: the aggregate model
+    ``eplb_plugin.dispatch.token_loads`` reproduces the op's whole-token counts with it.
+
+    Args:
+        expert_counts: [..., E] integer ``c[e]`` per batch.
+        log2phy: [..., E, X] int64 slots per expert (-1 padded).
+        logcnt: [..., E] int64 replica counts.
+        share: [..., P] float32 shares of each batch.
+        u: [..., E] float32 dither of each batch (:func:`dither`).
+    Returns:
+        [..., E, X] int64.
+    """
+    width = log2phy.shape[-1]
+    cols = torch.arange(width, device=log2phy.device)
+    in_use = cols < logcnt.unsqueeze(-1)
+    slots = log2phy.clamp(min=0)
+    s = share.gather(-1, slots.flatten(-2)).view(slots.shape)
+    s = torch.where(in_use, s, 0.0)
     # Cumulative shares summed left to right in float32, as the contract and the kernel do
     # (torch.cumsum accumulates float32 in double on CPU and in parallel on GPU).
-    running = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    running = torch.zeros(s.shape[:-1], dtype=torch.float32, device=s.device)
     cumulative = []
     for j in range(width):
-        running = running + s[:, j]
+        running = running + s[..., j]
         cumulative.append(running)
-    big_s = torch.stack(cumulative, 1) if width else s
-    c = expert_counts.to(torch.int64).unsqueeze(1)
-    u = dither(num_experts, seed, device).unsqueeze(1)
-    bounds = torch.floor(c.to(torch.float32) * big_s + u).to(torch.int64)
-    bounds = torch.minimum(bounds.clamp(min=0), c).cummax(1).values
-    last = cols.unsqueeze(0) >= (logcnt_l - 1).unsqueeze(1)
+    big_s = torch.stack(cumulative, -1) if width else s
+    c = expert_counts.to(torch.int64).unsqueeze(-1)
+    bounds = torch.floor(c.to(torch.float32) * big_s + u.unsqueeze(-1)).to(torch.int64)
+    bounds = torch.minimum(bounds.clamp(min=0), c).cummax(-1).values
+    last = cols >= (logcnt - 1).unsqueeze(-1)
     return torch.where(last, c, bounds)
 
 
@@ -132,14 +157,19 @@ def map_and_count(
     seed: torch.Tensor | int | None = None,
     out: torch.Tensor | None = None,
     waterfill_iters: int = 8,
+    offsets: torch.Tensor | None = None,
+    totals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The torch path of ``eplb_plugin.kernels.map_and_count`` (same arguments, less the
     Triton-only ``workspace``/``block_size``/``validate``; checked by the caller).
 
     Sorting the entries by expert (stable) lines them up by occurrence index; replica ``j``
     of expert ``e`` then takes the next ``b_j - b_{j-1}`` entries, so the sorted slot ids are
-    ``repeat_interleave`` of the slots by their token counts. Allocates O(N * K + E * X)
-    temporaries; no host synchronisation (``output_size`` keeps the repeat static).
+    ``repeat_interleave`` of the slots by their token counts. With ``offsets``/``totals``
+    the bounds are those of the all-rank numbering, and this batch, occurrences
+    ``[offsets[e], offsets[e] + c[e])`` of it, takes its part of each interval. Allocates
+    O(N * K + E * X) temporaries; no host synchronisation (``output_size`` keeps the repeat
+    static).
     """
     num_tokens, top_k = topk_ids.shape
     _, num_experts, width = log2phy.shape
@@ -173,7 +203,15 @@ def map_and_count(
         slots_per_gpu,
         waterfill_iters,
     )
-    bounds = replica_bounds(expert_counts, log2phy_l, logcnt_l, share, seed)  # [E, X]
+    if offsets is None:
+        bounds = replica_bounds(expert_counts, log2phy_l, logcnt_l, share, seed)  # [E, X]
+    else:
+        # this batch's part of the all-rank intervals, renumbered from its first occurrence
+        start = offsets.to(torch.int64).unsqueeze(1)
+        bounds = replica_bounds(totals.to(torch.int64), log2phy_l, logcnt_l, share, seed)
+        bounds = torch.minimum((bounds - start).clamp(min=0), expert_counts.unsqueeze(1))
+        last = torch.arange(width, device=device).unsqueeze(0) >= (logcnt_l - 1).unsqueeze(1)
+        bounds = torch.where(last, expert_counts.unsqueeze(1), bounds)
 
     # tokens per replica: b_j - b_{j-1}; padding columns get 0
     prev = torch.cat([torch.zeros_like(bounds[:, :1]), bounds[:, :-1]], 1)

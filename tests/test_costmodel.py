@@ -71,9 +71,10 @@ def test_mode_overheads() -> None:
     # water-fill of 8 sweeps: (30 + 36 * 8) kernels at 1 us
     assert waterfill_us(HW, 8) == 318.0
     assert mode_overhead_us(HW, MODEL, "local", 16, 4, iters=8) == 318.0
-    # global adds the all-reduce of 8 int32 counts (32 B at 1 GB/s: 0.032 us)
+    # global adds the all-reduce of a [16 ranks, 8 experts + 1] float32 table (576 B at
+    # 1 GB/s: 0.576 us)
     assert mode_overhead_us(HW, MODEL, "global", 16, 4, iters=8) == pytest.approx(
-        318.0 + 30.4 + 0.032
+        318.0 + 30.4 + 0.576
     )
     fused = dataclasses.replace(HW, waterfill_us=5.0)
     assert mode_overhead_us(fused, MODEL, "local", 16, 4) == 5.0
@@ -106,8 +107,8 @@ def test_layer_time_takes_the_busiest_gpu_plus_shared_costs() -> None:
     assert t.tolist() == pytest.approx([30.0 + 10.0 + 20.0])  # EP 2 < table: first row
     t_global = layer_us(HW, MODEL, loads, 2, "global", 1, 100, iters=0)
     # iters=0: 30 kernels; all-reduce over 2 ranks on one node: ring 6.6 + 2 * 0.6 = 7.8,
-    # tree 6.8 + 2 * 0.6 = 8.0; 32 B at 1 GB/s
-    assert float(t_global[0] - t[0]) == pytest.approx(30.0 + 7.8 + 0.032)
+    # tree 6.8 + 2 * 0.6 = 8.0; a [2 ranks, 8 experts + 1] float32 table, 72 B at 1 GB/s
+    assert float(t_global[0] - t[0]) == pytest.approx(30.0 + 7.8 + 0.072)
 
 
 def test_balanced_layer_time_closed_form() -> None:

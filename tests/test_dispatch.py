@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eplb_plugin import ExpertLayout, Topology, plan, slot_loads
-from eplb_plugin.dispatch import dispatch_shares, gpu_loads_of
+from eplb_plugin.dispatch import dispatch_shares, gpu_loads_of, token_loads
 from eplb_plugin.kernels.waterfill import waterfill_shares
 from eplb_plugin.traces import steps_from_routing_trace, synthetic_routing_trace
 
@@ -99,6 +99,124 @@ def test_matches_device_op_within_one_token(dispatch: str) -> None:
             )  # fmt: skip
     assert (device.double() - model).abs().max() <= ranks + 1e-6
     assert torch.equal(device.sum(1).double(), model.sum(1).round())
+
+
+def _device_counts(layout, topk_ids, counts, dispatch, seeds, backend):
+    """Per-slot counts of the op, rank by rank (round-robin dealing), as the Router calls it."""
+    from eplb_plugin.kernels._backend import forced_backend
+    from eplb_plugin.kernels.map_and_count import map_and_count
+
+    ranks = counts.shape[0]
+    device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    share = layout.replica_share
+    if dispatch == "global":
+        return _global_counts(layout, topk_ids, counts, seeds, backend)
+    with forced_backend(backend):
+        for layer in range(layout.num_layers):
+            for rank in range(ranks):
+                ids = topk_ids[rank::ranks, layer].contiguous()
+                map_and_count(
+                    ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
+                    dispatch="local" if dispatch == "local" else "static",
+                    phy2log=layout.phy2log, slots_per_gpu=layout.topology.slots_per_gpu,
+                    seed=int(seeds[rank]),
+                )  # fmt: skip
+    return device
+
+
+def _global_counts(layout, topk_ids, counts, seeds, backend):
+    """Global dispatch as the Router runs it on each rank: the op numbers this rank's tokens
+    after the lower ranks' (``offsets``) among all ranks' (``totals``), with rank 0's seed."""
+    from eplb_plugin.kernels._backend import forced_backend
+    from eplb_plugin.kernels.map_and_count import map_and_count
+
+    ranks = counts.shape[0]
+    device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    share = dispatch_shares(layout, counts.sum(0))
+    totals = counts.sum(0).to(torch.int64)
+    offsets = counts.cumsum(0).to(torch.int64) - counts.to(torch.int64)
+    with forced_backend(backend):
+        for layer in range(layout.num_layers):
+            for rank in range(ranks):
+                ids = topk_ids[rank::ranks, layer].contiguous()
+                map_and_count(
+                    ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
+                    seed=int(seeds[0]), offsets=offsets[rank, layer], totals=totals[layer],
+                )  # fmt: skip
+    return device
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+def test_token_loads_equal_the_device_op(dispatch: str, backend: str) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton")
+    ranks = 4
+    layout, topk_ids, counts = _case(5, ranks)
+    seeds = torch.tensor([11, 12, 13, 14]) * 7919
+    model = token_loads(layout, counts, dispatch, seeds)
+    device = _device_counts(layout, topk_ids, counts, dispatch, seeds, backend)
+    assert model.dtype == torch.float64 and torch.equal(model, device.double())
+    # the fractions it rounds: within one token per slot per rank
+    assert (model - slot_loads(layout, counts, dispatch)).abs().max() <= ranks
+    # other seeds round differently (the model follows them)
+    assert not torch.equal(token_loads(layout, counts, dispatch), model) or dispatch == "static"
+
+
+def _router_body(rank: int, world_size: int, dispatch: str) -> list:
+    """One rank of a gloo group routing its round-robin share of a step through the Router."""
+    from eplb_plugin.comm import make_communicator
+    from eplb_plugin.maps import ExpertMaps
+    from eplb_plugin.routing import Router, dither_seed
+
+    layout, topk_ids, _ = _case(5, world_size)
+    router = Router(dispatch, make_communicator("torch"))
+    maps = ExpertMaps.of(layout)
+    counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
+    for layer in range(layout.num_layers):
+        ids = topk_ids[rank::world_size, layer].contiguous()
+        seed = torch.tensor(dither_seed(3, 7, rank, world_size))
+        phys = router(ids, maps, counts, layer, seed=seed)
+        assert torch.equal(layout.phy2log[layer][phys], ids)
+    return counts.tolist()
+
+
+@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+def test_router_over_ranks_realizes_token_loads(dispatch: str) -> None:
+    from dist_utils import run_ranks
+
+    from eplb_plugin.routing import dither_seed
+
+    ranks = 2
+    layout, _, counts = _case(5, ranks)
+    results = run_ranks(_router_body, ranks, dispatch, timeout=120.0)
+    device = torch.tensor(results).sum(0).double()
+    seeds = [dither_seed(3, 7, rank, ranks) for rank in range(ranks)]
+    assert torch.equal(device, token_loads(layout, counts, dispatch, seeds))
+
+
+def test_token_loads_one_rank_of_singles_is_exact() -> None:
+    layout, _, counts = _case(6)
+    loads = token_loads(layout, counts, "static")
+    single = layout.logcnt.gather(1, layout.phy2log) == 1
+    fractional = slot_loads(layout, counts, "static")
+    assert torch.equal(loads[single], fractional[single])
+    assert torch.equal(loads, loads.round())
+    per_expert = torch.zeros(layout.num_layers, layout.num_experts, dtype=torch.float64)
+    per_expert.scatter_add_(1, layout.phy2log, loads)
+    assert torch.equal(per_expert, counts.sum(0).double())
+
+
+def test_token_loads_bad_input() -> None:
+    layout, _, counts = _case()
+    with pytest.raises(ValueError, match="whole numbers"):
+        token_loads(layout, counts + 0.5, "static")
+    with pytest.raises(ValueError, match="seeds"):
+        token_loads(layout, counts, "static", seeds=[1, 2])
+    with pytest.raises(ValueError, match="seeds"):
+        token_loads(layout, counts, "static", seeds=[0.5] * counts.shape[0])
+    with pytest.raises(ValueError, match="dispatch"):
+        token_loads(layout, counts, "random")
 
 
 def test_every_mode_has_a_row_in_the_waterfill_table() -> None:

@@ -262,6 +262,31 @@ def test_triton_and_torch_match_the_contract(num_tokens, top_k, num_valid, block
     assert int(cnt_t.sum()) == int((ids[:num_valid] >= 0).sum())
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("ranks,block_size", [(3, None), (4, 16)])
+def test_all_rank_numbering_splits_like_one_batch(backend, ranks, block_size):
+    """Batches numbered after each other (offsets) and apportioned on the total (totals)
+    map and count exactly as the one batch of them all, in rank order."""
+    layout = random_layout(2, 10, 20, 4, seed=21)
+    parts = [random_ids(13 + r, 4, 10, seed=30 + r, minus_one=0.05) for r in range(ranks)]
+    valid = [11 + r for r in range(ranks)]
+    whole = torch.cat([p[:v] for p, v in zip(parts, valid)])
+    per = [torch.bincount(p[:v][p[:v] >= 0], minlength=10) for p, v in zip(parts, valid)]
+    totals = sum(per)
+    want_counts = torch.zeros(2, 20, dtype=torch.int32)
+    want = run(backend, whole, layout, 1, whole.shape[0], want_counts, seed=5)
+    counts = torch.zeros(2, 20, dtype=torch.int32)
+    got, start = [], torch.zeros(10, dtype=torch.int64)
+    for p, v, n in zip(parts, valid, per):
+        out = run(backend, p.clone(), layout, 1, torch.tensor(v), counts, seed=5,
+                  offsets=start.clone(), totals=totals, block_size=block_size)  # fmt: skip
+        assert torch.equal(layout.phy2log[1][out[v:].clamp(min=0)][p[v:] >= 0], p[v:][p[v:] >= 0])
+        got.append(out[:v])
+        start += n
+    assert torch.equal(torch.cat(got), want)
+    assert torch.equal(counts, want_counts)
+
+
 def test_triton_device_scalars_inplace_and_strided_ids():
     layout = random_layout(1, 9, 16, 2, seed=1)
     ids = random_ids(60, 5, 9, seed=4).t().contiguous().t()  # [60, 5], strides (1, 60)
@@ -422,6 +447,27 @@ def _call(layout, ids, counts_, **kw):
         (lambda lay, ids, c: dict(workspace=torch.empty(3, dtype=torch.int32)), "workspace"),
         (lambda lay, ids, c: dict(seed=1.5), "seed must be"),
         (lambda lay, ids, c: dict(block_size=48), "block_size"),
+        (lambda lay, ids, c: dict(offsets=torch.zeros(6, dtype=torch.int64)), "go together"),
+        (
+            lambda lay, ids, c: dict(
+                offsets=torch.zeros(5, dtype=torch.int64), totals=torch.zeros(5, dtype=torch.int64)
+            ),
+            "offsets must be",
+        ),
+        (
+            lambda lay, ids, c: dict(offsets=torch.full((6,), -1), totals=torch.zeros(6).long()),
+            ">= 0",
+        ),
+        (
+            lambda lay, ids, c: dict(
+                dispatch="local",
+                phy2log=lay.phy2log,
+                slots_per_gpu=4,
+                offsets=torch.zeros(6).long(),
+                totals=torch.zeros(6).long(),
+            ),
+            "need dispatch='static'",
+        ),
     ],
 )
 def test_bad_input_raises_before_writing(small, change, match):

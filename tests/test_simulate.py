@@ -12,7 +12,7 @@ import torch
 from eplb_plugin import Topology, plan
 from eplb_plugin.cli.main import main
 from eplb_plugin.costmodel import get_hardware, get_model, layer_us
-from eplb_plugin.dispatch import slot_loads
+from eplb_plugin.dispatch import gpu_loads_of, slot_loads, token_loads
 from eplb_plugin.simulate import (
     CostSpec,
     SimConfig,
@@ -140,6 +140,30 @@ def test_compare_frames_results(trace) -> None:
     assert math_isnan(gap_closed(0.5, 0.7, 0.7))
 
 
+def test_replay_counts_whole_tokens_with_the_engines_seeds(trace) -> None:
+    from eplb_plugin.routing import dither_seed
+
+    counts = steps_from_routing_trace(trace.topk_ids, 128, 4, 32)
+    topology = Topology(40, 1, 1, 8)
+    configs = [SimConfig(dispatch=d, rounding="tokens") for d in ("static", "local", "global")]
+    out = compare(counts, topology, configs)
+    assert out["baseline"].mean != compare(counts, topology, [SimConfig()])["baseline"].mean
+    config = configs[2]
+    result = out["results"][2]
+    # replayed by hand: the same plans, each step's loads the op's whole-token counts
+    layout, expected = None, []
+    for i, step in enumerate(result.steps):
+        if i % config.interval == 0:
+            load = predict(counts.sum(1)[:step], config)
+            layout = plan(load, topology, "default", dispatch="global")
+        seeds = [dither_seed(0, step, r, 4) for r in range(4)]
+        loads = token_loads(layout, counts[step], "global", seeds)
+        assert torch.equal(loads, loads.round())
+        expected.append(float(step_balancedness(gpu_loads_of(layout, loads))))
+    assert torch.equal(result.balancedness, torch.tensor(expected, dtype=torch.float64))
+    assert out["oracle"].mean > out["baseline"].mean
+
+
 def test_replay_times_each_step_with_the_cost_model(trace) -> None:
     counts = steps_from_routing_trace(trace.topk_ids, 128, 4, 32)
     topology = Topology(40, 1, 1, 8)
@@ -229,6 +253,7 @@ def test_migration_aware_replay_moves_less(trace) -> None:
         ({"predictor": "oracle"}, "predictor"),
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"bytes_per_slot": -1}, "bytes_per_slot"),
+        ({"rounding": "floor"}, "rounding"),
     ],
 )
 def test_config_bad_input(kwargs: dict, match: str) -> None:
@@ -293,6 +318,19 @@ def test_cli_load_trace(tmp_path, capsys) -> None:
             "--no-progress", "--migrate", "--phase", "decode"]  # fmt: skip
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["label"] == "default/global+migrate"
+    assert main([*args, "--rounding", "tokens"]) == 2
+    assert "--rounding tokens needs a routing trace" in capsys.readouterr().err
+
+
+def test_cli_rounding_tokens(traces_dir, capsys) -> None:
+    args = _cli(traces_dir / "esft_intent.npz", "--dispatch", "local", "--json", "--compare")
+    assert main([*args, "--rounding", "tokens"]) == 0
+    tokens = json.loads(capsys.readouterr().out)["results"]
+    assert main(args) == 0
+    fractional = json.loads(capsys.readouterr().out)["results"]
+    assert [r["label"] for r in tokens] == [r["label"] for r in fractional]
+    for whole, split in zip(tokens, fractional):
+        assert whole["balancedness"] != split["balancedness"]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from ..names import (
     HARDWARE_PRESETS,
     MODEL_PRESETS,
     PREDICTORS,
+    ROUNDINGS,
     WATERFILL_ITERS,
     policy_names,
 )
@@ -94,6 +95,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "device op)",
     )
     p.add_argument(
+        "--rounding",
+        choices=ROUNDINGS,
+        default="fractional",
+        help="fractional: each rank's tokens split in fractions (the dispatch model "
+        "slot_loads, default); tokens: the whole tokens the device op gives each slot, rank "
+        "by rank (token_loads; needs a routing trace)",
+    )
+    p.add_argument(
         "--bytes-per-slot",
         type=int,
         default=DSV2_LITE_EXPERT_BYTES,
@@ -167,6 +176,11 @@ def load_rank_counts(args: argparse.Namespace, topology: Topology) -> torch.Tens
         return steps_from_routing_trace(
             trace.topk_ids, args.batch_tokens, topology.num_gpus, args.experts
         )
+    if args.rounding == "tokens":
+        raise ValueError(
+            f"--rounding tokens needs a routing trace (per-token expert ids); {args.trace!r} "
+            "is a load trace, which has no per-rank split of whole tokens"
+        )
     load = read_load(args.trace)
     if load.dim() != 3:
         raise ValueError(
@@ -206,6 +220,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                     bytes_per_slot=args.bytes_per_slot,
                     policy_options=dict(options),
                     waterfill_iters=args.waterfill_iters,
+                    rounding=args.rounding,
                 )  # fmt: skip
             )
     return configs

@@ -139,7 +139,8 @@ class EngineRuntime:
         ep_rank, ep_size: this rank and the EP size.
         num_groups: the model's expert groups; num_nodes: the engine's node count.
         rank_invariant: every EP rank routes the same tokens: the dither then must not
-            depend on the rank.
+            depend on the rank, and global dispatch apportions each rank's tokens alone
+            (``Router(rank_invariant=True)``).
         group: torch.distributed group of the EP ranks (None: the world).
         communicator: a ready Communicator (overrides ``group``).
         balancer_cls: the Balancer class (tests pass a fake).
@@ -190,7 +191,9 @@ class EngineRuntime:
         self.comm = getattr(self.balancer, "comm", None)
         self.device = self.balancer.counts.device
         self.seed = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.router = Router(self.dispatch, self.comm, validate=False)
+        self.router = Router(
+            self.dispatch, self.comm, validate=False, rank_invariant=rank_invariant
+        )
         map_and_count_op()  # registered now, not while Dynamo traces the engine's code
         self.router_id = register_router(self.router)
         self.steps = 0
