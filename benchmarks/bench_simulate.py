@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--hardware", default="h800-ib400-multinode", choices=list(HARDWARE))
     parser.add_argument(
         "--waterfill-us", type=float, default=-1.0,
-        help="device time of one water-fill per layer (default: estimated from its kernels)",
+        help="device time of one water-fill per layer (default: the fused kernel's estimate)",
     )  # fmt: skip
     parser.add_argument("--configs", help="comma-separated subset of the configurations")
     parser.add_argument(

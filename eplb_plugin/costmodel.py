@@ -22,12 +22,14 @@ One MoE layer of one step is modelled as (all times in microseconds)::
   ``local`` and ``global`` run the water-fill on the device (``waterfill_us``), modelled in
   one of two implementations (``Hardware.fused_waterfill``):
 
-  * ``torch`` (default): the torch ops of ``waterfill_shares``, the path where Triton cannot
-    run: the device kernels it launches (30 plus 36 per sweep, counted with the torch
-    profiler) times ``kernel_us``, the time of one tiny kernel replayed in a CUDA graph;
-  * ``fused``: the fused Triton kernel (``kernels/waterfill_fused.py``), what the device ops
-    run where Triton runs: one launch (``kernel_us``) plus ``fused_sweep_us`` per sweep and
-    one more sweep's worth for loading, duplicate detection and renormalisation.
+  * ``fused`` (default): the fused Triton kernel (``kernels/waterfill_fused.py``), what the
+    device ops run where Triton runs (every CUDA GPU with Triton installed): one launch
+    (``kernel_us``) plus ``fused_sweep_us`` per sweep and one more sweep's worth for
+    loading, duplicate detection and renormalisation;
+  * ``torch``: the torch ops of ``waterfill_shares``, the path where Triton cannot run (or
+    ``EPLB_KERNELS=torch``): the device kernels it launches (30 plus 36 per sweep, counted
+    with the torch profiler) times ``kernel_us``, the time of one tiny kernel replayed in a
+    CUDA graph.
 
   Both are estimates: neither has been measured on a GPU here (``benchmarks/gpu_check.py``
   times both where a GPU is lent); a measured figure goes in ``Hardware.waterfill_us``.
@@ -86,8 +88,9 @@ class Hardware:
         a2a_hidden: fraction of the dispatch + combine time hidden behind other work (0:
             serial; DeepSeek's two-micro-batch overlap hides most of it).
         kernel_us: time of one tiny kernel replayed in a CUDA graph, us (estimate).
-        fused_waterfill: 1 models the fused Triton water-fill kernel, 0 (default) the torch
-            ops (a number, so that ``--hw-param fused_waterfill=1`` selects it).
+        fused_waterfill: 1 (default) models the fused Triton water-fill kernel, the one the
+            device ops run where Triton runs; 0 the torch ops of the reference path (a
+            number, so that ``--hw-param fused_waterfill=0`` selects it).
         fused_sweep_us: on-chip time of one sweep of the fused kernel, us (estimate,
             derived where ``FUSED_SWEEP_US`` is defined).
         waterfill_us: measured device time of one water-fill per layer, us, for the
@@ -112,7 +115,7 @@ class Hardware:
     ar_gbps: float = 19.0
     a2a_hidden: float = 0.0
     kernel_us: float = 2.0
-    fused_waterfill: float = 0.0
+    fused_waterfill: float = 1.0
     fused_sweep_us: float = FUSED_SWEEP_US
     waterfill_us: float = -1.0
 

@@ -30,7 +30,7 @@ from eplb_plugin.costmodel import (
 HW = Hardware(
     name="test", gpus_per_node=4, hbm_gbps=1000.0, gemm_tflops=100.0,
     a2a_ep=(4, 16), dispatch_us=(10.0, 30.0), combine_us=(20.0, 40.0),
-    a2a_ref_tokens=100, a2a_ref_hidden=1000, ar_gbps=1.0, kernel_us=1.0,
+    a2a_ref_tokens=100, a2a_ref_hidden=1000, ar_gbps=1.0, kernel_us=1.0, fused_waterfill=0,
 )  # fmt: skip
 # expert: 3 * 1000 * 500 * 2 bytes = 3 MB; 6 * 1000 * 500 = 3 MFLOP per token
 MODEL = MoeShape("test", hidden=1000, intermediate=500, top_k=2, num_experts=8,
@@ -94,7 +94,7 @@ def test_fused_waterfill_estimate() -> None:
     assert waterfill_us(measured, 8) == 7.0 and waterfill_us(measured, 8, "torch") == 318.0
     with pytest.raises(ValueError, match="implementation"):
         waterfill_us(HW, 8, "cuda")
-    assert get_hardware("h200-nvlink-node", fused_waterfill=1.0).fused_waterfill == 1
+    assert get_hardware("h200-nvlink-node", fused_waterfill=0.0).fused_waterfill == 0
     with pytest.raises(ValueError, match="dispatch"):
         mode_overhead_us(HW, MODEL, "random", 16, 4)
 
@@ -171,8 +171,9 @@ def test_recommend_rows_rebased_on_the_fused_waterfill() -> None:
     from eplb_plugin.simulate import CostSpec, SimConfig, recommend
 
     model = dataclasses.replace(get_model("deepseek-v3"), num_experts=32)
-    torch_hw = get_hardware("h800-ib400-multinode")
-    fused_hw = dataclasses.replace(torch_hw, fused_waterfill=1)
+    fused_hw = get_hardware("h800-ib400-multinode")
+    assert waterfill_impl(fused_hw) == "fused"  # the default: what runs where Triton runs
+    torch_hw = dataclasses.replace(fused_hw, fused_waterfill=0)
     topo, config = Topology(40, 1, 1, 8), SimConfig(window=2, interval=2)
     runs = {}
     for hw in (torch_hw, fused_hw):

@@ -132,8 +132,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="override one hardware figure, e.g. fused_waterfill=1 (model the fused water-fill "
-        "kernel), waterfill_us=30 or hbm_gbps=3000 (repeatable)",
+        help="override one hardware figure, e.g. fused_waterfill=0 (model the torch-ops "
+        "water-fill instead of the fused kernel), waterfill_us=30 or hbm_gbps=3000 (repeatable)",
     )
     p.add_argument(
         "--recommend",
