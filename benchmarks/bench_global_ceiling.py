@@ -42,7 +42,7 @@ from eplb_plugin import Topology, plan
 from eplb_plugin.dispatch import dispatch_shares, gpu_loads_of
 from eplb_plugin.layout import ExpertLayout
 from eplb_plugin.simulate import SimConfig, compare, step_balancedness
-from eplb_plugin.traces import read_routing_trace, steps_from_routing_trace, synthetic_routing_trace
+from eplb_plugin.traces import steps_from_routing_trace
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ("measured", "exact split", "whole trace", "one step ahead", "own interval", "own step")
@@ -104,20 +104,6 @@ def ceiling(
     return out
 
 
-def traces(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    out = {os.path.basename(p): read_routing_trace(p).topk_ids for p in args.traces}
-    if args.synthetic:
-        # the same four synthetic traces as bench_simulate.py
-        from bench_simulate import SYNTHETIC
-
-        for name, (tokens, seq, skew, shift, seed) in SYNTHETIC.items():
-            trace = synthetic_routing_trace(
-                tokens, 26, 64, 6, seq_tokens=seq, skew=skew, shift=shift, seed=seed
-            )
-            out[name] = trace.topk_ids
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_traces = sorted(glob.glob(os.path.join(ROOT, "..", "examples", "traces", "*.npz")))
@@ -144,6 +130,9 @@ def main() -> None:
     torch.set_num_threads(1)
 
     rows = []
+    # the same traces (and four synthetic ones) as bench_simulate.py, run from this folder
+    from bench_simulate import traces
+
     for name, ids in traces(args).items():
         for spec in args.topologies:
             slots, gpus = (int(x) for x in spec.split(":"))
