@@ -223,7 +223,7 @@ class Balancer:
         self.layout = layout
         L, P, E = layout.num_layers, layout.num_slots, layout.num_experts
         self.maps = ExpertMaps.of(layout, self.device)
-        self.router = Router(config.dispatch, self.comm)
+        self.router = Router(config.dispatch, self.comm, iters=config.waterfill_iters)
         self.recorder = LoadRecorder(
             L, P, E, config.window, layout.phy2log,
             device=self.device, predictor=config.predictor, ema_decay=config.ema_decay,
@@ -481,7 +481,7 @@ class Balancer:
             return layout.balancedness(load)
         from .dispatch import slot_loads
 
-        per_slot = slot_loads(layout, load, self.config.dispatch)
+        per_slot = slot_loads(layout, load, self.config.dispatch, self.config.waterfill_iters)
         return balancedness_of(per_slot.view(layout.num_layers, self.topology.num_gpus, -1).sum(-1))
 
     def _collect(self, report: StepReport | None = None) -> StepReport:

@@ -16,11 +16,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DISPATCH_MODES, PREDICTORS
+from .names import DISPATCH_MODES, PREDICTORS, WATERFILL_ITERS
 
 COMMUNICATORS = ("torch", "deepep")
 PLAN_ON = ("rank0", "all")
 RECORD_FORMATS = ("eplb", "sglang")
+# Each sweep is a step of the device op on the critical path of every MoE layer.
+MAX_WATERFILL_ITERS = 128
 
 # Help text per field; also the documentation of each option (docs/runtime.md lists them).
 _HELP = {
@@ -33,6 +35,9 @@ _HELP = {
     "policy": "placement policy name (see `eplb plan --help`)",
     "policy_options": "JSON object of keyword options for the policy, e.g. '{\"max_moved\": 0.25}'",
     "dispatch": "replica choice per token: static, local or global (docs/dispatch.md)",
+    "waterfill_iters": "water-fill sweeps of local/global dispatch per layer and step (1-128; "
+    "more even out the split further at ~2.5 us each on the fused kernel: "
+    "`eplb simulate --recommend --waterfill-iters N` models it)",
     "min_gain": "smallest predicted balancedness gain (0..1) worth moving weights for",
     "layers_per_step": "layers moved per engine step (0 = all layers in one step)",
     "staging_bytes": "bytes of extra memory a rebalance may use per rank (staging + send)",
@@ -99,6 +104,8 @@ class EplbConfig:
             policy accepts (a ValueError names the option and lists the valid ones); the
             policy's ``dispatch`` comes from the ``dispatch`` field.
         dispatch: ``"static"``, ``"local"`` or ``"global"`` replica choice (docs/dispatch.md).
+        waterfill_iters: water-fill sweeps of ``local``/``global`` dispatch, 1 to 128 (the
+            device op, the Balancer's predictions and the simulator use the same number).
         min_gain: act only when the predicted balancedness gain (new - current, both in
             [0, 1]) is at least this.
         layers_per_step: layers moved per engine step; 0 moves every layer in one step.
@@ -143,6 +150,7 @@ class EplbConfig:
     policy: str = "default"
     policy_options: dict = field(default_factory=dict)
     dispatch: str = "static"
+    waterfill_iters: int = WATERFILL_ITERS
     min_gain: float = 0.01
     layers_per_step: int = 1
     staging_bytes: int = 256 << 20
@@ -193,6 +201,9 @@ class EplbConfig:
         except (TypeError, ValueError) as exc:
             _fail("policy_options", self.policy_options, str(exc))
         _choice("dispatch", self.dispatch, DISPATCH_MODES)
+        _int("waterfill_iters", self.waterfill_iters, 1)
+        if self.waterfill_iters > MAX_WATERFILL_ITERS:
+            _fail("waterfill_iters", self.waterfill_iters, f"must be <= {MAX_WATERFILL_ITERS}")
         self.min_gain = _float("min_gain", self.min_gain)
         if not 0.0 <= self.min_gain <= 1.0:
             _fail("min_gain", self.min_gain, "must lie in [0, 1] (a balancedness difference)")

@@ -44,6 +44,7 @@ class Router:
         comm: the EP ranks' Communicator (``global`` dispatch all-reduces through it; None
             or a one-rank communicator means a single rank).
         validate: passed to ``map_and_count`` (``None``: check id values on CPU tensors).
+        iters: water-fill sweeps of ``local``/``global`` dispatch (``EplbConfig.waterfill_iters``).
         rank_invariant: every rank routes the same tokens (and passes the same seed), so
             they must map them alike: ``global`` dispatch then sums the ranks' counts and
             each rank apportions its tokens alone, instead of numbering them after the lower
@@ -57,11 +58,15 @@ class Router:
         *,
         validate: bool | None = None,
         rank_invariant: bool = False,
+        iters: int = WATERFILL_ITERS,
     ):
         self.dispatch = check_dispatch(dispatch)
         self.comm = comm
         self.validate = validate
         self.rank_invariant = rank_invariant
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"iters must be a positive integer, got {iters!r}")
+        self.iters = iters
         # Workspaces are only ever added: a CUDA graph captured with an older (smaller) one
         # keeps its pointer, so it must stay allocated.
         self._workspaces: list[torch.Tensor] = []
@@ -105,7 +110,7 @@ class Router:
             topk_ids, maps.log2phy, maps.logcnt, share, counts, layer, num_valid,
             dispatch=dispatch, phy2log=maps.phy2log, slots_per_gpu=maps.slots_per_gpu,
             seed=seed, out=out, workspace=self._workspace(topk_ids, maps.num_experts),
-            waterfill_iters=WATERFILL_ITERS, validate=self.validate, offsets=offsets,
+            waterfill_iters=self.iters, validate=self.validate, offsets=offsets,
             totals=totals,
         )  # fmt: skip
 
@@ -168,7 +173,7 @@ class Router:
         one = slice(layer, layer + 1)
         water = waterfill(
             expert_counts.unsqueeze(0).to(maps.device), maps.phy2log[one], maps.log2phy[one],
-            maps.logcnt[one], maps.slots_per_gpu, maps.replica_share[one], WATERFILL_ITERS,
+            maps.logcnt[one], maps.slots_per_gpu, maps.replica_share[one], self.iters,
         )  # fmt: skip
         key = (tuple(maps.replica_share.shape), maps.device)
         share = self._shares.get(key)

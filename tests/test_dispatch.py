@@ -163,14 +163,14 @@ def test_token_loads_equal_the_device_op(dispatch: str, backend: str) -> None:
     assert not torch.equal(token_loads(layout, counts, dispatch), model) or dispatch == "static"
 
 
-def _router_body(rank: int, world_size: int, dispatch: str) -> list:
+def _router_body(rank: int, world_size: int, dispatch: str, iters: int = 8) -> list:
     """One rank of a gloo group routing its round-robin share of a step through the Router."""
     from eplb_plugin.comm import make_communicator
     from eplb_plugin.maps import ExpertMaps
     from eplb_plugin.routing import Router, dither_seed
 
     layout, topk_ids, _ = _case(5, world_size)
-    router = Router(dispatch, make_communicator("torch"))
+    router = Router(dispatch, make_communicator("torch"), iters=iters)
     maps = ExpertMaps.of(layout)
     counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
     for layer in range(layout.num_layers):
@@ -181,18 +181,23 @@ def _router_body(rank: int, world_size: int, dispatch: str) -> list:
     return counts.tolist()
 
 
-@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
-def test_router_over_ranks_realizes_token_loads(dispatch: str) -> None:
+@pytest.mark.parametrize(
+    "dispatch,iters",
+    [("static", 8), ("local", 8), ("global", 8), ("local", 1), ("global", 1)],
+)
+def test_router_over_ranks_realizes_token_loads(dispatch: str, iters: int) -> None:
     from dist_utils import run_ranks
 
     from eplb_plugin.routing import dither_seed
 
     ranks = 2
     layout, _, counts = _case(5, ranks)
-    results = run_ranks(_router_body, ranks, dispatch, timeout=120.0)
+    results = run_ranks(_router_body, ranks, dispatch, iters, timeout=120.0)
     device = torch.tensor(results).sum(0).double()
     seeds = [dither_seed(3, 7, rank, ranks) for rank in range(ranks)]
-    assert torch.equal(device, token_loads(layout, counts, dispatch, seeds))
+    assert torch.equal(device, token_loads(layout, counts, dispatch, seeds, iters))
+    if iters != 8:  # the Router's sweeps (EplbConfig.waterfill_iters) are the ones it runs
+        assert not torch.equal(device, token_loads(layout, counts, dispatch, seeds, 8))
 
 
 def test_token_loads_one_rank_of_singles_is_exact() -> None:

@@ -192,8 +192,9 @@ class EngineRuntime:
         self.device = self.balancer.counts.device
         self.seed = torch.zeros((), dtype=torch.int64, device=self.device)
         self.router = Router(
-            self.dispatch, self.comm, validate=False, rank_invariant=rank_invariant
-        )
+            self.dispatch, self.comm, validate=False, rank_invariant=rank_invariant,
+            iters=self.config.waterfill_iters,
+        )  # fmt: skip
         map_and_count_op()  # registered now, not while Dynamo traces the engine's code
         self.router_id = register_router(self.router)
         self.steps = 0

@@ -212,7 +212,10 @@ def apply_eplb(
     else:
         maps = ExpertMaps.of(layout, device)
         counts = torch.zeros(num_layers, topology.num_replicas, dtype=torch.int32, device=device)
-        router = Router(config.dispatch, _dispatch_comm(config, group, world_size))
+        router = Router(
+            config.dispatch, _dispatch_comm(config, group, world_size),
+            iters=config.waterfill_iters,
+        )  # fmt: skip
     hidden = int(model.config.hidden_size)
     communicator = make_communicator(comm, group, world_size, slots, hidden, device)
     runtime = EPRuntime(
