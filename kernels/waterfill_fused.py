@@ -37,11 +37,24 @@ import torch
 from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
 from eplb_plugin.kernels.waterfill import waterfill_shares
 
-__all__ = ["waterfill", "waterfill_shares_triton"]
+__all__ = ["fits_one_block", "waterfill", "waterfill_shares_triton"]
 
 # largest [G, S, S] or [E, X, X] tile compared in one go on a GPU (16 elements a thread at
 # 8 warps); wider layouts loop over the last axis instead
 CUBE_ELEMENTS = 4096
+# largest [E, X] or [G, S] tile the one-CTA kernel takes (64 elements a thread at 8 warps);
+# wider layouts would spill registers, so ``waterfill`` runs the torch reference for them
+MAX_TILE_ELEMENTS = 16384
+
+
+def fits_one_block(num_experts: int, width: int, num_gpus: int, slots_per_gpu: int) -> bool:
+    """Whether the fused kernel takes this layout (its padded tiles within
+    ``MAX_TILE_ELEMENTS``): E experts with up to ``width`` replicas, G GPUs of S slots."""
+    tile = max(
+        next_power_of_2(num_experts) * next_power_of_2(width),
+        next_power_of_2(num_gpus) * next_power_of_2(slots_per_gpu),
+    )
+    return tile <= MAX_TILE_ELEMENTS
 
 if triton is not None:
 
@@ -289,9 +302,13 @@ def waterfill(
     iters: int = 8,
 ) -> torch.Tensor:
     """The water-fill of the device ops: the fused Triton kernel where Triton runs
-    (``_backend.backend_for``), else the torch reference ``waterfill_shares``. Same
-    arguments and result as ``waterfill_shares`` ([L, P] float32)."""
-    if backend_for(counts.device) == "triton":
+    (``_backend.backend_for``) and the layout fits one thread block (:func:`fits_one_block`),
+    else the torch reference ``waterfill_shares``. Same arguments and result as
+    ``waterfill_shares`` ([L, P] float32)."""
+    _, num_experts, width = log2phy.shape
+    num_gpus = phy2log.shape[1] // max(slots_per_gpu, 1)
+    fits = fits_one_block(num_experts, width, num_gpus, slots_per_gpu)
+    if fits and backend_for(counts.device) == "triton":
         return waterfill_shares_triton(
             counts, phy2log, log2phy, logcnt, slots_per_gpu, base_share, iters
         )

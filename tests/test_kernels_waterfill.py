@@ -129,6 +129,21 @@ def test_dispatch_follows_the_backend():
         torch.testing.assert_close(waterfill(*args), waterfill_shares(*args), atol=ATOL, rtol=0)
 
 
+def test_layouts_wider_than_one_block_run_the_torch_reference(monkeypatch):
+    from eplb_plugin.kernels import waterfill_fused
+    from eplb_plugin.kernels.waterfill_fused import MAX_TILE_ELEMENTS, fits_one_block
+
+    assert fits_one_block(256, 4, 320, 1) and fits_one_block(512, 8, 128, 8)  # DeepSeek-V3 up
+    assert not fits_one_block(MAX_TILE_ELEMENTS, 2, 8, 1)  # [E, X] tile too wide
+    assert not fits_one_block(8, 1, 2, MAX_TILE_ELEMENTS)  # [G, S] tile too wide
+    layout = odd_layout(1, 6, 3, 3, seed=6)
+    counts = random_counts(1, 6, seed=6)
+    args = (counts, layout.phy2log, layout.log2phy, layout.logcnt, 3, layout.replica_share, 8)
+    monkeypatch.setattr(waterfill_fused, "MAX_TILE_ELEMENTS", 4)  # this layout is now "wide"
+    with kernels("triton"):
+        assert torch.equal(waterfill(*args), waterfill_shares(*args))  # the reference itself
+
+
 def test_bad_arguments_raise():
     layout = odd_layout(1, 6, 3, 3, seed=5)
     counts = random_counts(1, 6, seed=5)
