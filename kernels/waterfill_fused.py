@@ -56,6 +56,7 @@ def fits_one_block(num_experts: int, width: int, num_gpus: int, slots_per_gpu: i
     )
     return tile <= MAX_TILE_ELEMENTS
 
+
 if triton is not None:
 
     @triton.jit
