@@ -193,9 +193,19 @@ class LoadRecorder:
             return None
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-        per_step = self.logical_window().to(torch.float64)  # [S, L, E]
-        runs = max(1, min(per_step.shape[0], max_steps))
-        steps = torch.stack([part.sum(0) for part in torch.tensor_split(per_step, runs)])
+        rows = self._rows()
+        runs = torch.tensor_split(torch.arange(len(rows)), max(1, min(len(rows), max_steps)))
+        shape = (len(runs), self.num_layers, self.num_experts)
+        steps = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        # run by run and layout by layout on the slot window: never an [S, L, E] copy of a
+        # window of thousands of steps on the serving device
+        for out, run in zip(steps, runs):
+            run_rows = [rows[i] for i in run.tolist()]
+            for version, idx in self._rows_by_version(run_rows).items():
+                sel = torch.tensor([run_rows[i] for i in idx], dtype=torch.long, device=self.device)
+                out.scatter_add_(
+                    1, self._layouts[version], self.window[sel].to(torch.float64).sum(0)
+                )
         if reduce and self.comm.world_size > 1:
             self.comm.all_reduce(steps, op="sum")
         return steps.cpu()
