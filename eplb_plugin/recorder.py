@@ -158,14 +158,19 @@ class LoadRecorder:
         """[L, E] float64 this rank's load for the predictor (window sum or EMA), device."""
         if self.predictor == "ema":
             return self.ema.load().to(torch.float64)
-        rows = self._rows()
-        shape = (self.num_layers, self.num_experts)
-        total = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        total = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64,
+                            device=self.device)  # fmt: skip
+        return self._add_logical(self._rows(), total)
+
+    def _add_logical(self, rows: list[int], out: torch.Tensor) -> torch.Tensor:
+        """Add the window ``rows``' slot counts, summed, into ``out`` [L, E] float64 as
+        logical loads, each row through the layout it was recorded with; returns ``out``.
+        Layout by layout on the slot window: never an [S, L, E] copy of the window."""
         for version, idx in self._rows_by_version(rows).items():
             sel = torch.tensor([rows[i] for i in idx], dtype=torch.long, device=self.device)
             per_slot = self.window[sel].to(torch.float64).sum(0)
-            total.scatter_add_(1, self._layouts[version], per_slot)
-        return total
+            out.scatter_add_(1, self._layouts[version], per_slot)
+        return out
 
     def logical_load(self, reduce: bool = True) -> torch.Tensor:
         """[L, E] float64 load on the host, summed over ranks when ``reduce`` (collective).
@@ -197,15 +202,8 @@ class LoadRecorder:
         runs = torch.tensor_split(torch.arange(len(rows)), max(1, min(len(rows), max_steps)))
         shape = (len(runs), self.num_layers, self.num_experts)
         steps = torch.zeros(shape, dtype=torch.float64, device=self.device)
-        # run by run and layout by layout on the slot window: never an [S, L, E] copy of a
-        # window of thousands of steps on the serving device
         for out, run in zip(steps, runs):
-            run_rows = [rows[i] for i in run.tolist()]
-            for version, idx in self._rows_by_version(run_rows).items():
-                sel = torch.tensor([run_rows[i] for i in idx], dtype=torch.long, device=self.device)
-                out.scatter_add_(
-                    1, self._layouts[version], self.window[sel].to(torch.float64).sum(0)
-                )
+            self._add_logical([rows[i] for i in run.tolist()], out)
         if reduce and self.comm.world_size > 1:
             self.comm.all_reduce(steps, op="sum")
         return steps.cpu()

@@ -44,9 +44,11 @@ def test_record_moves_counts_into_the_ring_and_zeroes_them():
     assert window[:, 0, 0].tolist() == [3.0, 4.0, 5.0]  # oldest first, last 3 kept
 
 
-def test_rebalance_mid_window_converts_each_step_with_its_own_layout():
+def recorded_across_a_rebalance(seed: int) -> tuple[LoadRecorder, torch.Tensor]:
+    """A window of 10 holding 6 recorded steps: 3 under layout a, then 3 under layout b.
+    Returns the recorder and the true [6, L, E] logical loads."""
     a, b = layouts()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     truth = torch.randint(0, 50, (6, L, E), generator=gen)
     rec = LoadRecorder(L, P, E, 10, a.phy2log)
     for step in range(6):
@@ -55,6 +57,12 @@ def test_rebalance_mid_window_converts_each_step_with_its_own_layout():
             rec.set_layout(b.phy2log)
         rec.counts.copy_(spread(truth[step], layout))
         rec.record()
+    return rec, truth
+
+
+def test_rebalance_mid_window_converts_each_step_with_its_own_layout():
+    _, b = layouts()
+    rec, truth = recorded_across_a_rebalance(0)
     assert torch.equal(rec.logical_window(), truth.float())
     assert torch.equal(rec.logical_load(), truth.sum(0).double())
     per_gpu = rec.slot_window().double().sum(0).view(L, 2, P // 2).sum(-1)
@@ -175,16 +183,8 @@ def test_bad_arguments():
 
 
 def test_plan_steps_are_the_window_cut_into_runs_through_each_steps_layout():
-    a, b = layouts()
-    gen = torch.Generator().manual_seed(5)
-    truth = torch.randint(0, 50, (6, L, E), generator=gen)
-    rec = LoadRecorder(L, P, E, 10, a.phy2log)
-    for step in range(6):
-        layout = a if step < 3 else b
-        if step == 3:
-            rec.set_layout(b.phy2log)
-        rec.counts.copy_(spread(truth[step], layout))
-        rec.record()
+    a, _ = layouts()
+    rec, truth = recorded_across_a_rebalance(5)
     runs = rec.plan_steps(4)  # 6 steps in 4 runs: 2, 2, 1, 1 steps, oldest first
     expected = torch.stack([truth[0:2].sum(0), truth[2:4].sum(0), truth[4], truth[5]])
     assert runs.dtype == torch.float64 and torch.equal(runs, expected.double())
