@@ -414,33 +414,30 @@ class Balancer:
         self._due = self.steps + self.config.interval
         # the window predictor's per-step runs let the policy weigh steps (recency, spread)
         steps = self.recorder.plan_steps(reduce=True)
-        load = self.recorder.logical_load(reduce=True) if steps is None else steps.sum(0)
+        weight = self.recorder.logical_load(reduce=True) if steps is None else steps
         measured = self._measure(0)  # realized balancedness since the previous rebalance
         self._realized = None if measured is None else measured[0]
         self._collect_at = self.steps + self.config.plan_delay
         self._planner_busy = False
         if self.config.plan_on == "all" or self.rank == 0:
             if self.config.plan_delay == 0:
-                self._future = _run_now(self._compute_plan, load, self.layout, steps)
+                self._future = _run_now(self._compute_plan, weight, self.layout)
             else:
                 self._planners = [f for f in self._planners if not f.done()]
                 if len(self._planners) >= MAX_PLANNERS:
                     self._planner_busy = True  # abandoned plans still running: no more threads
                 else:
-                    self._future = _background(
-                        "eplb-plan", self._compute_plan, load, self.layout, steps
-                    )
+                    self._future = _background("eplb-plan", self._compute_plan, weight, self.layout)
                     self._planners.append(self._future)
         return StepReport(step=self.steps, event="planned")
 
-    def _compute_plan(
-        self, load: torch.Tensor, current: ExpertLayout, steps: torch.Tensor | None = None
-    ) -> tuple:
+    def _compute_plan(self, weight: torch.Tensor, current: ExpertLayout) -> tuple:
         """Background: (new layout or None, predicted balancedness now, with the new layout,
         prepared move or None). With ``plan_on="all"`` the move is prepared here too.
 
-        ``load``: [L, E] the predicted load; ``steps``: [S, L, E] its per-step runs (sum
-        ``load``) or None: the policy plans on them when given."""
+        ``weight``: [L, E] the predicted load, or [S, L, E] its per-step runs (the load is
+        their sum), which the policy then plans on."""
+        load = weight.sum(0) if weight.dim() == 3 else weight
         if float(load.sum()) <= 0:
             return None, 1.0, 1.0, None
         start = time.perf_counter()
@@ -449,7 +446,6 @@ class Balancer:
             **dispatch_option(self.config.policy, self.config.dispatch),
             **self.config.policy_options,
         }
-        weight = load if steps is None else steps
         new = plan_layout(
             weight.to(torch.float32), self.topology, policy=self.config.policy, previous=current,
             **options,
