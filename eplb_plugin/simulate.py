@@ -295,10 +295,7 @@ def oracle(
         tic = time.perf_counter()
         layout = plan(totals[step], topology, "deepseek")
         times.append((time.perf_counter() - tic) * 1e3)
-        if config.rounding == "fractional":
-            loads = slot_loads(layout, totals[step], "static")
-        else:
-            loads = served_loads(layout, rank_counts[step], "static", step, config)
+        loads = served_loads(layout, rank_counts[step], "static", step, config)
         scores.append(float(step_balancedness(gpu_loads_of(layout, loads))))
         if cost is not None:
             step_us.append(step_layer_us(cost, layout, loads, "static"))
