@@ -13,6 +13,10 @@ need no messages):
 - every ``interval`` steps, the plan is *due*: the window's load is summed over ranks (the
   only per-plan all-reduce) and the policy starts in a background thread (on rank 0 for
   ``plan_on="rank0"``, on every rank for ``"all"``);
+- between plans, after every run of steps (the window's eighth), the run's load is summed
+  over ranks and compared with the plan's forecast (:mod:`eplb_plugin.shift`): on a shift
+  the plan is due at once, on the steps since the shift only, and again
+  ``FOLLOW_UP_RUNS`` runs later;
 - ``plan_delay`` steps later it is *collected*: rank 0 broadcasts the new layout (or every
   rank takes its own deterministic result); if the predicted balancedness gain is below
   ``min_gain``, nothing moves;
@@ -48,8 +52,9 @@ from .metrics import BalancerMetrics
 from .policies import dispatch_option
 from .policies import plan as plan_layout
 from .record import LoadWindowWriter
-from .recorder import LoadRecorder
+from .recorder import PLAN_STEPS, LoadRecorder
 from .routing import Router
+from .shift import FOLLOW_UP_RUNS, ShiftDetector, run_steps_of
 from .transfer import TransferPlan, align_slots, plan_transfer
 
 log = logging.getLogger("eplb_plugin.runtime")
@@ -113,6 +118,7 @@ class BalancerStats:
         bytes_moved: bytes this rank sent plus received.
         longest_pause_s: longest single ``step()``.
         balancedness: (step, predicted before, predicted after) per collected plan.
+        shifts: load shifts detected (each made a plan due at once).
         realized_balancedness: the last measured balancedness (per-GPU loads summed over the
             ranks; mean/max, averaged over layers): over the steps since the previous
             rebalance (measured when a plan falls due) or since the previous
@@ -128,6 +134,7 @@ class BalancerStats:
     balancedness: list[tuple[int, float, float]] = field(default_factory=list)
     skip_reasons: dict[str, int] = field(default_factory=dict)
     realized_balancedness: float | None = None
+    shifts: int = 0
 
 
 class Balancer:
@@ -235,6 +242,12 @@ class Balancer:
         self.stats = BalancerStats()
         self.steps = 0
         self._due = config.interval
+        # a shift needs the window's runs to be seen: the ema predictor has none
+        threshold = config.shift_threshold if config.predictor == "window" else 0.0
+        self.shift = ShiftDetector(threshold)
+        self._planned_at = 0  # step of the last plan's load snapshot
+        self._shift_at: int | None = None  # last step before the shift; plans start after it
+        self._shift_run = 0  # steps of the run that showed the shift (0: regular plan)
         self._collect_at: int | None = None
         self._future: Future | None = None
         # policy threads still running, collected or abandoned. A thread cannot be killed:
@@ -402,7 +415,7 @@ class Balancer:
             return self._start_moving()
         if self._collect_at is not None and self.steps >= self._collect_at:
             return self._collect()
-        if self._collect_at is None and self.steps >= self._due:
+        if self._collect_at is None and (self.steps >= self._due or self._shifted()):
             report = self._start_plan()
             if self.config.plan_delay == 0:
                 return self._collect(report)
@@ -410,11 +423,40 @@ class Balancer:
         return None
 
     # ------------------------------------------------------------------ planning
+    def _shifted(self) -> bool:
+        """Whether the newest run of steps shows a load shift (collective: every rank checks
+        at the same steps, on the same all-reduced run, and so decides alike)."""
+        run = self.shift.run_steps
+        since = self.steps - self._planned_at
+        if not self.shift.ready or self._busy() or since <= 0 or since % run:
+            return False
+        observed = self.recorder.newest_load(run, reduce=True)
+        if not self.shift.shifted(observed):
+            return False
+        self._shift_at, self._shift_run = self.steps - run, run
+        self.stats.shifts += 1
+        self.metrics.shift()
+        if self.rank == 0:
+            log.info(
+                "EPLB load shift at step %d: the last %d steps depart from the planned load "
+                "%.1fx more than the plan's window did (threshold %g); re-planning on them",
+                self.steps, run, self.shift.deviation_ratio(observed), self.shift.threshold,
+            )  # fmt: skip
+        return True
+
     def _start_plan(self) -> StepReport:
-        self._due = self.steps + self.config.interval
+        shift_run, self._shift_run = self._shift_run, 0
+        # after a shift, plans see only the steps since it, until the window holds no older
+        last = None if self._shift_at is None else self.steps - self._shift_at
+        if last is not None and last >= self.recorder.filled:
+            self._shift_at = last = None
+        self._due = self.steps + (FOLLOW_UP_RUNS * shift_run or self.config.interval)
+        self._planned_at = self.steps
         # the window predictor's per-step runs let the policy weigh steps (recency, spread)
-        steps = self.recorder.plan_steps(reduce=True)
+        steps = self.recorder.plan_steps(reduce=True, last=last)
         weight = self.recorder.logical_load(reduce=True) if steps is None else steps
+        if steps is not None and self.shift.enabled:
+            self.shift.calibrate(steps, run_steps_of(last or self.recorder.filled, PLAN_STEPS))
         measured = self._measure(0)  # realized balancedness since the previous rebalance
         self._realized = None if measured is None else measured[0]
         self._collect_at = self.steps + self.config.plan_delay

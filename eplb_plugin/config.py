@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DISPATCH_MODES, PREDICTORS, WATERFILL_ITERS
+from .names import DISPATCH_MODES, PREDICTORS, SHIFT_THRESHOLD, WATERFILL_ITERS
 
 COMMUNICATORS = ("torch", "deepep")
 PLAN_ON = ("rank0", "all")
@@ -39,6 +39,9 @@ _HELP = {
     "more even out the split further at ~2.5 us each on the fused kernel: "
     "`eplb simulate --recommend --waterfill-iters N` models it)",
     "min_gain": "smallest predicted balancedness gain (0..1) worth moving weights for",
+    "shift_threshold": "re-plan at once when a run of steps (an eighth of the window) departs "
+    "from the planned load this many times more than the window's runs did (0 = only every "
+    "interval; window predictor only)",
     "layers_per_step": "layers moved per engine step (0 = all layers in one step)",
     "staging_bytes": "bytes of extra memory a rebalance may use per rank (staging + send)",
     "communicator": "weight transfer backend: torch (torch.distributed) or deepep",
@@ -108,6 +111,11 @@ class EplbConfig:
             device op, the Balancer's predictions and the simulator use the same number).
         min_gain: act only when the predicted balancedness gain (new - current, both in
             [0, 1]) is at least this.
+        shift_threshold: re-plan at once, between regular plans, when a run of steps (the
+            unit the window is cut into for the policy) departs from the plan's load this
+            many times more than the window's own runs did; that plan and a follow-up sees
+            only the steps since the shift (:mod:`eplb_plugin.shift`). 0 turns it off; the
+            ``ema`` predictor has no runs and ignores it.
         layers_per_step: layers moved per engine step; 0 moves every layer in one step.
         staging_bytes: per-rank budget of extra memory for one rebalance chunk (received
             weights staged before commit, plus packed weights being sent).
@@ -152,6 +160,7 @@ class EplbConfig:
     dispatch: str = "static"
     waterfill_iters: int = WATERFILL_ITERS
     min_gain: float = 0.01
+    shift_threshold: float = SHIFT_THRESHOLD
     layers_per_step: int = 1
     staging_bytes: int = 256 << 20
     communicator: str = "torch"
@@ -207,6 +216,9 @@ class EplbConfig:
         self.min_gain = _float("min_gain", self.min_gain)
         if not 0.0 <= self.min_gain <= 1.0:
             _fail("min_gain", self.min_gain, "must lie in [0, 1] (a balancedness difference)")
+        self.shift_threshold = _float("shift_threshold", self.shift_threshold)
+        if not self.shift_threshold >= 0:
+            _fail("shift_threshold", self.shift_threshold, "must be >= 0 (0 turns it off)")
         _int("layers_per_step", self.layers_per_step, 0)
         _int("staging_bytes", self.staging_bytes, 1)
         _choice("communicator", self.communicator, COMMUNICATORS)

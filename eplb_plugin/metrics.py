@@ -79,6 +79,11 @@ def _collectors() -> dict[str, object] | None:
                 "skipped": Counter(
                     "eplb_skipped", "EPLB plans not acted on", [*labels, "reason"]
                 ),
+                "shifts": Counter(
+                    "eplb_load_shifts",
+                    "EPLB load shifts detected (each makes a plan due at once)",
+                    labels,
+                ),
                 "slots": Counter(
                     "eplb_slots_moved", "Slots whose expert changed on this rank", labels
                 ),
@@ -117,7 +122,7 @@ class BalancerMetrics:
         if self._c is not None:
             # every series exists (at 0) from the start, so a scrape shows the balancer is on;
             # the gauge only once something was measured
-            for name in ("rebalances", "slots", "bytes", "pause", "plan"):
+            for name in ("rebalances", "shifts", "slots", "bytes", "pause", "plan"):
                 self._child(name)
             for kind in FAILURE_KINDS:
                 self._child("failures", kind=kind)
@@ -143,6 +148,10 @@ class BalancerMetrics:
     def failure(self, kind: str) -> None:
         if self._c is not None:
             self._child("failures", kind=kind).inc()
+
+    def shift(self) -> None:
+        if self._c is not None:
+            self._child("shifts").inc()
 
     def skipped(self, reason: str) -> None:
         if self._c is not None:

@@ -183,10 +183,13 @@ class LoadRecorder:
             self.comm.all_reduce(load, op="sum")
         return load.cpu()
 
-    def plan_steps(self, max_steps: int = PLAN_STEPS, reduce: bool = True) -> torch.Tensor | None:
-        """[S', L, E] float64 the window cut into ``S' = min(filled, max_steps)`` consecutive
-        runs of steps, each summed, oldest first, on the host; summed over ranks when
-        ``reduce`` (collective). None with the ``ema`` predictor (no per-step window).
+    def plan_steps(
+        self, max_steps: int = PLAN_STEPS, reduce: bool = True, last: int | None = None
+    ) -> torch.Tensor | None:
+        """[S', L, E] float64 the window (or its ``last`` newest steps) cut into
+        ``S' = min(steps, max_steps)`` consecutive runs of steps, each summed, oldest first,
+        on the host; summed over ranks when ``reduce`` (collective). None with the ``ema``
+        predictor (no per-step window).
 
         What a policy that weighs the window's steps one by one (recency, spread) plans
         on: its sum is the window predictor's load. Runs rather than single steps keep the
@@ -198,7 +201,7 @@ class LoadRecorder:
             return None
         if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
-        rows = self._rows()
+        rows = self._newest_rows(last)
         runs = torch.tensor_split(torch.arange(len(rows)), max(1, min(len(rows), max_steps)))
         shape = (len(runs), self.num_layers, self.num_experts)
         steps = torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -207,6 +210,26 @@ class LoadRecorder:
         if reduce and self.comm.world_size > 1:
             self.comm.all_reduce(steps, op="sum")
         return steps.cpu()
+
+    def newest_load(self, steps: int, reduce: bool = True) -> torch.Tensor:
+        """[L, E] float64 logical load of the ``steps`` newest recorded steps (at most the
+        window), on the host; summed over ranks when ``reduce`` (collective): what the
+        shift detector compares with the plan's forecast."""
+        out = torch.zeros(
+            self.num_layers, self.num_experts, dtype=torch.float64, device=self.device
+        )
+        self._add_logical(self._newest_rows(steps), out)
+        if reduce and self.comm.world_size > 1:
+            self.comm.all_reduce(out, op="sum")
+        return out.cpu()
+
+    def _newest_rows(self, last: int | None) -> list[int]:
+        rows = self._rows()
+        if last is None:
+            return rows
+        if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+            raise ValueError(f"last must be a positive number of steps, got {last!r}")
+        return rows[-last:]
 
     def gpu_loads(self, num_gpus: int, reduce: bool = True) -> torch.Tensor:
         """[L, num_gpus] float64 tokens each GPU received over the window (measured).

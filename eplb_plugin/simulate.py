@@ -36,6 +36,8 @@ from .names import ROUNDINGS
 from .policies import dispatch_option, get_policy, plan
 from .predictor import PREDICTORS as PREDICTORS  # re-exported for the CLI
 from .predictor import check_predictor, predict_from_history
+from .recorder import PLAN_STEPS
+from .shift import FOLLOW_UP_RUNS, SHIFT_THRESHOLD, ShiftDetector, cut_runs
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,9 @@ class SimConfig:
             tokens split in fractions) or ``tokens`` (:func:`~eplb_plugin.dispatch.token_loads`:
             the whole tokens the device op gives each slot, rank by rank, with the dither
             seeds the engines use).
+        shift_threshold: re-plan at once when a run of steps departs from the plan's
+            forecast this many times more than the window's runs did (:mod:`eplb_plugin.shift`,
+            as the Balancer does; window predictor only); 0: only every ``interval`` steps.
     """
 
     policy: str = "default"
@@ -104,6 +109,7 @@ class SimConfig:
     policy_options: dict = field(default_factory=dict)
     waterfill_iters: int = WATERFILL_ITERS
     rounding: str = "fractional"
+    shift_threshold: float = SHIFT_THRESHOLD
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
@@ -117,6 +123,7 @@ class SimConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         check_predictor(self.predictor, self.ema_decay)
+        ShiftDetector(self.shift_threshold)  # validates it
         if isinstance(self.bytes_per_slot, bool) or not isinstance(self.bytes_per_slot, int):
             raise ValueError(f"bytes_per_slot must be an integer, got {self.bytes_per_slot!r}")
         if self.bytes_per_slot < 0:
@@ -137,6 +144,7 @@ class ReplayResult:
         balancedness: [scored steps] float64 realized balancedness per step.
         slots_moved: slots whose expert changed at each rebalance after the first.
         plan_ms: wall time of each plan, milliseconds.
+        shift_plans: plans made on a detected shift (also counted in ``plan_ms``).
         layer_us: [scored steps] float64 modelled MoE-layer time per step (mean over
             layers), or None without a cost model.
     """
@@ -149,6 +157,7 @@ class ReplayResult:
     num_slots: int = 0
     bytes_per_slot: int = 0
     layer_us: torch.Tensor | None = None
+    shift_plans: int = 0
 
     @property
     def mean(self) -> float:
@@ -168,6 +177,7 @@ class ReplayResult:
             "label": self.label,
             "balancedness": self.mean,
             "rebalances": len(self.plan_ms),
+            "shift_rebalances": self.shift_plans,
             "slots_moved_per_rebalance": mean_moved,
             "slots_moved_fraction": mean_moved / self.num_slots if self.num_slots else 0.0,
             "max_slots_moved_fraction": max(moved) / self.num_slots if moved else 0.0,
@@ -245,9 +255,18 @@ def replay(
     start = first_scored_step(config)
     layout: ExpertLayout | None = None
     scores, moved, times, step_us = [], [], [], []
+    # the Balancer's cadence: every `interval` steps, and at once on a detected shift
+    detector = ShiftDetector(config.shift_threshold if config.predictor == "window" else 0)
+    planned_at, due, shift_at, shifts = start, config.interval, 0, 0
     for step in range(start, rank_counts.shape[0]):
-        if (step - start) % config.interval == 0:
-            load = predict(totals[:step], config)
+        since = step - planned_at
+        shifted, run = False, detector.run_steps
+        if layout is not None and since < due and detector.ready and since % run == 0:
+            if detector.shifted(totals[step - run : step].sum(0)):
+                shifted, shift_at, shifts = True, step - run, shifts + 1
+        if layout is None or since >= due or shifted:
+            # a plan never looks back past a detected shift
+            load = predict(totals[shift_at:step], config)
             previous = layout if config.migrate else None
             tic = time.perf_counter()
             options = {
@@ -258,7 +277,10 @@ def replay(
             times.append((time.perf_counter() - tic) * 1e3)
             if layout is not None:
                 moved.append(int(new.diff(layout).sum()))
-            layout = new
+            if detector.enabled and load.dim() == 3:
+                detector.calibrate(*cut_runs(load, PLAN_STEPS))
+            layout, planned_at = new, step
+            due = FOLLOW_UP_RUNS * run if shifted else config.interval
         loads = served_loads(layout, rank_counts[step], config.dispatch, step, config)
         scores.append(float(step_balancedness(gpu_loads_of(layout, loads))))
         if cost is not None:
@@ -271,7 +293,7 @@ def replay(
         config.label, list(range(start, rank_counts.shape[0])),
         torch.tensor(scores, dtype=torch.float64), moved, times,
         rank_counts.shape[2] * topology.num_replicas, config.bytes_per_slot,
-        _times(step_us, cost),
+        _times(step_us, cost), shifts,
     )  # fmt: skip
 
 
@@ -314,6 +336,7 @@ def baseline_config(config: SimConfig) -> SimConfig:
     return SimConfig(
         policy="deepseek", dispatch="static", interval=config.interval, window=config.window,
         predictor="window", bytes_per_slot=config.bytes_per_slot, rounding=config.rounding,
+        shift_threshold=0.0,
     )  # fmt: skip
 
 
