@@ -2,8 +2,10 @@
 
 - ``ExpertLayout.from_plan`` (numpy, policies' trusted builder) builds the same tensors as
   ``from_phy2log`` and still refuses inconsistent arrays;
-- DeepSeek's packing in batches of greedy steps (many packs per row) and its step loop
-  match deepseek-ai/EPLB's per-row Python loop, with ties, zero and infinite loads.
+- DeepSeek's packing in batches of greedy steps (each row at its own pace) and its step
+  loop match deepseek-ai/EPLB's per-row Python loop, with ties, zero and infinite loads;
+  its sort on the loads' int32 bit patterns gives torch's float sort order, ties included;
+- ``placement.argsort_stable`` (sorted int64 keys) gives numpy's stable argsort.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from eplb_plugin import ExpertLayout, Topology, plan
-from eplb_plugin.policies import deepseek
+from eplb_plugin.policies import deepseek, placement
 
 _spec = importlib.util.spec_from_file_location(
     "eplb_reference", pathlib.Path(__file__).resolve().parent / "eplb_reference.py"
@@ -110,11 +112,62 @@ def test_packing_batches_place_whole_rounds_on_spread_loads():
     sorted_load = np.take_along_axis(weight.numpy(), order, -1)
     packs = np.empty(sorted_load.shape, dtype=np.int64)
     ranks = np.empty(sorted_load.shape, dtype=np.int64)
-    done, _ = deepseek._packing_batches(sorted_load, 5, packs, ranks)
-    assert done == 64 * 5
+    assert deepseek._packing_batches(sorted_load, 5, packs, ranks) == 5  # a step per round
     ours = deepseek.balanced_packing(weight, 64)
     ref = eplb_reference.balanced_packing(weight, 64)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+
+
+@pytest.mark.parametrize("kind", ["spread", "ties", "zero_tail", "zeros"])
+@pytest.mark.parametrize("packs,per_pack", [(2, 4), (4, 2), (8, 9), (8, 3), (32, 3)])
+def test_packing_batches_match_one_item_steps(kind, packs, per_pack):
+    # rows move on by their own step lengths: each must still match the one-item greedy
+    gen = torch.Generator().manual_seed(packs * 100 + per_pack)
+    weight = _loads(gen, kind, (40, packs * per_pack))
+    weight[::3] /= 7  # sums that float32 rounds
+    order = weight.sort(-1, descending=True).indices.numpy()
+    sorted_load = np.take_along_axis(weight.numpy(), order, -1)
+    batched = [np.empty(sorted_load.shape, dtype=np.int64) for _ in range(2)]
+    deepseek._packing_batches(sorted_load, per_pack, *batched)
+    stepped = [np.empty(sorted_load.shape, dtype=np.int64) for _ in range(2)]
+    deepseek._packing_steps(sorted_load, packs, *stepped)
+    assert all(np.array_equal(a, b) for a, b in zip(batched, stepped))
+
+
+@pytest.mark.parametrize("shape", [(232, 72), (58, 8), (58, 320), (7, 17), (58, 1024)])
+def test_sort_order_is_torchs_float_sort(shape):
+    # ties (the replicas of an expert have equal loads), -0.0, inf and distinct loads
+    gen = torch.Generator().manual_seed(shape[1])
+    for weight in (
+        torch.randint(0, 3, shape, generator=gen).float(),
+        torch.randint(0, 1000, shape, generator=gen).float() / 7,
+        torch.rand(shape, generator=gen),
+        torch.where(torch.rand(shape, generator=gen) < 0.3, float("inf"), 1.0),
+        torch.where(torch.rand(shape, generator=gen) < 0.5, -0.0, 2.0),
+        torch.randint(-3, 3, shape, generator=gen).float(),  # negative: the float sort
+    ):
+        expected = weight.sort(-1, descending=True).indices.numpy()
+        assert np.array_equal(deepseek._sort_order(weight), expected)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_argsort_stable_is_numpys_stable_argsort(descending):
+    rng = np.random.default_rng(int(descending))
+    for trial in range(60):
+        shape = (int(rng.integers(0, 30)), int(rng.integers(1, 200)))
+        values = [
+            rng.integers(0, 3, shape).astype(np.float64),  # ties
+            rng.random(shape),
+            np.where(rng.random(shape) < 0.3, np.inf, rng.integers(-5, 5, shape) * 1.0),
+            rng.integers(-2, 3, shape) * 1e-300,  # -0.0, +0.0 and subnormals
+            1.0 + rng.integers(0, 3, shape) * 2.0**-50,  # apart only in the dropped bits
+            rng.integers(-3, 3, shape).astype(np.float32),
+            rng.integers(0, 9, shape).astype(np.int32),
+            np.where(rng.random(shape) < 0.1, np.nan, rng.random(shape)),
+        ][trial % 8]
+        got = placement.argsort_stable(values, descending)
+        expected = np.argsort(-values if descending else values, axis=-1, kind="stable")
+        assert got.dtype == expected.dtype and np.array_equal(got, expected), trial
 
 
 def test_packing_with_infinite_loads_fills_every_pack_exactly():

@@ -17,56 +17,88 @@ from ..layout import ExpertLayout, Topology
 
 # A pack with no room left: above the int32 bit pattern of every float32 load (inf included).
 _FULL = np.int32(0x7FFFFFFF)
-# Packs per row from which rounds of the greedy are tried as one batch (_packing_batches).
-_BATCH_PACKS = 16
+# Packs per row from which _packing_batches beats one item per step: a batch step costs
+# several one-item steps, and places up to one item per pack.
+_BATCH_PACKS = 8
 
 
 def _packing_batches(
     sorted_load: np.ndarray, per_pack: int, packs: np.ndarray, ranks: np.ndarray
-) -> tuple[int, np.ndarray]:
-    """Run the greedy of :func:`_packing` several items per step while that is exact.
+) -> int:
+    """Run the greedy of :func:`_packing` several items per step where that is exact.
 
     Each pack is one int64 key, ``(load bits or _FULL) << 32 | pack << 16 | items``, so that
     a row's keys sort as the reference's min() ranks the packs (lightest, then first).
-    A step proposes the next items, in order, to the packs in that order (item j of the
-    step to the j-th lightest); item j's proposal is what the one-item greedy would do
-    exactly when every pack loaded earlier in the step now ranks above (is heavier than)
-    the j-th pack. The step keeps the longest prefix that holds in every row (rows stay
-    in step). Rounds of heaviest-first packing mostly hold whole, so a step places about
-    one item per pack; ties and zero loads make steps short, and then this returns early.
+    A step proposes each row's next items, in order, to its packs in that order (item j of
+    the step to the j-th lightest key k_j, giving it key n_j); item j's proposal is what
+    the one-item greedy would do exactly when every pack loaded earlier in the step now
+    ranks above the j-th: min(n_0 .. n_{j-1}) > k_j. That holds for a prefix of the
+    proposals (if it holds for j it holds for every earlier one, the k_j ascending), which
+    the row keeps; it moves on by that many items, at least one (the lightest pack with
+    room is the greedy's choice), so that one row's short step holds back no other row.
+    Rounds of heaviest-first packing mostly hold whole: a row takes about one step per
+    round (9 steps for 72 items on 8 packs instead of 72), and the step count is the
+    slowest row's; ties and zero loads make steps short.
 
     Args:
         sorted_load: [rows, items] float32, each row's loads heaviest first.
         packs, ranks: [rows, items] int64 written with the pack and rank of each item.
     Returns:
-        (items placed, [rows, num_packs] int64 keys of the packs).
+        the number of steps taken.
     """
     rows, items = sorted_load.shape
     num_packs = items // per_pack
-    key = np.broadcast_to(np.arange(num_packs, dtype=np.int64) << 16, (rows, num_packs)).copy()
+    width = items + num_packs  # every row may read and write num_packs items past its end
+    padded = np.zeros((rows, width), dtype=np.float32)
+    padded[:, :items] = sorted_load
+    padded = padded.reshape(-1)
+    out_packs = np.empty(rows * width, dtype=np.int64)
+    out_ranks = np.empty(rows * width, dtype=np.int64)
+    # proposals are [num_packs, rows] (lane-major: the prefix scan runs over whole rows)
+    lane = np.arange(num_packs, dtype=np.int64)[:, None]
+    start = np.arange(rows, dtype=np.int64) * width  # each row's flat start
+    key = np.broadcast_to(lane.T << 16, (rows, num_packs)).copy()
     low = np.int64(0xFFFFFFFF)
     full = np.int64(_FULL)
-    done = 0
-    while done < items:
-        width = min(num_packs, items - done)
+    done = np.zeros(rows, dtype=np.int64)
+    steps = 0
+    while done.min() < items:
+        steps += 1
         key.sort(axis=1)
-        head = key[:, :width]
+        head = np.ascontiguousarray(key.T)  # [num_packs, rows], lightest first
+        at = start + done + lane  # flat positions of the proposed items
         bits = head >> 32
         count = head & 0xFFFF
-        load = bits.astype(np.int32).view(np.float32) + sorted_load[:, done : done + width]
-        new_bits = np.where(count + 1 == per_pack, _FULL, load.view(np.int32))
+        load = bits.astype(np.int32).view(np.float32) + padded[at]
+        new_bits = np.where(count == per_pack - 1, _FULL, load.view(np.int32))
         new_key = (new_bits.astype(np.int64) << 32) | ((head & low) + 1)
-        holds = bits != full
-        holds[:, 1:] &= np.minimum.accumulate(new_key, axis=1)[:, :-1] > head[:, 1:]
-        # the shortest run of holding proposals over the rows (first False, else all)
-        take = int(np.where(holds.all(1), width, holds.argmin(1)).min())
-        packs[:, done : done + take] = (head[:, :take] >> 16) & 0xFFFF
-        ranks[:, done : done + take] = count[:, :take]
-        key[:, :take] = new_key[:, :take]
-        done += take
-        if take * 4 < num_packs:
-            break
-    return done, key
+        holds = bits != full  # (a finished row's packs are all full: it takes nothing)
+        holds[1:] &= np.minimum.accumulate(new_key[:-1], axis=0) > head[1:]
+        # every proposal is written; those that do not hold are proposed (and written)
+        # again from the next step on
+        out_packs[at] = (head >> 16) & 0xFFFF
+        out_ranks[at] = count
+        done += holds.sum(0)
+        key = np.where(holds, new_key, head).T
+    packs[...] = out_packs.reshape(rows, width)[:, :items]
+    ranks[...] = out_ranks.reshape(rows, width)[:, :items]
+    return steps
+
+
+def _sort_order(weight: torch.Tensor) -> np.ndarray:
+    """The reference's ``weight.sort(-1, descending=True).indices`` of a [rows, n] float32
+    tensor, as numpy.
+
+    torch's sort is unstable (std::sort: ties come out in an order of its own), so it is
+    torch's sort that runs. For loads >= 0 it runs on their int32 bit patterns, which order
+    as the loads do (-0.0 made +0.0 first): a comparison sort given the same comparisons
+    moves the elements the same way, and the int32 comparator skips the float one's NaN
+    checks (a third faster). tests/test_plan_speed_equivalence.py checks the two orders
+    equal on tie-heavy loads.
+    """
+    if weight.numel() and bool(weight.min() >= 0):
+        weight = (weight + 0.0).view(torch.int32)
+    return weight.sort(-1, descending=True).indices.numpy()
 
 
 def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,15 +108,16 @@ def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarr
     if per_pack == 1:
         pack_index = np.broadcast_to(np.arange(items, dtype=np.int64), (rows, items)).copy()
         return pack_index, np.zeros((rows, items), dtype=np.int64)
-    order = weight.sort(-1, descending=True).indices.numpy()
+    order = _sort_order(weight)
     sorted_load = _gather(weight.numpy(), order)  # heaviest first
-    packs = np.empty((items, rows), dtype=np.int64).T  # column-major: one item per step
-    ranks = np.empty((items, rows), dtype=np.int64).T
-    done, state = 0, None
-    if _BATCH_PACKS <= num_packs < 1 << 16 and per_pack < 1 << 16:  # fields of the keys
-        done, state = _packing_batches(sorted_load, per_pack, packs, ranks)
-    if done < items:
-        _packing_steps(sorted_load, num_packs, packs, ranks, done, state)
+    if _BATCH_PACKS <= num_packs < 1 << 16 and per_pack < 1 << 16:  # (fields of the keys)
+        packs = np.empty((rows, items), dtype=np.int64)
+        ranks = np.empty((rows, items), dtype=np.int64)
+        _packing_batches(sorted_load, per_pack, packs, ranks)
+    else:
+        packs = np.empty((items, rows), dtype=np.int64).T  # column-major: one item per step
+        ranks = np.empty((items, rows), dtype=np.int64).T
+        _packing_steps(sorted_load, num_packs, packs, ranks)
     at = (order + _row_offsets(rows, items)).reshape(-1)
     pack_index = np.empty(rows * items, dtype=np.int64)
     rank_in_pack = np.empty(rows * items, dtype=np.int64)
@@ -98,16 +131,13 @@ def _packing_steps(
     num_packs: int,
     packs: np.ndarray,
     ranks: np.ndarray,
-    done: int = 0,
-    state: np.ndarray | None = None,
 ) -> None:
-    """The greedy of :func:`_packing` one item per step, from item ``done`` on.
+    """The greedy of :func:`_packing` one item per step (few packs, or too many for the
+    fields of :func:`_packing_batches`' keys; the tests' plain twin of that).
 
     Args:
         sorted_load: [rows, items] float32, each row's loads heaviest first.
         packs, ranks: [rows, items] int64 written with the pack and rank of each item.
-        state: [rows, num_packs] pack keys left by :func:`_packing_batches`, or None
-            (empty packs).
     """
     rows, items = sorted_load.shape
     per_pack = items // num_packs
@@ -118,15 +148,11 @@ def _packing_steps(
     key = np.zeros((rows, num_packs), dtype=np.int32)
     flat_key = key.reshape(-1)
     count = np.zeros(rows * num_packs, dtype=np.int64)
-    if state is not None:
-        at = ((state >> 16) & 0xFFFF) + _row_offsets(rows, num_packs)
-        flat_key[at] = (state >> 32).astype(np.int32)
-        count[at] = state & 0xFFFF
     step_load = np.ascontiguousarray(sorted_load.T)  # row i: every row's i-th item
     full = np.zeros(per_pack, dtype=np.int32)
     full[-1] = _FULL  # or-ed into the key of a pack taking its last item
     base = np.arange(rows, dtype=np.int64) * num_packs
-    for i in range(done, items):
+    for i in range(items):
         pack = key.argmin(-1)
         packs[:, i] = pack
         at = pack + base

@@ -47,6 +47,7 @@ from ..layout import ExpertLayout, Topology
 from .migration import align_to_previous, choose_plans, layer_balancedness, repair_counts
 from .placement import (
     _items,
+    argsort_stable,
     bldm_pack,
     pack_groups,
     pair_splits,
@@ -55,6 +56,7 @@ from .placement import (
     refine_swaps,
     repartition_pairs,
     replica_counts,
+    take_rows,
 )
 
 PHASES = ("prefill", "decode")
@@ -189,9 +191,9 @@ def place_rows(
     else:
         # static split: only the slot loads matter, every replica is an item of its own
         items = _items(per_replica, np.ones(logcnt.shape, dtype=bool), logcnt)
-        gpu = bldm_pack(np.take_along_axis(per_replica, items, -1), num_gpus)
-        order = np.argsort(gpu, axis=-1, kind="stable")
-        place = np.take_along_axis(items, order, -1).reshape(-1, num_gpus, slots_per_gpu)
+        gpu = bldm_pack(take_rows(per_replica, items), num_gpus)
+        order = argsort_stable(gpu.astype(np.int32))
+        place = take_rows(items, order).reshape(-1, num_gpus, slots_per_gpu)
     slot_load = per_replica[rows, place]
     if not config.refine_rounds or num_gpus == 1:
         return place, logcnt

@@ -22,6 +22,55 @@ import numpy as np
 
 # halvings of replica_counts' level range (a factor (extra + E) / extra wide): to 1e-8 of it
 BISECTION_STEPS = 28
+_SIGN_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
+# largest (row, GPU, expert) table refine_swaps keeps for the replicated items' check
+_MAX_PRESENCE = 1 << 22
+# widths up to which numpy's own stable argsort (an insertion sort) is the faster
+SMALL_SORT = 16
+
+
+def argsort_stable(values: np.ndarray, descending: bool = False) -> np.ndarray:
+    """``np.argsort(values, axis=-1, kind="stable")`` (of ``-values`` if ``descending``).
+
+    numpy's stable argsort costs several times a plain sort at these sizes. Here each value
+    becomes one int64 key, its float64 bits made monotone with the low bits replaced by its
+    index, and the keys are sorted in place. Values that differ only in the dropped bits
+    (within about 2**-40 of each other) could come out of order: the result is checked to
+    be the stable order (the full keys non-decreasing; equal full keys are equal values,
+    which the index bits keep in index order) and numpy's own sort runs when it is not.
+
+    Args:
+        values: [..., n] float, or int of at most 32 bits (float64 holds those exactly).
+    Returns:
+        [..., n] int64 indices.
+    """
+    n = values.shape[-1]
+    exact = values.dtype.kind == "f" or (values.dtype.kind in "iu" and values.itemsize <= 4)
+    if n <= SMALL_SORT or n > 1 << 20 or not exact or not values.size:
+        return np.argsort(-values if descending else values, axis=-1, kind="stable")
+    v = np.add(values, 0.0, dtype=np.float64)  # (-0.0 + 0.0 is +0.0: one key for zero)
+    bits = v.view(np.int64)
+    full = bits ^ ((bits >> 63) & _SIGN_OFF)  # monotone in the value (NaN-free)
+    if descending:
+        np.invert(full, out=full)
+    mask = np.int64((1 << (n - 1).bit_length()) - 1)
+    key = full & ~mask
+    key |= np.arange(n, dtype=np.int64)
+    key.sort(axis=-1)
+    key &= mask
+    order = key.reshape(-1, n)
+    got = full.reshape(-1)[order + (np.arange(order.shape[0], dtype=np.int64) * n)[:, None]]
+    if not (got[:, 1:] >= got[:, :-1]).all() or np.isnan(v).any():
+        return np.argsort(-values if descending else values, axis=-1, kind="stable")
+    return key
+
+
+def take_rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``np.take_along_axis(values, index, -1)`` for [rows, n] ``values`` and [rows, m]
+    ``index``, by flat indexing (take_along_axis costs several times more at these sizes)."""
+    rows, width = values.shape
+    flat = np.ascontiguousarray(values).reshape(-1)
+    return flat[index + (np.arange(rows, dtype=np.int64) * width)[:, None]]
 
 
 def replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
@@ -83,8 +132,8 @@ def _items(key: np.ndarray, take: np.ndarray, repeat: np.ndarray) -> np.ndarray:
         [rows, M] int64 expert ids, ``-1`` padded (M = the largest row's item count).
     """
     rows = key.shape[0]
-    order = np.argsort(np.where(take, -key, np.inf), axis=-1, kind="stable")
-    times = np.take_along_axis(np.where(take, repeat, 0), order, -1)
+    order = argsort_stable(np.where(take, -key, np.inf))
+    times = take_rows(np.where(take, repeat, 0), order)
     length = times.sum(-1)
     width = int(length.max()) if rows else 0
     experts = np.repeat(order.ravel(), times.ravel())
@@ -199,6 +248,8 @@ def bldm_pack(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     """
     rows, num_items = item_load.shape
     slots = num_items // num_gpus
+    # (numpy's stable sort: the items mostly come sorted already, which its merge sort
+    # passes over in one sweep)
     order = np.argsort(-item_load, axis=-1, kind="stable")
     # flat indices (numpy's take/put_along_axis cost several times more at these sizes)
     offset = (np.arange(rows, dtype=np.int64) * num_items)[:, None]
@@ -343,7 +394,8 @@ def refine_swaps(
 
     Args:
         place, slot_load, movable, replicated: [rows, G, S] expert ids, loads, movable
-            flags and replicated-expert flags of the slots; updated in place.
+            flags and replicated-expert flags of the slots (the same for every slot of an
+            expert); updated in place.
         max_rounds: most rounds.
         floor: [rows] float64 GPU load below which a row's peak does not matter (e.g. the
             least possible peak of a heavier row that shares the measure); None = 0.
@@ -364,11 +416,23 @@ def refine_swaps(
     dst_key = np.where(movable, slot_load, np.inf).astype(np.float32).reshape(flat)
     item_expert, item_load = place.reshape(flat).copy(), slot_load.reshape(flat).copy()
     item_replicated = replicated.reshape(flat).copy()
-    perm = np.tile(np.arange(num_gpus * slots).reshape(num_gpus, slots), (rows, 1, 1))
+    perm = np.broadcast_to(np.arange(num_gpus * slots), flat).copy()
+    perm = perm.reshape(rows, num_gpus, slots)
     perm_of_gpu = perm.reshape(rows * num_gpus, slots)  # a view: updates go to perm
     src_key, dst_key = src_key.reshape(-1), dst_key.reshape(-1)
     expert_of, replicated_of = item_expert.reshape(-1), item_replicated.reshape(-1)
     check = bool((movable & replicated).any())
+    # Where a replicated item may move: its expert's replicas per (row, GPU), so that
+    # "already on the other GPU" is one lookup (else a comparison of all S x S slots).
+    num_experts = int(item_expert.max()) + 1 if check else 0
+    count = None
+    if check and rows * num_gpus * num_experts <= _MAX_PRESENCE:
+        # (only replicated items: the flag is per expert, so any other item holding a
+        # replicated item's expert is replicated too)
+        gpu_of_item = np.arange(num_gpus * slots) // slots  # item numbers start in GPU order
+        at = (np.arange(rows)[:, None] * num_gpus + gpu_of_item) * num_experts + item_expert
+        count = np.zeros(rows * num_gpus * num_experts, dtype=np.int16)  # <= S per entry
+        np.add.at(count, at[item_replicated], 1)
     gpu_load = slot_load.sum(-1)  # [rows, G], kept up to date
     stale = np.zeros(rows, dtype=np.int64)
     floor = np.zeros(rows) if floor is None else floor * (1 + 1e-6)
@@ -381,8 +445,8 @@ def refine_swaps(
         order = np.argsort(loads, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]  # [n, k] heaviest first
         light = order[:, (rank + round_) % k]
-        high = np.take_along_axis(loads, heavy, -1)
-        half = (high - np.take_along_axis(loads, light, -1)).astype(np.float32) / 2
+        high, low = take_rows(loads, heavy), take_rows(loads, light)
+        half = (high - low).astype(np.float32) / 2
         # item numbers [n, k, S] of each pair's slots; flat indices (numpy's fancy indexing
         # by (row, item) costs several times more) of their attributes
         gpu_base = active[:, None] * num_gpus
@@ -391,10 +455,21 @@ def refine_swaps(
         src_at, dst_at = src + item_base, dst + item_base
         # moving delta from the heavy to the light GPU leaves the pair's larger load at
         # high - (half - |delta - half|): the best swap has delta closest to half
-        miss = src_key[src_at][..., :, None] - dst_key[dst_at][..., None, :]  # [n, k, S, S]
+        src_value, dst_value = src_key[src_at], dst_key[dst_at]
+        if count is not None:
+            # a replicated item whose expert the other GPU holds already cannot move: as
+            # a source -inf, as a destination +inf (every swap with it then misses by inf)
+            src_expert, dst_expert = expert_of[src_at], expert_of[dst_at]
+            light_at = ((gpu_base + light) * num_experts)[..., None]
+            heavy_at = ((gpu_base + heavy) * num_experts)[..., None]
+            src_bad = replicated_of[src_at] & (count[light_at + src_expert] > 0)
+            dst_bad = replicated_of[dst_at] & (count[heavy_at + dst_expert] > 0)
+            src_value[src_bad] = -np.inf
+            dst_value[dst_bad] = np.inf
+        miss = src_value[..., :, None] - dst_value[..., None, :]  # [n, k, S, S]
         miss -= half[..., None, None]
         np.abs(miss, out=miss)
-        if check:
+        if check and count is None:
             same = expert_of[src_at][..., :, None] == expert_of[dst_at][..., None, :]
             # any() over an axis of S: S or-s of slices (numpy reduces short axes slowly)
             src_there, dst_there = same[..., 0].copy(), same[..., 0, :].copy()  # [n, k, S]
@@ -407,7 +482,9 @@ def refine_swaps(
             miss[bad] = np.inf
         miss = miss.reshape(active.size, k, -1)
         best = miss.argmin(-1)  # [n, k]
-        gain = half - np.take_along_axis(miss, best[..., None], -1)[..., 0]
+        gain = half - take_rows(miss.reshape(-1, miss.shape[-1]), best.reshape(-1, 1)).reshape(
+            best.shape
+        )
         take = gain > 1e-6 * high
         rr, kk = np.nonzero(take)
         if rr.size:
@@ -419,6 +496,14 @@ def refine_swaps(
             gpu_load[rows_sel, g_src] -= moved
             gpu_load[rows_sel, g_dst] += moved
             perm[rows_sel, g_src, i], perm[rows_sel, g_dst, j] = b, a
+            if count is not None:  # (distinct indices within each statement)
+                src_at_e = (rows_sel * num_gpus + g_src) * num_experts
+                dst_at_e = (rows_sel * num_gpus + g_dst) * num_experts
+                ea, eb = item_expert[rows_sel, a], item_expert[rows_sel, b]
+                count[src_at_e + ea] -= 1
+                count[dst_at_e + ea] += 1
+                count[dst_at_e + eb] -= 1
+                count[src_at_e + eb] += 1
         made = take.sum(-1)
         swaps[active] += made
         stale[active] = np.where(made > 0, 0, stale[active] + 1)
