@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from eplb_plugin import Topology
 from eplb_plugin.costmodel import HARDWARE, get_hardware, get_model
+from eplb_plugin.names import SHIFT_THRESHOLD
 from eplb_plugin.simulate import CostSpec, SimConfig, compare
 from eplb_plugin.traces import read_routing_trace, steps_from_routing_trace, synthetic_routing_trace
 
@@ -45,6 +46,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [
     ("deepseek/global", {"policy": "deepseek", "dispatch": "global"}),
     ("default/static", {"policy": "default", "dispatch": "static"}),
+    (
+        "default/static, migrate <= 25%",
+        {
+            "policy": "default",
+            "dispatch": "static",
+            "migrate": True,
+            "policy_options": {"max_moved": 0.25},
+        },
+    ),  # fmt: skip
     ("default/local", {"policy": "default", "dispatch": "local"}),
     ("default/global", {"policy": "default", "dispatch": "global"}),
     (
@@ -114,18 +124,28 @@ def main() -> None:
         "--waterfill-us", type=float, default=-1.0,
         help="device time of one water-fill per layer (default: the fused kernel's estimate)",
     )  # fmt: skip
-    parser.add_argument("--configs", help="comma-separated subset of the configurations")
+    parser.add_argument(
+        "--configs", nargs="+", metavar="LABEL", help="a subset of the configurations, by label"
+    )
     parser.add_argument(
         "--rounding", choices=["fractional", "tokens"], default="fractional",
         help="count each slot's tokens as the dispatch model splits them (fractional) or as "
         "the device op rounds them per rank (tokens); baseline and oracle alike",
     )  # fmt: skip
+    parser.add_argument(
+        "--shift-threshold", type=float, default=SHIFT_THRESHOLD,
+        help="re-plan on a detected load shift (eplb_plugin.shift; 0: every N steps only; the "
+        "baseline never does)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     configs = CONFIGS
     if args.configs:
-        wanted = [c.strip() for c in args.configs.split(",")]
-        configs = [c for c in CONFIGS if c[0] in wanted]
+        unknown = sorted(set(args.configs) - {label for label, _ in CONFIGS})
+        if unknown:
+            labels = "; ".join(label for label, _ in CONFIGS)
+            parser.error(f"unknown configuration(s) {unknown}; known: {labels}")
+        configs = [c for c in CONFIGS if c[0] in args.configs]
     hardware = get_hardware(args.hardware, waterfill_us=args.waterfill_us)
     torch.set_num_threads(1)
 
@@ -138,7 +158,13 @@ def main() -> None:
     for name, topology, ids in tqdm(cases, desc="replays", disable=args.json):
         counts = steps_from_routing_trace(ids, args.batch_tokens, topology.num_gpus)
         sims = [
-            SimConfig(interval=args.interval, window=args.window, rounding=args.rounding, **kw)
+            SimConfig(
+                interval=args.interval,
+                window=args.window,
+                rounding=args.rounding,
+                shift_threshold=args.shift_threshold,
+                **kw,
+            )
             for _, kw in configs
         ]
         model = get_model("deepseek-v2-lite")
@@ -162,20 +188,22 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     print(
-        f"B={args.batch_tokens}, N={args.interval}, W={args.window}; balancedness (gap closed); "
-        "moved = slots moved per rebalance / all slots"
+        f"B={args.batch_tokens}, N={args.interval}, W={args.window}, shift threshold "
+        f"{args.shift_threshold:g}; balancedness (gap closed); moved = slots moved per "
+        "rebalance / all slots; rebalances (of them on a shift)"
     )
     print(f"step-time model: {hardware.name}, deepseek-v2-lite experts")
     print(
-        "case | config | balancedness | gap closed (95% interval) | moved | layer us | "
-        "speedup | plan ms"
+        "case | config | balancedness | gap closed (95% interval) | moved | rebalances | "
+        "layer us | speedup | plan ms"
     )
     for r in rows:
         moved = "-" if r["config"] == "oracle" else f"{100 * r['slots_moved_fraction']:.0f}%"
         low, high = r["gap_ci95"]
         print(
             f"{r['case']} | {r['config']} | {r['balancedness']:.4f} | {100 * r['gap']:.0f}% "
-            f"({100 * low:.0f}..{100 * high:.0f}%) | {moved} | {r['layer_us']:.1f} | "
+            f"({100 * low:.0f}..{100 * high:.0f}%) | {moved} | {r['rebalances']} "
+            f"({r['shift_rebalances']}) | {r['layer_us']:.1f} | "
             f"{r['speedup']:.3f}x | {r['plan_ms_median']:.1f}"
         )
     print("\nmean share of the gap closed over all cases:")

@@ -119,10 +119,10 @@ def test_replay_replans_after_a_shift_on_the_steps_since_it() -> None:
     assert float(result.balancedness[after].mean()) > float(fixed.balancedness[after].mean())
 
 
-def single_rank(config: EplbConfig):
+def single_rank(config: EplbConfig, engine: str = "unknown"):
     topo = Topology(SLOTS, num_gpus=1)
     layout = ExpertLayout.identity(LAYERS, EXPERTS, topo)
-    return Balancer(config, layout, make_tensors(layout.phy2log, 0, SLOTS))
+    return Balancer(config, layout, make_tensors(layout.phy2log, 0, SLOTS), engine=engine)
 
 
 def _feed(bal: Balancer, counts: torch.Tensor) -> dict:
@@ -144,7 +144,7 @@ def test_balancer_plans_at_once_on_a_shift_and_looks_only_after_it(caplog) -> No
         min_gain=0.0, policy="shift_recording_bal", plan_wait_s=60.0,
     )  # fmt: skip
     counts = _shifting_counts(40, shift_at=24, ranks=1)[:, 0]
-    bal = single_rank(config)
+    bal = single_rank(config, engine="test-shift")
     events = {}
     with caplog.at_level("INFO", logger="eplb_plugin.runtime"):
         for step, row in enumerate(counts, start=1):
@@ -161,6 +161,11 @@ def test_balancer_plans_at_once_on_a_shift_and_looks_only_after_it(caplog) -> No
     assert seen[1] == (2, LAYERS, EXPERTS)  # the 2 steps since the shift, in runs of 1
     assert seen[2] == (6, LAYERS, EXPERTS)  # follow-up 2 runs (4 steps) later: 6 steps
     assert any("EPLB load shift at step 26" in r.getMessage() for r in caplog.records)
+    if bal.metrics.enabled:
+        from prometheus_client import REGISTRY
+
+        labels = {"engine": "test-shift", "rank": "0"}
+        assert REGISTRY.get_sample_value("eplb_load_shifts_total", labels) == 1
 
     off = single_rank(EplbConfig(**{**config.to_dict(), "shift_threshold": 0.0}))
     for step, row in enumerate(counts, start=1):

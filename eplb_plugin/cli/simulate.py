@@ -17,6 +17,7 @@ from ..names import (
     MODEL_PRESETS,
     PREDICTORS,
     ROUNDINGS,
+    SHIFT_THRESHOLD,
     WATERFILL_ITERS,
     policy_names,
 )
@@ -93,6 +94,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=WATERFILL_ITERS,
         help=f"water-fill sweeps of local/global dispatch (default {WATERFILL_ITERS}, as the "
         "device op)",
+    )
+    p.add_argument(
+        "--shift-threshold",
+        type=float,
+        default=SHIFT_THRESHOLD,
+        help="re-plan at once when a run of steps departs from the plan's load this many "
+        "times more than the window's runs did, as the Balancer does (default "
+        f"{SHIFT_THRESHOLD:g}; 0: only every --interval steps; the baseline never does)",
     )
     p.add_argument(
         "--rounding",
@@ -221,6 +230,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                     policy_options=dict(options),
                     waterfill_iters=args.waterfill_iters,
                     rounding=args.rounding,
+                    shift_threshold=args.shift_threshold,
                 )  # fmt: skip
             )
     return configs
@@ -369,7 +379,8 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
     header += ["layer us (model)"]
     if compare_mode:
         header.append("vs baseline")
-    header += ["slots moved/rebal", "% slots", "GB moved/rebal", "plan ms (median)"]
+    header += ["rebalances (on shift)", "slots moved/rebal", "% slots", "GB moved/rebal"]
+    header += ["plan ms (median)"]
     rows = []
     for r in summary["results"]:
         row: list[object] = [r["label"], r["balancedness"]]
@@ -381,6 +392,7 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
         if compare_mode:
             row.append(f"{r['throughput_vs_baseline']:.3f}x")
         row += [
+            "-" if oracle else f"{r['rebalances']} ({r['shift_rebalances']})",
             "-" if oracle else f"{r['slots_moved_per_rebalance']:.1f}",
             "-" if oracle else f"{100 * r['slots_moved_fraction']:.1f}",
             "-" if oracle else f"{r['bytes_moved_per_rebalance'] / 1e9:.2f}",
