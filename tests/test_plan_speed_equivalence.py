@@ -170,6 +170,26 @@ def test_argsort_stable_is_numpys_stable_argsort(descending):
         assert got.dtype == expected.dtype and np.array_equal(got, expected), trial
 
 
+@pytest.mark.parametrize("halvings", [0, 3, 12, 28])
+def test_replica_counts_are_the_greedys_at_any_bisection_depth(halvings, monkeypatch):
+    monkeypatch.setattr(placement, "BISECTION_STEPS", halvings)
+    rng = np.random.default_rng(halvings)
+    for trial in range(40):
+        rows, experts = int(rng.integers(1, 6)), int(rng.integers(2, 80))
+        slots = experts + int(rng.integers(9, 3 * experts + 10))
+        shape = (rows, experts)
+        weight = [
+            rng.lognormal(0, 1, shape),
+            rng.integers(0, 4, shape).astype(float),  # ties
+            np.zeros(shape),
+            np.round(rng.lognormal(0, 2, shape) * 3),
+        ][trial % 4]
+        greedy = np.ones(shape, dtype=np.int64)
+        for _ in range(slots - experts):
+            greedy[np.arange(rows), (weight / greedy).argmax(-1)] += 1
+        assert np.array_equal(placement.replica_counts(weight, slots), greedy), trial
+
+
 def test_packing_with_infinite_loads_fills_every_pack_exactly():
     weight = torch.full((2, 48), float("inf"))
     weight[:, ::3] = 1.0

@@ -56,7 +56,7 @@ def _packing_batches(
     out_ranks = np.empty(rows * width, dtype=np.int64)
     # proposals are [num_packs, rows] (lane-major: the prefix scan runs over whole rows)
     lane = np.arange(num_packs, dtype=np.int64)[:, None]
-    start = np.arange(rows, dtype=np.int64) * width  # each row's flat start
+    lane_start = lane + np.arange(rows, dtype=np.int64) * width  # flat start of each row
     key = np.broadcast_to(lane.T << 16, (rows, num_packs)).copy()
     low = np.int64(0xFFFFFFFF)
     full = np.int64(_FULL)
@@ -66,7 +66,7 @@ def _packing_batches(
         steps += 1
         key.sort(axis=1)
         head = np.ascontiguousarray(key.T)  # [num_packs, rows], lightest first
-        at = start + done + lane  # flat positions of the proposed items
+        at = lane_start + done  # flat positions of the proposed items
         bits = head >> 32
         count = head & 0xFFFF
         load = bits.astype(np.int32).view(np.float32) + padded[at]
@@ -79,7 +79,7 @@ def _packing_batches(
         out_packs[at] = (head >> 16) & 0xFFFF
         out_ranks[at] = count
         done += holds.sum(0)
-        key = np.where(holds, new_key, head).T
+        key = np.ascontiguousarray(np.where(holds, new_key, head).T)  # (sorts faster)
     packs[...] = out_packs.reshape(rows, width)[:, :items]
     ranks[...] = out_ranks.reshape(rows, width)[:, :items]
     return steps

@@ -329,7 +329,7 @@ def slot_rank(phy2log: np.ndarray) -> np.ndarray:
     index = np.broadcast_to(np.arange(slots), (rows, slots))
     start = np.ones((rows, slots), dtype=bool)
     start[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-    first = np.maximum.accumulate(np.where(start, index, 0), axis=-1)
+    first = np.maximum.accumulate(index * start, axis=-1)  # (np.where broadcasts slowly)
     rank = np.empty(rows * slots, dtype=np.int64)
     rank[at] = (index - first).reshape(-1)
     return rank.reshape(rows, slots)
