@@ -5,7 +5,9 @@
 - DeepSeek's packing in batches of greedy steps (each row at its own pace) and its step
   loop match deepseek-ai/EPLB's per-row Python loop, with ties, zero and infinite loads;
   its sort on the loads' int32 bit patterns gives torch's float sort order, ties included;
-- ``placement.argsort_stable`` (sorted int64 keys) gives numpy's stable argsort.
+- ``placement.argsort_stable`` (sorted int64 keys) gives numpy's stable argsort, and
+  ``placement.sum_last`` numpy's sum; ``replica_counts`` the greedy's counts at any
+  bisection depth.
 """
 
 from __future__ import annotations
@@ -188,6 +190,14 @@ def test_replica_counts_are_the_greedys_at_any_bisection_depth(halvings, monkeyp
         for _ in range(slots - experts):
             greedy[np.arange(rows), (weight / greedy).argmax(-1)] += 1
         assert np.array_equal(placement.replica_counts(weight, slots), greedy), trial
+
+
+@pytest.mark.parametrize("n", range(10))
+def test_sum_last_is_numpys_sum_bit_for_bit(n):
+    rng = np.random.default_rng(n)
+    values = rng.lognormal(0, 3, (40, 16, n)) * rng.choice([1.0, 1e-9, 1e9], (40, 16, n))
+    got, expected = placement.sum_last(values), values.sum(-1)
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
 
 
 def test_packing_with_infinite_loads_fills_every_pack_exactly():

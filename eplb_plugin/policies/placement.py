@@ -297,16 +297,40 @@ def bldm_pack(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     return gpu.reshape(rows, num_items)
 
 
-def _subsets(slots: int, half: bool) -> np.ndarray:
-    """[C, 2 * slots] 0/1 float32: the ways to give ``slots`` of 2 * slots items to one side.
+@functools.lru_cache(maxsize=16)
+def _subsets(slots: int, half: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The ways to give ``slots`` of 2 * slots items to one side (cached, read-only).
 
     ``half``: only those with item 0 on that side (when every item may move, the others are
     the same splits mirrored).
+
+    Returns:
+        (member [C, 2 * slots] 0/1 float32, pick [C, 2 * slots] int64: each way's items,
+        that side's first, in item order).
     """
     combos = [c for c in itertools.combinations(range(2 * slots), slots) if not half or c[0] == 0]
     member = np.zeros((len(combos), 2 * slots), dtype=np.float32)
     member[np.arange(len(combos))[:, None], np.array(combos)] = 1.0
-    return member
+    pick = np.argsort(-member, axis=-1, kind="stable")
+    member.flags.writeable = False
+    pick.flags.writeable = False
+    return member, pick
+
+
+def sum_last(values: np.ndarray) -> np.ndarray:
+    """``values.sum(-1)``, bit for bit, for [..., n] float64.
+
+    numpy adds fewer than 8 values left to right (its pairwise sum starts at 8), but a
+    reduction over a short last axis costs several times a few whole-array adds, which is
+    what this does then.
+    """
+    n = values.shape[-1]
+    if n >= 8 or n == 0:
+        return values.sum(-1)
+    total = values[..., 0].copy()
+    for i in range(1, n):
+        total += values[..., i]
+    return total
 
 
 def pair_splits(slots: int) -> int:
@@ -337,8 +361,7 @@ def repartition_pairs(
     k = min(pairs, num_gpus // 2)
     if k == 0:
         return
-    member = _subsets(slots, half=movable is None)  # [C, 2S]
-    pick = np.argsort(-member, axis=-1, kind="stable")  # [C, 2S]: heavy GPU's set first
+    member, pick = _subsets(slots, half=movable is None)  # [C, 2S]: heavy GPU's set first
     r = np.arange(rows)[:, None]
     rank = np.arange(k)
     arrays = [place, slot_load] + ([movable] if movable is not None else [])
@@ -346,7 +369,9 @@ def repartition_pairs(
     gpus_of = [a.reshape(rows * num_gpus, slots) for a in arrays]
     slot_load_now = gpus_of[1].reshape(rows, num_gpus, slots)
     for round_ in range(rounds):
-        gpu_load = slot_load_now.sum(-1)
+        gpu_load = sum_last(slot_load_now)
+        # (numpy's sort: GPU loads near-tie in their last bits, where argsort_stable's keys
+        # would fall back to it anyway)
         order = np.argsort(gpu_load, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]
         light = order[:, (rank + round_) % k]
@@ -367,8 +392,9 @@ def repartition_pairs(
             bad = (inside < stay.sum(-1, keepdims=True) - 0.5) | (outside > 0.5)
             excess[bad] = np.inf
         best = excess.argmin(-1)
-        now = np.maximum(gpu_load[r, heavy], gpu_load[r, light])
-        after = total[..., 0] / 2 + np.take_along_axis(excess, best[..., None], -1)[..., 0]
+        now = np.maximum(take_rows(gpu_load, heavy), take_rows(gpu_load, light))
+        least = take_rows(excess.reshape(rows * k, -1), best.reshape(-1, 1)).reshape(rows, k)
+        after = total[..., 0] / 2 + least
         better = after < now * (1 - 1e-6)
         if not better.any():
             break
