@@ -17,6 +17,8 @@ from ..layout import ExpertLayout, Topology
 
 # A pack with no room left: above the int32 bit pattern of every float32 load (inf included).
 _FULL = np.int32(0x7FFFFFFF)
+# Loads from which _sort_order's int32 sort pays for its check and conversion.
+_INT_SORT_SIZE = 2048
 # Packs per row from which _packing_batches beats one item per step: a batch step costs
 # several one-item steps, and places up to one item per pack.
 _BATCH_PACKS = 8
@@ -96,18 +98,26 @@ def _sort_order(weight: torch.Tensor) -> np.ndarray:
     checks (a third faster). tests/test_plan_speed_equivalence.py checks the two orders
     equal on tie-heavy loads.
     """
-    if weight.numel() and bool(weight.min() >= 0):
+    if weight.numel() >= _INT_SORT_SIZE and bool(weight.min() >= 0):
         weight = (weight + 0.0).view(torch.int32)
     return weight.sort(-1, descending=True).indices.numpy()
 
 
-def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`balanced_packing` on a float32 [rows, items] tensor, results in numpy."""
+def _packing_sorted(
+    weight: torch.Tensor, num_packs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`balanced_packing`'s greedy on a float32 [rows, items] tensor, in the order it
+    places the items.
+
+    Returns:
+        (order, packs, ranks) [rows, items] int64: the j-th item placed in a row is item
+        ``order[row, j]``, and goes to pack ``packs[row, j]`` as its ``ranks[row, j]``-th.
+    """
     rows, items = weight.shape
     per_pack = items // num_packs
-    if per_pack == 1:
-        pack_index = np.broadcast_to(np.arange(items, dtype=np.int64), (rows, items)).copy()
-        return pack_index, np.zeros((rows, items), dtype=np.int64)
+    if per_pack == 1:  # item i alone in pack i
+        index = np.broadcast_to(np.arange(items, dtype=np.int64), (rows, items))
+        return index, index, np.zeros((rows, items), dtype=np.int64)
     order = _sort_order(weight)
     sorted_load = _gather(weight.numpy(), order)  # heaviest first
     if _BATCH_PACKS <= num_packs < 1 << 16 and per_pack < 1 << 16:  # (fields of the keys)
@@ -118,6 +128,13 @@ def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarr
         packs = np.empty((items, rows), dtype=np.int64).T  # column-major: one item per step
         ranks = np.empty((items, rows), dtype=np.int64).T
         _packing_steps(sorted_load, num_packs, packs, ranks)
+    return order, packs, ranks
+
+
+def _packing(weight: torch.Tensor, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`balanced_packing` on a float32 [rows, items] tensor, results in numpy."""
+    rows, items = weight.shape
+    order, packs, ranks = _packing_sorted(weight, num_packs)
     at = (order + _row_offsets(rows, items)).reshape(-1)
     pack_index = np.empty(rows * items, dtype=np.int64)
     rank_in_pack = np.empty(rows * items, dtype=np.int64)
@@ -268,13 +285,13 @@ def _hierarchical(
         mlog_load = weight.numpy()
     else:
         group_load = weight.unflatten(-1, (num_groups, group_size)).sum(-1)
-        group_pack, group_rank = _packing(group_load, num_nodes)
-        log2mlog = (
-            ((group_pack * groups_per_node + group_rank) * group_size)[:, :, None]
-            + np.arange(group_size, dtype=np.int64)
-        ).reshape(num_layers, num_log)
-        mlog2log = _scatter(log2mlog, np.broadcast_to(np.arange(num_log), log2mlog.shape), num_log)
-        _check_permutation(mlog2log, "the experts' order by node")
+        order, packs, ranks = _packing_sorted(group_load, num_nodes)
+        # node-major slot of each group (node n owns slots n * groups_per_node ...)
+        group_at = _scatter(packs * groups_per_node + ranks, order, num_groups)
+        _check_permutation(group_at, "the groups' order by node")
+        mlog2log = (group_at[:, :, None] * group_size + np.arange(group_size)).reshape(
+            num_layers, num_log
+        )
         mlog_load = _gather(weight.numpy(), mlog2log).reshape(-1, log_per_node)
 
     # 2. replicas within each node: rows are (layer, node)
@@ -282,13 +299,13 @@ def _hierarchical(
 
     # 3. a node's replicas -> its GPUs
     phy_load = _gather(mlog_load / mlogcnt.astype(np.float32), phy2mlog)
-    pack, rank_in_pack = _packing(torch.from_numpy(phy_load), num_gpus // num_nodes)
-    phy2pphy = pack * slots_per_gpu + rank_in_pack
+    order, packs, ranks = _packing_sorted(torch.from_numpy(phy_load), num_gpus // num_nodes)
+    pphy = packs * slots_per_gpu + ranks  # the slot of each replica, in packing order
     node_base = np.arange(0, num_log, log_per_node, dtype=np.int64)
     node_base = np.tile(node_base, num_layers)[:, None]  # [L * nodes, 1]
-    pphy2mlog = _scatter(phy2pphy, phy2mlog + node_base, phy_per_node)
+    pphy2mlog = _scatter(pphy, _gather(phy2mlog, order) + node_base, phy_per_node)
     _check_permutation(pphy2mlog, "the replicas' order by GPU")
-    pphy_rank = _scatter(phy2pphy, phy_rank, phy_per_node).reshape(num_layers, -1)
+    pphy_rank = _scatter(pphy, _gather(phy_rank, order), phy_per_node).reshape(num_layers, -1)
     pphy2mlog = pphy2mlog.reshape(num_layers, -1)
     pphy2log = pphy2mlog if mlog2log is None else _gather(mlog2log, pphy2mlog)
     return pphy2log, pphy_rank
