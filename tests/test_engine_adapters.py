@@ -121,6 +121,7 @@ def test_same_routing_gives_the_same_counts_maps_and_weights_in_every_engine(dis
     for name, run in runs.items():
         b = run["balancer"]
         assert b.stats.failures == 0, name
+        assert b.metrics.labels["engine"] == name  # the `engine` label of its eplb_* series
         for step, (got, want) in enumerate(zip(run["counts"], ref["counts"])):
             assert torch.equal(got, want), (name, step)
             assert int(got.sum()) == LAYERS * TOKENS * TOP_K  # every entry counted once

@@ -95,6 +95,7 @@ class SglangEplb(EngineRuntime):
     """
 
     logger = logger
+    engine_name = "sglang"
 
     def __init__(
         self,

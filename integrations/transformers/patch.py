@@ -206,7 +206,7 @@ def apply_eplb(
             group=group,
             rank=rank,
             world_size=world_size,
-            **(balancer_options or {}),
+            **{"engine": "transformers", **(balancer_options or {})},
         )
         maps, counts, router = balancer.maps, balancer.counts, balancer.router
     else:
