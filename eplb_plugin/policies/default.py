@@ -184,7 +184,6 @@ def place_rows(
     slots_per_gpu = num_slots // num_gpus
     logcnt = replica_counts(load, num_slots)
     per_replica = load / logcnt
-    rows = np.arange(load.shape[0])[:, None, None]
     if config.connect:
         place, fill, gpu_load = place_replicated(load, logcnt, num_gpus, slots_per_gpu, True)
         place_singles(load, logcnt == 1, place, fill, gpu_load)
@@ -194,10 +193,11 @@ def place_rows(
         gpu = bldm_pack(take_rows(per_replica, items), num_gpus)
         order = argsort_stable(gpu.astype(np.int32))
         place = take_rows(items, order).reshape(-1, num_gpus, slots_per_gpu)
-    slot_load = per_replica[rows, place]
+    flat_place = place.reshape(load.shape[0], -1)
+    slot_load = take_rows(per_replica, flat_place).reshape(place.shape)
     if not config.refine_rounds or num_gpus == 1:
         return place, logcnt
-    replicated = logcnt[rows, place] > 1
+    replicated = (take_rows(logcnt, flat_place) > 1).reshape(place.shape)
     if pair_splits(slots_per_gpu) <= MAX_SPLITS:
         # few slots per GPU: re-split GPU pairs exhaustively (subsumes single swaps); only
         # singles move when the replicas' graph must stay as built

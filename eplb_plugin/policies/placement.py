@@ -476,34 +476,39 @@ def refine_swaps(
     floor = np.zeros(rows) if floor is None else floor * (1 + 1e-6)
     active = np.flatnonzero(gpu_load.max(-1) > floor)
     rank = np.arange(k)
+    # The k heavy GPUs' slots and then the k light ones' are fetched as one [n, 2k, S]
+    # block: their keys from src_key and dst_key stacked (the light half reads the second)
+    stacked_key = np.concatenate([src_key, dst_key])
+    side = np.repeat(np.array([0, src_key.size], dtype=np.int64), k)[:, None]  # [2k, 1]
+    barred = np.repeat(np.array([-np.inf, np.inf], dtype=np.float32), k)[:, None]
     for round_ in range(max_rounds):
         if active.size == 0:
             break
-        loads = gpu_load[active]
+        loads = np.take(gpu_load, active, axis=0)
         order = np.argsort(loads, axis=-1, kind="stable")
         heavy = order[:, : -k - 1 : -1]  # [n, k] heaviest first
         light = order[:, (rank + round_) % k]
         high, low = take_rows(loads, heavy), take_rows(loads, light)
         half = (high - low).astype(np.float32) / 2
-        # item numbers [n, k, S] of each pair's slots; flat indices (numpy's fancy indexing
-        # by (row, item) costs several times more) of their attributes
+        # item numbers [n, 2k, S] of each pair's slots; flat indices (numpy's fancy
+        # indexing by (row, item) costs several times more) of their attributes
         gpu_base = active[:, None] * num_gpus
-        src, dst = perm_of_gpu[gpu_base + heavy], perm_of_gpu[gpu_base + light]
-        item_base = (active * (num_gpus * slots))[:, None, None]
-        src_at, dst_at = src + item_base, dst + item_base
+        pair = np.concatenate([heavy, light], axis=1)  # [n, 2k]
+        items = perm_of_gpu[gpu_base + pair]
+        src, dst = items[:, :k], items[:, k:]
+        item_at = items + (active * (num_gpus * slots))[:, None, None]
+        src_at, dst_at = item_at[:, :k], item_at[:, k:]
         # moving delta from the heavy to the light GPU leaves the pair's larger load at
         # high - (half - |delta - half|): the best swap has delta closest to half
-        src_value, dst_value = src_key[src_at], dst_key[dst_at]
+        value = stacked_key[item_at + side]
         if count is not None:
             # a replicated item whose expert the other GPU holds already cannot move: as
             # a source -inf, as a destination +inf (every swap with it then misses by inf)
-            src_expert, dst_expert = expert_of[src_at], expert_of[dst_at]
-            light_at = ((gpu_base + light) * num_experts)[..., None]
-            heavy_at = ((gpu_base + heavy) * num_experts)[..., None]
-            src_bad = replicated_of[src_at] & (count[light_at + src_expert] > 0)
-            dst_bad = replicated_of[dst_at] & (count[heavy_at + dst_expert] > 0)
-            src_value[src_bad] = -np.inf
-            dst_value[dst_bad] = np.inf
+            other = np.concatenate([light, heavy], axis=1)
+            other_at = ((gpu_base + other) * num_experts)[..., None] + expert_of[item_at]
+            bad = replicated_of[item_at] & (count[other_at] > 0)
+            value = np.where(bad, barred, value)
+        src_value, dst_value = value[:, :k], value[:, k:]
         miss = src_value[..., :, None] - dst_value[..., None, :]  # [n, k, S, S]
         miss -= half[..., None, None]
         np.abs(miss, out=miss)
