@@ -4,7 +4,8 @@
   ``from_phy2log`` and still refuses inconsistent arrays;
 - DeepSeek's packing in batches of greedy steps (each row at its own pace) and its step
   loop match deepseek-ai/EPLB's per-row Python loop, with ties, zero and infinite loads;
-  its sort on the loads' int32 bit patterns gives torch's float sort order, ties included;
+  its sort on the loads' int32 bit patterns gives torch's float sort order, ties included,
+  and its replication by one sort the reference's greedy picks;
 - ``placement.argsort_stable`` (sorted int64 keys) gives numpy's stable argsort, and
   ``placement.sum_last`` numpy's sum; ``replica_counts`` the greedy's counts at any
   bisection depth.
@@ -218,6 +219,23 @@ def test_replication_matches_the_reference(kind):
         ours = deepseek.replicate_experts(weight, slots)
         ref = eplb_reference.replicate_experts(weight, slots)
         assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+
+
+@pytest.mark.parametrize("kind", ["spread", "ties", "zero_tail", "zeros", "fractions"])
+def test_replication_by_sorting_matches_the_reference(kind, monkeypatch):
+    monkeypatch.setattr(deepseek, "_SORTED_PICKS", 0)  # every call tries the sort
+    gen = torch.Generator().manual_seed(4)
+    if kind == "fractions":  # loads per replica that float32 rounds, near-ties
+        weight = torch.rand(6, 40, generator=gen) * 3 + 1
+    else:
+        weight = _loads(gen, kind, (6, 40))
+    for slots in (41, 57, 80, 200):
+        picks = deepseek._extra_replicas(weight.numpy(), slots - 40)
+        if kind == "spread":
+            assert picks is not None  # the sort's result stands (no fallback)
+        ours = deepseek.replicate_experts(weight, slots)
+        ref = eplb_reference.replicate_experts(weight, slots)
+        assert all(torch.equal(a, b) for a, b in zip(ours, ref)), slots
 
 
 # sha256 (first 16 hex digits) of phy2log, log2phy, logcnt and replica_share, recorded with

@@ -14,9 +14,15 @@ import numpy as np
 import torch
 
 from ..layout import ExpertLayout, Topology
+from . import placement
 
 # A pack with no room left: above the int32 bit pattern of every float32 load (inf included).
 _FULL = np.int32(0x7FFFFFFF)
+# Redundant slots per row above which _replicate finds the greedy's picks by a sort (the
+# greedy loop takes a step of several numpy operations per slot; measured: the sort costs
+# more at 64 redundant slots, half at 512), and the halvings of its level.
+_SORTED_PICKS = 192
+_PICK_HALVINGS = 6
 # Loads from which _sort_order's int32 sort pays for its check and conversion.
 _INT_SORT_SIZE = 2048
 # Packs per row from which _packing_batches beats one item per step: a batch step costs
@@ -198,7 +204,18 @@ def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray
     extra = num_phy - num_log
     if extra < 0:
         raise ValueError(f"{num_phy} slots cannot hold {num_log} experts")
-    flat = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    picks = _extra_replicas(weight, extra) if extra > _SORTED_PICKS else None
+    if picks is not None:
+        phy2log = np.empty((rows, num_phy), dtype=np.int64)
+        phy2log[:, :num_log] = np.arange(num_log)
+        phy2log[:, num_log:] = picks[0]
+        rank = np.zeros((rows, num_phy), dtype=np.int64)
+        rank[:, num_log:] = picks[1]
+        offsets = _row_offsets(rows, num_log)
+        logcnt = np.bincount((phy2log + offsets).reshape(-1), minlength=rows * num_log)
+        return phy2log, rank, logcnt.reshape(rows, num_log)
+    flat = weight.reshape(-1)
     # load per replica, as the reference's float32 / int64 division computes it (w / 1 = w);
     # only the chosen expert's entry changes per step. Counts are kept in float32 (exact
     # up to 2**24) so that the division needs no conversion.
@@ -223,6 +240,64 @@ def _replicate(weight: np.ndarray, num_phy: int) -> tuple[np.ndarray, np.ndarray
     rank = np.zeros((rows, num_phy), dtype=np.int64)
     rank[:, num_log:] = taken_of.T
     return phy2log, rank, count.astype(np.int64).reshape(rows, num_log)
+
+
+def _extra_replicas(weight: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The redundant slots :func:`_replicate`'s greedy hands out, found by one sort.
+
+    The k-th extra replica of expert e is picked when e's load per replica is w_e / k (in
+    float32, as the reference divides); per expert these values fall as k grows, and the
+    greedy always takes the largest value left, the lowest expert first among equals. So
+    its picks are the ``extra`` largest candidates (e, k), in the order (value descending,
+    e, k): a stable sort of the candidates listed by (e, k). Candidates are listed up to
+    k_e = floor(w_e / level), at a level bisected (in float64) to just below the
+    ``extra``-th largest value; the result stands only if every candidate left out,
+    (e, k_e + 1), is smaller than the last one picked, which makes it the greedy's whatever
+    the level. Otherwise (or for loads that are not finite and positive) None: the caller
+    runs the greedy.
+
+    Args:
+        weight: [rows, E] float32.
+    Returns:
+        (expert [rows, extra] int64, replica index [rows, extra] int64) in pick order, or
+        None.
+    """
+    rows, num_log = weight.shape
+    load = weight.astype(np.float64)
+    total = load.sum(-1)
+    if not (np.isfinite(total).all() and (total > 0).all() and load.min() >= 0):
+        return None
+    # sum_e floor(w_e / L) >= extra at L = total / (extra + E): at least ``extra`` values
+    # lie above it; bisect towards total / extra, keeping that
+    low, high = total / (extra + num_log), total / extra
+    for _ in range(_PICK_HALVINGS):
+        mid = (low + high) / 2
+        enough = np.floor(load / mid[:, None]).sum(-1) >= extra
+        low, high = np.where(enough, mid, low), np.where(enough, high, mid)
+    listed = np.minimum(np.floor(load / low[:, None]), extra).astype(np.int64)  # [rows, E]
+    per_row = listed.sum(-1)
+    if (per_row < extra).any():
+        return None
+    width = int(per_row.max())
+    expert = np.repeat(np.tile(np.arange(num_log, dtype=np.int64), rows), listed.reshape(-1))
+    row = np.repeat(np.arange(rows, dtype=np.int64), per_row)
+    row_first = np.cumsum(per_row) - per_row  # candidates before each row's
+    within = np.arange(expert.size, dtype=np.int64) - row_first[row]  # position in the row
+    run_first = np.cumsum(listed.reshape(-1)) - listed.reshape(-1)  # each expert's first
+    k = within + row_first[row] - run_first[row * num_log + expert] + 1
+    value = weight.reshape(-1)[row * num_log + expert] / k.astype(np.float32)
+    at = row * width + within
+    padded = np.full(rows * width, -np.inf, dtype=np.float32)
+    padded[at] = value
+    by_position = np.zeros(rows * width, dtype=np.int64)
+    by_position[at] = expert * (extra + 1) + k  # (e, k) of each listed candidate
+    order = placement.argsort_stable(padded.reshape(rows, width), descending=True)
+    picked = _gather(by_position.reshape(rows, width), order[:, :extra])
+    last = _gather(padded.reshape(rows, width), order[:, extra - 1 : extra])  # [rows, 1]
+    unlisted = np.where(listed < extra, weight / (listed + 1).astype(np.float32), -np.inf)
+    if not (unlisted < last).all():
+        return None
+    return picked // (extra + 1), picked % (extra + 1)
 
 
 def replicate_experts(
