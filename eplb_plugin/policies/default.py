@@ -237,15 +237,15 @@ def place_layers(load: np.ndarray, topology: Topology, config: DefaultPolicyConf
     experts = (groups[:, :, None] * group_size + np.arange(group_size)).reshape(
         num_layers, t.num_nodes, -1
     )  # [L, nodes, E / nodes] logical ids owned by each node
-    node_load = np.take_along_axis(load, experts.reshape(num_layers, -1), -1)
+    node_load = take_rows(load, experts.reshape(num_layers, -1))
     node_load = node_load.reshape(num_layers * t.num_nodes, -1)
     # A layer's peak GPU is at least its heaviest node's load per GPU: refining a lighter
     # node below that changes nothing measurable, so those rows stop there.
     least_peak = node_load.sum(-1).reshape(num_layers, t.num_nodes).max(-1) / t.gpus_per_node
     floor = np.repeat(least_peak, t.num_nodes)
     place, _ = place_rows(node_load, t.slots_per_node, t.gpus_per_node, config, floor)
-    local = place.reshape(num_layers, t.num_nodes, -1)
-    return np.take_along_axis(experts, local, -1).reshape(num_layers, -1)
+    local = place.reshape(num_layers * t.num_nodes, -1)  # [L * nodes, slots per node]
+    return take_rows(experts.reshape(num_layers * t.num_nodes, -1), local).reshape(num_layers, -1)
 
 
 def planned_shares(layout: ExpertLayout, load: np.ndarray) -> torch.Tensor:

@@ -140,11 +140,13 @@ def _items(key: np.ndarray, take: np.ndarray, repeat: np.ndarray) -> np.ndarray:
     length = times.sum(-1)
     width = int(length.max()) if rows else 0
     experts = np.repeat(order.ravel(), times.ravel())
-    row = np.repeat(np.arange(rows), length)
-    start = np.cumsum(length) - length
-    out = np.full((rows, width), -1, dtype=np.int64)
-    out[row, np.arange(experts.size) - start[row]] = experts
-    return out
+    # flat position of each item: its row's start plus its place among the row's items
+    shift = np.repeat(
+        np.arange(rows, dtype=np.int64) * width - (np.cumsum(length) - length), length
+    )
+    out = np.full(rows * width, -1, dtype=np.int64)
+    out[np.arange(experts.size) + shift] = experts
+    return out.reshape(rows, width)
 
 
 def place_replicated(
