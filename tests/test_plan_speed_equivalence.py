@@ -238,6 +238,19 @@ def test_replication_by_sorting_matches_the_reference(kind, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(ours, ref)), slots
 
 
+def test_float32_loads_plan_as_their_float64_copies():
+    # plan() keeps a float32 load as it is unless a layer needs scaling or filling
+    weight = _digest_load(1, 6, 64, "lognormal")
+    weight[1] *= 2.0**50  # scaled
+    weight[2] = 0.0  # filled
+    weight[3, :5] = -0.0
+    for policy in ("deepseek", "default"):
+        for load in (weight, weight[[0, 3, 4, 5]]):
+            a = plan(load, Topology(96, 8, 4, 16), policy)
+            b = plan(load.double(), Topology(96, 8, 4, 16), policy)
+            assert a.equals(b) and torch.equal(a.replica_share, b.replica_share)
+
+
 # sha256 (first 16 hex digits) of phy2log, log2phy, logcnt and replica_share, recorded with
 # the plan code before the speed work (commit 49a79e6): the faster paths plan the same
 # layouts bit for bit. (Shapes that take repartition_pairs' float32 matmul are left out:

@@ -191,11 +191,10 @@ def _checked(weight: object, name: str) -> torch.Tensor:
     tensor = tensor.detach().cpu()
     if tensor.dtype in (torch.uint16, torch.uint32, torch.uint64):
         tensor = tensor.to(torch.float64)  # torch has no comparisons on these
-    if tensor.dtype.is_floating_point:
+    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
         if torch.isnan(tensor).any():
             raise ValueError(f"{name} contains NaN")
-        if torch.isinf(tensor).any():
-            raise ValueError(f"{name} contains inf")
+        raise ValueError(f"{name} contains inf")
     if (tensor < 0).any():
         raise ValueError(f"{name} contains negative loads (min {tensor.min().item()})")
     return tensor
@@ -231,7 +230,7 @@ def normalise_load(
     """Per-layer power-of-two scaling into float32's comfortable range, zero layers made even.
 
     Args:
-        load: [L, E] or [S, L, E] float64 validated load (finite, >= 0).
+        load: [L, E] or [S, L, E] float64 validated load (finite, >= 0), or [L, E] float32.
     Returns:
         (total [L, E] float32 (the sum over steps), steps [S, L, E] float32 or None, the
         layers that had no load). A layer whose largest load lies outside [2**-40, 2**40] is
@@ -242,9 +241,15 @@ def normalise_load(
     """
     steps = load if load.dim() == 3 else None
     peak = load.amax(-1) if steps is None else load.amax(-1).amax(0)  # [L]
-    zero = (peak == 0).nonzero().flatten().tolist()
     _, exponent = torch.frexp(peak)
     far = (peak > 0) & (exponent.abs() > NORM_EXPONENT)
+    if load.dtype == torch.float32 and steps is None:
+        # (plan()'s float32 load: nothing to scale or fill leaves it as it is, else the
+        # float64 path; a float32 peak has its float64 value's exponent)
+        if not bool(far.any()) and bool(peak.min() > 0):
+            return load.clone(), None, []
+        return normalise_load(load.to(torch.float64))
+    zero = (peak == 0).nonzero().flatten().tolist()
     if bool(far.any()):
         shift = torch.where(far, 32 - exponent, torch.zeros_like(exponent))
         load = load * torch.ldexp(torch.ones_like(peak), shift).unsqueeze(-1)  # [L, 1]
@@ -284,7 +289,9 @@ def plan(
     check_policy_options(policy, options)
     if not isinstance(topology, Topology):
         raise ValueError(f"topology must be a Topology, got {type(topology).__name__}")
-    load = _checked(weight, "weight").to(torch.float64)
+    load = _checked(weight, "weight")
+    if load.dtype != torch.float32 or load.dim() != 2:  # (normalise_load takes [L, E] float32)
+        load = load.to(torch.float64)
     num_layers, num_experts = load.shape[-2:]
     topology.check_experts(num_experts)
     check_work(num_layers, num_experts, topology)
