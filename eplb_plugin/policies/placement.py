@@ -164,34 +164,49 @@ def place_replicated(
         (place [rows, G, S] int64 with -1 for the slots left to singles, fill [rows, G]
         int64 slots taken per GPU, load [rows, G] float64).
     """
-    rows, _ = weight.shape
+    rows, num_experts = weight.shape
     per_replica = weight / logcnt
     items = _items(per_replica, logcnt > 1, logcnt)
     place = np.full((rows, num_gpus, slots_per_gpu), -1, dtype=np.int64)
     fill = np.zeros((rows, num_gpus), dtype=np.int64)
     load = np.zeros((rows, num_gpus))
-    linked = np.zeros((rows, num_gpus), dtype=bool)  # holds a replicated expert
     component = np.tile(np.arange(num_gpus), (rows, 1))
-    used = np.zeros((rows, num_gpus), dtype=bool)  # holds the current expert
     current = np.zeros(rows, dtype=np.int64)  # component of the current expert's GPUs
     row = np.arange(rows)
-    scale = load.sum(-1, keepdims=True) + per_replica.sum(-1, keepdims=True) * num_gpus + 1.0
+    scale = load.sum(-1) + per_replica.sum(-1) * num_gpus + 1.0  # [rows]
+    # A GPU's score is ((load / scale + 2 * linked) + 16 * used) [+ 4 * in the expert's
+    # component], inf when full: ``base`` keeps the first term (inf once full) and
+    # ``used16`` the second, each changed only where a replica lands (the same arithmetic
+    # as recomputing them, at a fraction of the operations). linked: holds a replicated
+    # expert; used: holds the current expert.
+    base = np.zeros((rows, num_gpus))
+    used16 = np.zeros((rows, num_gpus))
+    flat = [a.reshape(-1) for a in (place, fill, load, base, used16)]
+    flat_place, flat_fill, flat_load, flat_base, flat_used16 = flat
+    flat_replica = per_replica.reshape(-1)
+    by_step = np.ascontiguousarray(items.T)  # [M, rows]
+    active_of = by_step >= 0
+    first_of = active_of.copy()  # the expert's first replica
+    first_of[1:] &= by_step[1:] != by_step[:-1]
     for m in range(items.shape[1]):
-        expert = items[:, m]
-        active = expert >= 0
-        first = active & ((m == 0) | (expert != items[:, max(m - 1, 0)]))
-        used[first] = False
-        score = load / scale + 2.0 * linked + 16.0 * used
+        expert, active, first = by_step[m], active_of[m], first_of[m]
+        used16[first] = 0.0
+        score = base + used16
         if connect:
             score = score + 4.0 * ((component == current[:, None]) & ~first[:, None])
-        score = np.where(fill < slots_per_gpu, score, np.inf)
         gpu = score.argmin(-1)
-        r, g, e = row[active], gpu[active], expert[active]
-        place[r, g, fill[r, g]] = e
-        fill[r, g] += 1
-        load[r, g] += per_replica[r, e]
-        linked[r, g] = True
-        used[r, g] = True
+        if active.all():
+            r, g, e = row, gpu, expert
+        else:
+            r, g, e = row[active], gpu[active], expert[active]
+        at = r * num_gpus + g
+        taken = flat_fill[at]
+        flat_place[at * slots_per_gpu + taken] = e
+        flat_fill[at] = taken + 1
+        now = flat_load[at] + flat_replica[r * num_experts + e]
+        flat_load[at] = now
+        flat_base[at] = np.where(taken + 1 < slots_per_gpu, now / scale[r] + 2.0, np.inf)
+        flat_used16[at] = 16.0
         if connect:
             # merge the chosen GPU's component into the expert's (first replica: adopt it)
             chosen = component[row, gpu]
