@@ -238,6 +238,7 @@ def test_replication_by_sorting_matches_the_reference(kind, monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(ours, ref)), slots
 
 
+@pytest.mark.filterwarnings("ignore::eplb_plugin.policies.LoadWarning")  # the zero layer
 def test_float32_loads_plan_as_their_float64_copies():
     # plan() keeps a float32 load as it is unless a layer needs scaling or filling
     weight = _digest_load(1, 6, 64, "lognormal")
