@@ -439,7 +439,7 @@ class Balancer:
         if self.rank == 0:
             log.info(
                 "EPLB load shift at step %d: the last %d steps depart from the planned load "
-                "%.1fx more than the plan's window did (threshold %g); re-planning on them",
+                "%.1fx as far as a run of it would (threshold %g); re-planning on them",
                 self.steps, run, self.shift.deviation_ratio(observed), self.shift.threshold,
             )  # fmt: skip
         return True

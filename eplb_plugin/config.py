@@ -40,8 +40,8 @@ _HELP = {
     "`eplb simulate --recommend --waterfill-iters N` models it)",
     "min_gain": "smallest predicted balancedness gain (0..1) worth moving weights for",
     "shift_threshold": "re-plan at once when a run of steps (an eighth of the window) departs "
-    "from the planned load this many times more than the window's runs did (0 = only every "
-    "interval; window predictor only)",
+    "from the planned load this many times as far as a run of that load would (0 = only "
+    "every interval; window predictor only)",
     "layers_per_step": "layers moved per engine step (0 = all layers in one step)",
     "staging_bytes": "bytes of extra memory a rebalance may use per rank (staging + send)",
     "communicator": "weight transfer backend: torch (torch.distributed) or deepep",
@@ -113,9 +113,10 @@ class EplbConfig:
             [0, 1]) is at least this.
         shift_threshold: re-plan at once, between regular plans, when a run of steps (the
             unit the window is cut into for the policy) departs from the plan's load this
-            many times more than the window's own runs did; that plan and a follow-up sees
-            only the steps since the shift (:mod:`eplb_plugin.shift`). 0 turns it off; the
-            ``ema`` predictor has no runs and ignores it.
+            many times as far as a run of that load would, judged by the window's own
+            run-to-run scatter; that plan and a follow-up see only the steps since the
+            shift (:mod:`eplb_plugin.shift`). 0 turns it off; the ``ema`` predictor has no
+            runs and ignores it.
         layers_per_step: layers moved per engine step; 0 moves every layer in one step.
         staging_bytes: per-rank budget of extra memory for one rebalance chunk (received
             weights staged before commit, plus packed weights being sent).

@@ -17,7 +17,7 @@ DISPATCH_MODES = ("static", "local", "global")
 WATERFILL_ITERS = 8
 # Shift detector threshold of EplbConfig and SimConfig (eplb_plugin.shift; 0 = off), chosen
 # on the shared and synthetic replays (docs/benchmarks/policy.md, "Re-planning on a shift").
-SHIFT_THRESHOLD = 5.0
+SHIFT_THRESHOLD = 4.0
 # how the simulator counts a step's tokens per slot (eplb_plugin.simulate.SimConfig.rounding)
 ROUNDINGS = ("fractional", "tokens")
 # load predictors (eplb_plugin.predictor)

@@ -5,14 +5,18 @@ the traffic changes (a new mix of requests, a new topic in long sequences) until
 plan, and that plan still averages the old load with the new. The detector compares each
 new *run* of steps (the unit :meth:`~eplb_plugin.recorder.LoadRecorder.plan_steps` cuts the
 window into) with the load the layout in service was planned on, and calls a shift when the
-run departs from that forecast ``threshold`` times more than the window's own runs did. The
+run departs from that forecast ``threshold`` times more than a run of the same load would.
+The
 Balancer and the simulator then re-plan at once on the runs since the shift only, plan
 again ``FOLLOW_UP_RUNS`` runs later on the runs since the shift (more data, still no old
 load), and resume the regular cadence after that.
 
-The yardstick is the window's own run-to-run scatter, so the rule needs no notion of what
-noise a step of a given size has: sequences that make the load jumpy raise it, long quiet
-runs lower it.
+The yardstick comes from the window's own run-to-run scatter ``noise`` (the mean deviation
+of a run from the runs' true mean), so the rule needs no notion of what noise a step of a
+given size has: sequences that make the load jumpy raise it, long quiet runs lower it. A new
+run's deviation from a forecast that is itself the mean of S noisy runs is expected at
+``noise x (1 + 1 / S)`` when nothing shifted: a forecast of one run (just after a shift) is
+twice as far from the next run as the true mean is, and the yardstick says so.
 """
 
 from __future__ import annotations
@@ -51,18 +55,20 @@ class ShiftDetector:
     """The forecast of the layout in service and the scatter its window showed.
 
     Attributes:
-        threshold: a run whose deviation exceeds ``threshold`` x ``noise`` is a shift
-            (``0``: never).
+        threshold: a run whose deviation exceeds ``threshold`` x the expected deviation
+            ``noise x (1 + 1 / forecast_runs)`` is a shift (``0``: never).
         forecast: [L, E] float64 mean load per run the layout was planned on.
-        noise: mean deviation of the window's runs from their own mean, corrected for the
-            mean being fitted to them (x S / (S - 1)); kept from the last plan that had at
-            least two runs.
+        forecast_runs: S, the runs the forecast is the mean of.
+        noise: mean deviation of a run from the runs' true mean, estimated from the window's
+            runs' deviation from their own mean (x S / (S - 1), as the mean is fitted to
+            them); kept from the last plan that had at least two runs.
         run_steps: engine steps per run of the last plan: a check looks at that many
             newest steps, so it compares like with like.
     """
 
     threshold: float = SHIFT_THRESHOLD
     forecast: torch.Tensor | None = None
+    forecast_runs: int = 1
     noise: float | None = None
     run_steps: int = 1
 
@@ -93,24 +99,29 @@ class ShiftDetector:
         runs = runs.to(torch.float64)
         self.forecast = runs.mean(0)
         self.run_steps = max(1, int(run_steps))
-        count = runs.shape[0]
+        count = self.forecast_runs = runs.shape[0]
         if count >= 2:
             scatter = sum(run_deviation(run, self.forecast) for run in runs) / count
             self.noise = scatter * count / (count - 1)
+
+    @property
+    def expected(self) -> float:
+        """Expected deviation of a new run from the forecast when nothing shifted."""
+        return (self.noise or 0.0) * (1.0 + 1.0 / self.forecast_runs)
 
     def shifted(self, observed: torch.Tensor) -> bool:
         """Whether the run ``observed`` [L, E] departs from the forecast beyond the threshold
         (False while not ``ready`` or when the run holds no tokens)."""
         if not self.ready or float(observed.sum()) <= 0:
             return False
-        return run_deviation(observed, self.forecast) > self.threshold * self.noise
+        return run_deviation(observed, self.forecast) > self.threshold * self.expected
 
     def deviation_ratio(self, observed: torch.Tensor) -> float:
-        """The run's deviation over the yardstick (for logs); inf when the yardstick is 0."""
+        """The run's deviation over the expected one (for logs); inf when that is 0."""
         if not self.ready:
             return 0.0
-        value = run_deviation(observed, self.forecast)
-        return value / self.noise if self.noise > 0 else (float("inf") if value > 0 else 0.0)
+        value, expected = run_deviation(observed, self.forecast), self.expected
+        return value / expected if expected > 0 else (float("inf") if value > 0 else 0.0)
 
 
 def run_steps_of(steps: int, max_runs: int) -> int:

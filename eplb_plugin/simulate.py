@@ -94,7 +94,7 @@ class SimConfig:
             the whole tokens the device op gives each slot, rank by rank, with the dither
             seeds the engines use).
         shift_threshold: re-plan at once when a run of steps departs from the plan's
-            forecast this many times more than the window's runs did (:mod:`eplb_plugin.shift`,
+            forecast this many times as far as a run of that load would (:mod:`eplb_plugin.shift`,
             as the Balancer does; window predictor only); 0: only every ``interval`` steps.
     """
 
@@ -144,7 +144,8 @@ class ReplayResult:
         balancedness: [scored steps] float64 realized balancedness per step.
         slots_moved: slots whose expert changed at each rebalance after the first.
         plan_ms: wall time of each plan, milliseconds.
-        shift_plans: plans made on a detected shift (also counted in ``plan_ms``).
+        shift_steps: steps at which a plan was made on a detected shift (those plans are
+            in ``plan_ms`` too).
         layer_us: [scored steps] float64 modelled MoE-layer time per step (mean over
             layers), or None without a cost model.
     """
@@ -157,7 +158,11 @@ class ReplayResult:
     num_slots: int = 0
     bytes_per_slot: int = 0
     layer_us: torch.Tensor | None = None
-    shift_plans: int = 0
+    shift_steps: list[int] = field(default_factory=list)
+
+    @property
+    def shift_plans(self) -> int:
+        return len(self.shift_steps)
 
     @property
     def mean(self) -> float:
@@ -178,6 +183,7 @@ class ReplayResult:
             "balancedness": self.mean,
             "rebalances": len(self.plan_ms),
             "shift_rebalances": self.shift_plans,
+            "shift_steps": list(self.shift_steps),
             "slots_moved_per_rebalance": mean_moved,
             "slots_moved_fraction": mean_moved / self.num_slots if self.num_slots else 0.0,
             "max_slots_moved_fraction": max(moved) / self.num_slots if moved else 0.0,
@@ -257,13 +263,14 @@ def replay(
     scores, moved, times, step_us = [], [], [], []
     # the Balancer's cadence: every `interval` steps, and at once on a detected shift
     detector = ShiftDetector(config.shift_threshold if config.predictor == "window" else 0)
-    planned_at, due, shift_at, shifts = start, config.interval, 0, 0
+    planned_at, due, shift_at, shifts = start, config.interval, 0, []
     for step in range(start, rank_counts.shape[0]):
         since = step - planned_at
         shifted, run = False, detector.run_steps
         if layout is not None and since < due and detector.ready and since % run == 0:
             if detector.shifted(totals[step - run : step].sum(0)):
-                shifted, shift_at, shifts = True, step - run, shifts + 1
+                shifted, shift_at = True, step - run
+                shifts.append(step)
         if layout is None or since >= due or shifted:
             # a plan never looks back past a detected shift
             load = predict(totals[shift_at:step], config)

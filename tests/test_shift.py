@@ -38,16 +38,22 @@ def test_detector_calibrates_on_the_runs_and_flags_a_shift() -> None:
     det.calibrate(runs, run_steps=5)
     assert det.ready and det.run_steps == 5
     assert torch.equal(det.forecast, torch.tensor([[10.0, 10.0]], dtype=torch.float64))
-    # deviations 0, 0.4, 0.4: mean 0.8 / 3, times 3 / 2 for the fitted mean
-    assert det.noise == pytest.approx(0.4)
-    assert not det.shifted(torch.tensor([[11.0, 9.0]]))  # 0.1 <= 0.8
-    assert det.shifted(torch.tensor([[14.0, 6.0]]))  # 1.6 > 0.8
-    assert det.deviation_ratio(torch.tensor([[14.0, 6.0]])) == pytest.approx(4.0)
+    # deviations 0, 0.4, 0.4: mean 0.8 / 3, times 3 / 2 for the fitted mean; a new run is
+    # expected that far from the true mean, plus 1/3 of it for the forecast's own noise
+    assert det.noise == pytest.approx(0.4) and det.forecast_runs == 3
+    assert det.expected == pytest.approx(0.4 * 4 / 3)
+    assert not det.shifted(torch.tensor([[11.0, 9.0]]))  # 0.1 <= 2 x 0.533
+    assert det.shifted(torch.tensor([[14.0, 6.0]]))  # 1.6 > 1.067
+    assert det.deviation_ratio(torch.tensor([[14.0, 6.0]])) == pytest.approx(3.0)
     assert not det.shifted(torch.zeros(1, 2))  # an idle run says nothing
-    # one run: a new forecast, the yardstick kept
+    # one run: a new forecast, the yardstick kept; a run is expected twice as far from a
+    # one-run forecast as from the true mean
     det.calibrate(torch.tensor([[[14.0, 6.0]]]), run_steps=3)
     assert det.noise == pytest.approx(0.4) and det.run_steps == 3
+    assert det.expected == pytest.approx(0.8)
     assert not det.shifted(torch.tensor([[14.0, 6.0]]))
+    assert not det.shifted(torch.tensor([[12.0, 8.0]]))  # 0.48 <= 1.6
+    assert det.shifted(torch.tensor([[8.0, 12.0]]))  # 4.3 > 1.6
     off = ShiftDetector(threshold=0)
     off.calibrate(runs, 1)
     assert not off.enabled and not off.ready and not off.shifted(torch.tensor([[20.0, 0.0]]))

@@ -100,7 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=SHIFT_THRESHOLD,
         help="re-plan at once when a run of steps departs from the plan's load this many "
-        "times more than the window's runs did, as the Balancer does (default "
+        "times as far as a run of that load would, as the Balancer does (default "
         f"{SHIFT_THRESHOLD:g}; 0: only every --interval steps; the baseline never does)",
     )
     p.add_argument(
@@ -561,12 +561,18 @@ def write_plot(path: str, results: list[ReplayResult], title: str, interval: int
             result.steps, result.balancedness.numpy(), line, color=color, linewidth=width,
             alpha=0.45 if width > 1.6 else 1.0, label=label, zorder=3 if key == "baseline" else 2,
         )  # fmt: skip
+    shifted = sorted({step for result in results for step in result.shift_steps})
     if results:
-        # re-plans happen every `interval` steps from the first scored step
+        # regular re-plans every `interval` steps from the first scored step (a plan on a
+        # shift restarts that count, so the grey lines are where a fixed cadence re-plans)
         steps = results[0].steps
         for step in steps[:: max(interval, 1)]:
             ax.axvline(step, color="#cccccc", linewidth=0.6, zorder=0)
-    ax.set_xlabel("step (grey lines: re-plans)")
+    for step in shifted:
+        ax.axvline(step, color="#b03030", linewidth=1.0, linestyle="--", zorder=1)
+    xlabel = "step (grey lines: re-plans every --interval steps"
+    xlabel += "; red dashed: re-plans on a load shift)" if shifted else ")"
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("balancedness (mean / max GPU load)")
     ax.set_title(title, fontsize=9)
     ax.set_ylim(top=1.0)
