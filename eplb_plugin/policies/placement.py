@@ -232,24 +232,35 @@ def place_singles(
     there are free slots.
     """
     rows, num_gpus, slots_per_gpu = place.shape
+    num_experts = weight.shape[1]
     items = _items(weight, take, np.ones_like(take, dtype=np.int64))
+    # flat views for the updates (of contiguous copies if need be, written back at the end)
+    arrays = (place, fill, load)
+    work = [np.ascontiguousarray(a) for a in arrays]
+    flat_place, flat_fill, flat_load = (a.reshape(-1) for a in work)
+    flat_weight = np.ascontiguousarray(weight).reshape(-1)
     count = (items >= 0).sum(-1)
     row = np.arange(rows)
     taken = np.zeros(rows, dtype=np.int64)
     rank = np.arange(num_gpus)
     while (taken < count).any():
-        room = fill < slots_per_gpu
-        order = np.argsort(np.where(room, load, np.inf), axis=-1, kind="stable")
+        room = work[1] < slots_per_gpu
+        order = np.argsort(np.where(room, work[2], np.inf), axis=-1, kind="stable")
         deal = np.minimum(room.sum(-1), count - taken)  # [rows]
         ok = rank[None, :] < deal[:, None]  # [rows, G] j-th lightest GPU gets an item
         index = np.minimum(taken[:, None] + rank[None, :], items.shape[1] - 1)
-        expert = np.take_along_axis(items, index, -1)
+        expert = take_rows(items, index)
         r = np.broadcast_to(row[:, None], ok.shape)[ok]
         g, e = order[ok], expert[ok]
-        place[r, g, fill[r, g]] = e
-        fill[r, g] += 1
-        load[r, g] += weight[r, e]
+        at = r * num_gpus + g  # flat (row, GPU), distinct within a round
+        taken_slots = flat_fill[at]
+        flat_place[at * slots_per_gpu + taken_slots] = e
+        flat_fill[at] = taken_slots + 1
+        flat_load[at] += flat_weight[r * num_experts + e]
         taken += deal
+    for array, copy in zip(arrays, work):
+        if copy is not array:
+            array[...] = copy
 
 
 def bldm_pack(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
