@@ -26,7 +26,7 @@ import numpy as np
 BISECTION_STEPS = 12
 _SIGN_OFF = np.int64(0x7FFFFFFFFFFFFFFF)
 # largest (row, GPU, expert) table refine_swaps keeps for the replicated items' check
-_MAX_PRESENCE = 1 << 22
+_MAX_PRESENCE = 1 << 20
 # widths up to which numpy's own stable argsort (an insertion sort) is the faster
 SMALL_SORT = 16
 
