@@ -14,11 +14,18 @@ is sized to that conflict: on each GPU the net change is compared with the large
 single expert asked for, and each expert moves by the smallest such ratio over its GPUs. An
 expert that shares its GPUs with no other moving expert thus lands on its level in one sweep,
 while crowded GPUs are approached in fractions that do not overshoot.
+
+Heavy-ball momentum (``momentum`` = beta) speeds up the crowded GPUs' slow approach: each
+sweep adds beta times the previous sweep's change of the shares to its own damped step; the
+shares are clamped at 0 (an overshoot past an empty replica) and renormalised at the end.
 """
 
 from __future__ import annotations
 
 import torch
+
+# default heavy-ball factor of the sweeps (``waterfill_shares(momentum=...)``)
+MOMENTUM = 0.0
 
 
 def _same_gpu(phy2log: torch.Tensor, slots_per_gpu: int) -> torch.Tensor:
@@ -35,6 +42,8 @@ def waterfill_shares(
     slots_per_gpu: int,
     base_share: torch.Tensor,
     iters: int = 8,
+    *,
+    momentum: float = MOMENTUM,
 ) -> torch.Tensor:
     """Replica shares that (approximately) minimize the largest GPU load.
 
@@ -51,11 +60,15 @@ def waterfill_shares(
         base_share: [L, P] float32 starting split (e.g. ``layout.replica_share``); per
             expert it sums to 1.
         iters: water-fill sweeps (0 returns ``base_share`` with singles set to 1).
+        momentum: heavy-ball factor in [0, 1): the share of the previous sweep's change
+            added to each sweep's step (0: the plain damped sweeps, bit for bit).
 
     Returns:
         [L, P] float32 shares, non-negative, summing to 1 over each expert's slots, on
         ``counts.device``. Deterministic: gathers and fixed-order reductions only.
     """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     num_layers, num_slots = phy2log.shape
     num_gpus = num_slots // slots_per_gpu
     counts = counts.to(torch.float32)
@@ -81,6 +94,7 @@ def waterfill_shares(
     rank = torch.arange(1, log2phy.shape[2] + 1, device=counts.device, dtype=torch.float32)
     inf = torch.tensor(float("inf"), device=counts.device)
 
+    prev = share
     for _ in range(iters):
         contrib = slot_count * share  # [L, P]
         gpu_load = contrib.view(num_layers, num_gpus, slots_per_gpu).sum(-1, keepdim=True)
@@ -101,7 +115,10 @@ def waterfill_shares(
         ratio = torch.where(net > alone, alone / net.clamp(min=1e-30), 1.0)  # [L, G]
         ratio = ratio.unsqueeze(-1).expand(-1, -1, slots_per_gpu).reshape(num_layers, -1)
         step = torch.where(valid, ratio.gather(1, flat_slots).view_as(log2phy), 1.0).amin(-1)
-        share = share + step.gather(1, phy2log) * (new - share)
+        moved = share + step.gather(1, phy2log) * (new - share)
+        if momentum:
+            moved = torch.where(keep, fixed, (moved + momentum * (share - prev)).clamp(min=0))
+        prev, share = share, moved
 
     # renormalise per expert (fixed-order sum over the expert's replicas) against drift
     total = torch.where(valid, share.gather(1, flat_slots).view_as(log2phy), 0.0).sum(-1)
