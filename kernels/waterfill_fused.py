@@ -205,9 +205,13 @@ if triton is not None:
             tl.store(expert_buf + es, step, mask=in_e)
             tl.debug_barrier()
             slot_step = tl.load(expert_buf + expert_of, mask=in_slot, other=0.0)
-            moved = share + slot_step * (new - share)
-            # momentum 0 leaves ``moved`` as it is: it is >= 0, and ``fixed`` where ``keep``
-            moved = tl.where(keep, fixed, tl.maximum(moved + momentum * (share - prev), 0.0))
+            want = new - share
+            moved = share + slot_step * want
+            # heavy-ball kick as in the reference; momentum 0 leaves ``moved`` as it is (it
+            # is >= 0, and ``fixed`` where ``keep``)
+            last = share - prev
+            kick = tl.minimum(tl.maximum(want * 10.0, tl.minimum(last, 0.0)), tl.maximum(last, 0.0))
+            moved = tl.where(keep, fixed, tl.maximum(moved + momentum * kick, 0.0))
             prev = share
             share = moved
 
