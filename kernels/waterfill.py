@@ -14,11 +14,26 @@ is sized to that conflict: on each GPU the net change is compared with the large
 single expert asked for, and each expert moves by the smallest such ratio over its GPUs. An
 expert that shares its GPUs with no other moving expert thus lands on its level in one sweep,
 while crowded GPUs are approached in fractions that do not overshoot.
+
+Heavy-ball momentum (``momentum`` = beta) speeds up the crowded GPUs' slow approach: each
+sweep adds beta times the previous sweep's change of a slot's share to its own damped step,
+as long as the slot still wants to move that way (limited to ten times what it still wants,
+so the kick fades out as the slot arrives, and is 0 when the slot wants to turn back). The
+shares are clamped at 0 (an overshoot past an empty replica) and renormalised at the end.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Default heavy-ball factor of the sweeps (``waterfill_shares(momentum=...)``). At the
+# default 8 sweeps 0.3 raised ``bench_simulate.py --synthetic``'s global-dispatch gap closed
+# on all 12 cases (mean 76.7 -> 78.9%, with --rounding tokens 90.0 -> 92.4%); with
+# --migrate --max-moved 0.25 the mean rose 70.3 -> 71.9% and no case lost more than 0.5
+# points; local +0.1 / +0.3. At DeepSeek-V3 scale its balancedness after 4 to 32 sweeps
+# was never below the plain sweeps' (after 2, at most 0.0008 below). 0.4-0.5 gain little
+# more and leave the peaks less monotone (more layers still rise and fall after 16 sweeps).
+MOMENTUM = 0.3
 
 
 def _same_gpu(phy2log: torch.Tensor, slots_per_gpu: int) -> torch.Tensor:
@@ -35,6 +50,8 @@ def waterfill_shares(
     slots_per_gpu: int,
     base_share: torch.Tensor,
     iters: int = 8,
+    *,
+    momentum: float = MOMENTUM,
 ) -> torch.Tensor:
     """Replica shares that (approximately) minimize the largest GPU load.
 
@@ -51,11 +68,15 @@ def waterfill_shares(
         base_share: [L, P] float32 starting split (e.g. ``layout.replica_share``); per
             expert it sums to 1.
         iters: water-fill sweeps (0 returns ``base_share`` with singles set to 1).
+        momentum: heavy-ball factor in [0, 1): the share of the previous sweep's change
+            added to each sweep's step (0: the plain damped sweeps, bit for bit).
 
     Returns:
         [L, P] float32 shares, non-negative, summing to 1 over each expert's slots, on
         ``counts.device``. Deterministic: gathers and fixed-order reductions only.
     """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     num_layers, num_slots = phy2log.shape
     num_gpus = num_slots // slots_per_gpu
     counts = counts.to(torch.float32)
@@ -81,6 +102,7 @@ def waterfill_shares(
     rank = torch.arange(1, log2phy.shape[2] + 1, device=counts.device, dtype=torch.float32)
     inf = torch.tensor(float("inf"), device=counts.device)
 
+    prev = share
     for _ in range(iters):
         contrib = slot_count * share  # [L, P]
         gpu_load = contrib.view(num_layers, num_gpus, slots_per_gpu).sum(-1, keepdim=True)
@@ -101,7 +123,16 @@ def waterfill_shares(
         ratio = torch.where(net > alone, alone / net.clamp(min=1e-30), 1.0)  # [L, G]
         ratio = ratio.unsqueeze(-1).expand(-1, -1, slots_per_gpu).reshape(num_layers, -1)
         step = torch.where(valid, ratio.gather(1, flat_slots).view_as(log2phy), 1.0).amin(-1)
-        share = share + step.gather(1, phy2log) * (new - share)
+        want = new - share
+        moved = share + step.gather(1, phy2log) * want
+        if momentum:
+            # the last change, while the slot still wants to go on that way by a tenth of it
+            # or more; fading to 0 as it arrives (an expert that landed stays), none against
+            # it. Continuous in ``want``, so rounding cannot flip a whole kick on or off.
+            last = share - prev
+            kick = (want * 10.0).clamp(min=last.clamp(max=0), max=last.clamp(min=0))
+            moved = torch.where(keep, fixed, (moved + momentum * kick).clamp(min=0))
+        prev, share = share, moved
 
     # renormalise per expert (fixed-order sum over the expert's replicas) against drift
     total = torch.where(valid, share.gather(1, flat_slots).view_as(log2phy), 0.0).sum(-1)

@@ -2,8 +2,9 @@
 
 The torch function ``eplb_plugin.kernels.waterfill.waterfill_shares`` stays the reference
 (and what the host-side dispatch model calls); this kernel computes the same damped Jacobi
-sweeps (duplicate replicas on one GPU as one bin, renormalisation, singles = 1, idle experts
-keep ``base_share``) in ONE launch instead of about 30 + 36 x sweeps small torch kernels.
+sweeps (duplicate replicas on one GPU as one bin, heavy-ball momentum with the shares clamped
+at 0, renormalisation, singles = 1, idle experts keep ``base_share``) in ONE launch instead
+of about 30 + 36 x sweeps small torch kernels.
 
 Layout: one program per layer row. Slot quantities live in a ``[G_PAD, S_PAD]`` tile
 (slot ``p = g * S + s``), expert quantities in an ``[E_PAD, X_PAD]`` tile (replica ``x`` of
@@ -35,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from eplb_plugin.kernels._backend import backend_for, interpreting, next_power_of_2, tl, triton
-from eplb_plugin.kernels.waterfill import waterfill_shares
+from eplb_plugin.kernels.waterfill import MOMENTUM, waterfill_shares
 
 __all__ = ["fits_one_block", "waterfill", "waterfill_shares_triton"]
 
@@ -112,6 +113,7 @@ if triton is not None:
         out_ptr,
         scratch_ptr,
         iters,
+        momentum,
         num_experts,
         width,
         num_gpus,
@@ -174,6 +176,7 @@ if triton is not None:
         share = fixed
         safe_count = tl.where(idle, 1.0, slot_count)
 
+        prev = share
         for _ in range(iters):
             contrib = slot_count * share
             gpu_load = tl.sum(contrib, 1)
@@ -202,7 +205,15 @@ if triton is not None:
             tl.store(expert_buf + es, step, mask=in_e)
             tl.debug_barrier()
             slot_step = tl.load(expert_buf + expert_of, mask=in_slot, other=0.0)
-            share = share + slot_step * (new - share)
+            want = new - share
+            moved = share + slot_step * want
+            # heavy-ball kick as in the reference; momentum 0 leaves ``moved`` as it is (it
+            # is >= 0, and ``fixed`` where ``keep``)
+            last = share - prev
+            kick = tl.minimum(tl.maximum(want * 10.0, tl.minimum(last, 0.0)), tl.maximum(last, 0.0))
+            moved = tl.where(keep, fixed, tl.maximum(moved + momentum * kick, 0.0))
+            prev = share
+            share = moved
 
         # renormalise per expert against drift
         tl.store(slot_buf + p, share, mask=in_slot)
@@ -224,6 +235,7 @@ def waterfill_shares_triton(
     base_share: torch.Tensor,
     iters: int = 8,
     *,
+    momentum: float = MOMENTUM,
     cube: bool | None = None,
 ) -> torch.Tensor:
     """``waterfill_shares`` in one Triton launch (same arguments, shapes and result, within
@@ -235,6 +247,7 @@ def waterfill_shares_triton(
         slots_per_gpu: slots per GPU (P is a multiple of it).
         base_share: [L, P] float32 starting split.
         iters: water-fill sweeps (>= 0).
+        momentum: heavy-ball factor in [0, 1), as in ``waterfill_shares``.
         cube: pairwise comparisons as one 3-D tile (True) or a loop (False); None: cubes
             up to ``CUBE_ELEMENTS`` elements, and always in the interpreter (where each
             tile op costs far more than its size).
@@ -250,6 +263,8 @@ def waterfill_shares_triton(
         raise ValueError(f"slots_per_gpu={slots_per_gpu} must divide P={num_slots}")
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     num_gpus = num_slots // slots_per_gpu
     out = torch.empty(num_layers, num_slots, dtype=torch.float32, device=counts.device)
     if num_layers == 0 or num_slots == 0:
@@ -275,6 +290,7 @@ def waterfill_shares_triton(
         out,
         scratch,
         iters,
+        float(momentum),
         num_experts,
         width,
         num_gpus,
@@ -301,6 +317,8 @@ def waterfill(
     slots_per_gpu: int,
     base_share: torch.Tensor,
     iters: int = 8,
+    *,
+    momentum: float = MOMENTUM,
 ) -> torch.Tensor:
     """The water-fill of the device ops: the fused Triton kernel where Triton runs
     (``_backend.backend_for``) and the layout fits one thread block (:func:`fits_one_block`),
@@ -311,6 +329,8 @@ def waterfill(
     fits = fits_one_block(num_experts, width, num_gpus, slots_per_gpu)
     if fits and backend_for(counts.device) == "triton":
         return waterfill_shares_triton(
-            counts, phy2log, log2phy, logcnt, slots_per_gpu, base_share, iters
+            counts, phy2log, log2phy, logcnt, slots_per_gpu, base_share, iters, momentum=momentum
         )
-    return waterfill_shares(counts, phy2log, log2phy, logcnt, slots_per_gpu, base_share, iters)
+    return waterfill_shares(
+        counts, phy2log, log2phy, logcnt, slots_per_gpu, base_share, iters, momentum=momentum
+    )

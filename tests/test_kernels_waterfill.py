@@ -8,7 +8,7 @@ import torch
 
 from eplb_plugin.kernels._backend import HAS_TRITON, interpreting
 from eplb_plugin.kernels._backend import forced_backend as kernels
-from eplb_plugin.kernels.waterfill import waterfill_shares
+from eplb_plugin.kernels.waterfill import MOMENTUM, waterfill_shares
 from eplb_plugin.kernels.waterfill_fused import waterfill, waterfill_shares_triton
 from eplb_plugin.layout import ExpertLayout, Topology
 
@@ -50,10 +50,19 @@ def random_counts(num_layers: int, num_experts: int, seed: int) -> torch.Tensor:
     return counts
 
 
-def both(layout: ExpertLayout, counts: torch.Tensor, iters: int, cube: bool | None = None):
+def both(
+    layout: ExpertLayout,
+    counts: torch.Tensor,
+    iters: int,
+    cube: bool | None = None,
+    momentum: float = MOMENTUM,
+):
     args = (counts, layout.phy2log, layout.log2phy, layout.logcnt,
             layout.topology.slots_per_gpu, layout.replica_share, iters)  # fmt: skip
-    return waterfill_shares_triton(*args, cube=cube), waterfill_shares(*args)
+    return (
+        waterfill_shares_triton(*args, cube=cube, momentum=momentum),
+        waterfill_shares(*args, momentum=momentum),
+    )
 
 
 def check_shares(layout: ExpertLayout, counts: torch.Tensor, share: torch.Tensor) -> None:
@@ -89,6 +98,33 @@ def test_fused_matches_torch_reference(num_layers, num_experts, num_gpus, slots_
     check_shares(layout, counts, fused)
     if iters > 0 and layout.num_slots > layout.num_experts:
         assert not torch.equal(ref, layout.replica_share), "the case moved nothing"
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.3, 0.9])
+@pytest.mark.parametrize(
+    "num_layers,num_experts,num_gpus,slots_per_gpu,iters,seed",
+    [
+        (2, 7, 3, 3, 8, 0),
+        (1, 5, 3, 5, 6, 0),  # many replicas, doubled on a GPU: momentum clamps shares at 0
+        (1, 10, 4, 4, 32, 1),
+    ],
+)
+def test_fused_momentum_matches_torch_reference(
+    num_layers, num_experts, num_gpus, slots_per_gpu, iters, seed, momentum
+):
+    """Momentum on and off (0.9: overshoot, shares clamped at 0): the same shares. The
+    cases are ones where momentum changes the result (in many tiny ones it never kicks)."""
+    seed += num_experts * 100 + num_gpus * 10 + slots_per_gpu
+    layout = odd_layout(num_layers, num_experts, num_gpus, slots_per_gpu, seed)
+    counts = random_counts(num_layers, num_experts, seed)
+    fused, ref = both(layout, counts, iters, momentum=momentum)
+    torch.testing.assert_close(fused, ref, atol=ATOL, rtol=0)
+    check_shares(layout, counts, fused)
+    plain = waterfill_shares(
+        counts, layout.phy2log, layout.log2phy, layout.logcnt, slots_per_gpu,
+        layout.replica_share, iters, momentum=0.0,
+    )  # fmt: skip
+    assert torch.equal(ref, plain) == (momentum == 0.0)
 
 
 @pytest.mark.parametrize("num_experts,num_gpus,slots_per_gpu", [(5, 3, 5), (7, 3, 3)])
@@ -155,6 +191,11 @@ def test_bad_arguments_raise():
         waterfill_shares_triton(
             counts, layout.phy2log, layout.log2phy, layout.logcnt, 3, layout.replica_share, -1
         )
+    with pytest.raises(ValueError, match="momentum"):
+        waterfill_shares_triton(
+            counts, layout.phy2log, layout.log2phy, layout.logcnt, 3, layout.replica_share,
+            momentum=1.0,
+        )  # fmt: skip
 
 
 COMPILE_SM90 = """
@@ -165,7 +206,7 @@ from eplb_plugin.kernels.waterfill_fused import _waterfill_kernel
 
 sig = {"counts_ptr": "*fp32", "phy2log_ptr": "*i64", "log2phy_ptr": "*i64",
        "logcnt_ptr": "*i64", "base_ptr": "*fp32", "out_ptr": "*fp32", "scratch_ptr": "*fp32",
-       "iters": "i32", "num_experts": "i32", "width": "i32", "num_gpus": "i32",
+       "iters": "i32", "momentum": "fp32", "num_experts": "i32", "width": "i32", "num_gpus": "i32",
        "scratch_stride": "i32"}
 for cube in (False, True):
     consts = dict(S=3, G_PAD=4, S_PAD=4, E_PAD=8, X_PAD=4, OWN_CUBE=cube, LEVEL_CUBE=cube)

@@ -8,13 +8,18 @@ import pytest
 import torch
 
 from eplb_plugin import ExpertLayout, Topology, plan
-from eplb_plugin.kernels.waterfill import waterfill_shares
+from eplb_plugin.kernels.waterfill import MOMENTUM, waterfill_shares
+
+# plain damped sweeps and heavy-ball momentum
+MOMENTA = (0.0, 0.3)
 
 
-def _call(layout: ExpertLayout, counts: torch.Tensor, iters: int = 8) -> torch.Tensor:
+def _call(
+    layout: ExpertLayout, counts: torch.Tensor, iters: int = 8, momentum: float = MOMENTUM
+) -> torch.Tensor:
     return waterfill_shares(
         counts.float(), layout.phy2log, layout.log2phy, layout.logcnt,
-        layout.topology.slots_per_gpu, layout.replica_share, iters,
+        layout.topology.slots_per_gpu, layout.replica_share, iters, momentum=momentum,
     )  # fmt: skip
 
 
@@ -101,12 +106,18 @@ def test_replicated_expert_evens_two_gpus() -> None:
     loads = _gpu_loads(layout, torch.tensor([[10.0, 2.0, 12.0]]), share)
     assert loads[0].tolist() == pytest.approx([12.0, 12.0], abs=1e-3)
     assert share[0, 1].item() == pytest.approx(2 / 12, abs=1e-4)
+    # alone on its GPUs it lands in one sweep, and momentum does not kick it off again
+    for momentum in MOMENTA:
+        first = _call(layout, torch.tensor([[10.0, 2.0, 12.0]]), 1, momentum)
+        later = _call(layout, torch.tensor([[10.0, 2.0, 12.0]]), 8, momentum)
+        torch.testing.assert_close(later, first, atol=1e-6, rtol=0)
 
 
-def test_shares_are_valid_and_singles_keep_one() -> None:
+@pytest.mark.parametrize("momentum", MOMENTA)
+def test_shares_are_valid_and_singles_keep_one(momentum: float) -> None:
     for seed in range(5):
         layout, counts = _random_case(seed)
-        share = _call(layout, counts)
+        share = _call(layout, counts, momentum=momentum)
         assert share.dtype == torch.float32 and share.shape == layout.phy2log.shape
         assert (share >= 0).all()
         layout.with_share(share)  # validates: per expert the shares sum to 1
@@ -114,23 +125,25 @@ def test_shares_are_valid_and_singles_keep_one() -> None:
         assert torch.equal(share[single], torch.ones_like(share[single]))
 
 
-def test_idle_experts_keep_base_share() -> None:
+@pytest.mark.parametrize("momentum", MOMENTA)
+def test_idle_experts_keep_base_share(momentum: float) -> None:
     layout, counts = _random_case(7)
     base = layout.replica_share.clone()
     replicated = layout.logcnt.argmax(1)  # one replicated expert per layer
     counts[torch.arange(layout.num_layers), replicated] = 0
     base_custom = base.clone()
-    share = _call(layout.with_share(base_custom), counts)
+    share = _call(layout.with_share(base_custom), counts, momentum=momentum)
     for layer in range(layout.num_layers):
         slots = layout.phy2log[layer] == replicated[layer]
         assert torch.allclose(share[layer, slots], base[layer, slots], atol=1e-6)
 
 
-def test_near_optimal_peak_and_never_worse_than_base() -> None:
+@pytest.mark.parametrize("momentum", MOMENTA)
+def test_near_optimal_peak_and_never_worse_than_base(momentum: float) -> None:
     excess = []
     for seed in range(8):
         layout, counts = _random_case(seed)
-        share = _call(layout, counts, iters=16)
+        share = _call(layout, counts, iters=16, momentum=momentum)
         peak = _gpu_loads(layout, counts, share).amax(-1)
         base_peak = _gpu_loads(layout, counts, layout.replica_share).amax(-1)
         for layer in range(layout.num_layers):
@@ -142,11 +155,12 @@ def test_near_optimal_peak_and_never_worse_than_base() -> None:
     assert sum(excess) / len(excess) < 0.01
 
 
-def test_replicas_on_one_gpu_split_evenly() -> None:
+@pytest.mark.parametrize("momentum", MOMENTA)
+def test_replicas_on_one_gpu_split_evenly(momentum: float) -> None:
     # expert 0 twice on GPU 0 and once on GPU 1
     layout = ExpertLayout.from_phy2log(torch.tensor([[0, 0, 1, 0]]), Topology(4, 1, 1, 2))
     counts = torch.tensor([[30.0, 6.0]])
-    share = _call(layout, counts, iters=16)
+    share = _call(layout, counts, iters=16, momentum=momentum)
     assert share[0, 0].item() == pytest.approx(share[0, 1].item(), abs=1e-6)
     assert _gpu_loads(layout, counts, share)[0].tolist() == pytest.approx([18.0, 18.0], rel=1e-3)
 
@@ -157,6 +171,34 @@ def test_layers_independent_and_deterministic() -> None:
     assert torch.equal(share, _call(layout, counts))
     for layer in range(layout.num_layers):
         assert torch.allclose(_call(layout.layer(layer), counts[layer : layer + 1]), share[layer])
+
+
+def test_momentum_reaches_the_optimum_sooner() -> None:
+    """Heavy-ball steps cross the crowded GPUs' many small damped steps faster: after 4 and
+    8 sweeps the peaks are closer to the optimum than the plain sweeps', and at 32 sweeps
+    both have settled on it (no oscillation left)."""
+    plain, heavy = [], []
+    for seed in range(8):
+        layout, counts = _random_case(seed)
+        best = torch.tensor(
+            [_optimal_peak(layout.phy2log[x].tolist(), counts[x].tolist(), 4)
+             for x in range(layout.num_layers)], dtype=torch.float64,
+        )  # fmt: skip
+        for momentum, out in ((0.0, plain), (0.3, heavy)):
+            for iters in (4, 8, 32):
+                peak = _gpu_loads(layout, counts, _call(layout, counts, iters, momentum)).amax(-1)
+                out.append((iters, (peak / best - 1).mean().item()))
+    mean = {(m, k): sum(e for i, e in out if i == k) / 8 for m, out in ((0, plain), (1, heavy))
+            for k in (4, 8, 32)}  # fmt: skip
+    assert mean[1, 4] < mean[0, 4] and mean[1, 8] < 0.5 * mean[0, 8]
+    assert mean[0, 32] < 2e-3 and mean[1, 32] < 2e-3
+
+
+def test_momentum_out_of_range_raises() -> None:
+    layout, counts = _random_case(0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="momentum"):
+            _call(layout, counts, momentum=bad)
 
 
 def test_zero_iters_returns_base() -> None:
