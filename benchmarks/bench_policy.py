@@ -20,11 +20,21 @@ shuffled Zipf(s) popularity, 65,536 multinomial token choices per layer). For ea
     python benchmarks/bench_policy.py                  # 20 repeats
     python benchmarks/bench_policy.py --repeats 50 --json
     python benchmarks/bench_policy.py --scale          # + 512 experts / 1024 slots / 128 GPUs
+
+- ``--baseline DIR``: also times the ``eplb_plugin`` package found in DIR (an older version,
+  e.g. ``git archive <commit> eplb_plugin | tar -x -C DIR``), loaded under another name
+  and interleaved call by call with this one, so that both see the same machine load; the
+  table then adds its CPU time and the speedup (min and median over the repeats; on a
+  machine shared with other work the min is the steadier figure). The baseline's layouts
+  are checked to be the same as this version's.
+
+    python benchmarks/bench_policy.py --repeats 30 --scale --baseline /tmp/base
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -94,6 +104,27 @@ def bound(weight: torch.Tensor, topology: Topology) -> float | None:
     return float((w.sum(1) / topology.num_nodes / peak_node).mean())
 
 
+def load_baseline(directory: str):
+    """The ``eplb_plugin`` package in ``directory``, imported as ``eplb_baseline``."""
+    init = os.path.join(directory, "eplb_plugin", "__init__.py")
+    if not os.path.exists(init):
+        raise SystemExit(f"bench_policy.py: error: no eplb_plugin package in {directory}")
+    spec = importlib.util.spec_from_file_location(
+        "eplb_baseline", init, submodule_search_locations=[os.path.dirname(init)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eplb_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def same_layout(a, b) -> bool:
+    return all(
+        torch.equal(getattr(a, n), getattr(b, n))
+        for n in ("phy2log", "log2phy", "logcnt", "replica_share")
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=58)
@@ -109,9 +140,14 @@ def main() -> None:
         "--scale", action="store_true",
         help="also 512 experts on 1024 slots, 128 GPUs, 16 nodes (global placement)",
     )  # fmt: skip
+    parser.add_argument(
+        "--baseline", metavar="DIR",
+        help="also time the eplb_plugin package in DIR, interleaved (see the module doc)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    baseline = load_baseline(args.baseline) if args.baseline else None
 
     reference = None
     if args.reference_repeats > 0:
@@ -132,6 +168,8 @@ def main() -> None:
         topology = Topology(*topo_args)
         times: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
         cpu: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
+        base_cpu: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
+        differs: set[str] = set()
         ref_times: list[float] = []
         layouts = {}
         for repeat in range(args.repeats):  # interleaved: every policy sees the same load
@@ -144,6 +182,13 @@ def main() -> None:
                 layouts[label] = plan(weight, topology, policy, **options)
                 times[label].append((time.perf_counter() - start) * 1e3)
                 cpu[label].append((time.process_time() - start_cpu) * 1e3)
+                if baseline is not None:
+                    base_topology = baseline.Topology(*topo_args)
+                    start_cpu = time.process_time()
+                    old = baseline.plan(weight, base_topology, policy, **options)
+                    base_cpu[label].append((time.process_time() - start_cpu) * 1e3)
+                    if repeat == 0 and not same_layout(old, layouts[label]):
+                        differs.add(label)
         ref_ms = statistics.median(ref_times) if ref_times else None
         for label, _, _ in POLICIES:
             t = sorted(times[label])
@@ -159,6 +204,17 @@ def main() -> None:
                     "bound": bound(weight, topology), **figures(layouts[label], weight),
                 }
             )  # fmt: skip
+            if baseline is not None:
+                b, c = base_cpu[label], cpu[label]
+                results[-1].update(
+                    {
+                        "baseline_cpu_min_ms": min(b),
+                        "baseline_cpu_median_ms": statistics.median(b),
+                        "cpu_min_ms": min(c), "speedup_min": min(b) / min(c),
+                        "speedup_median": statistics.median(b) / statistics.median(c),
+                        "same_layout_as_baseline": label not in differs,
+                    }
+                )  # fmt: skip
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -169,16 +225,26 @@ def main() -> None:
     )
     head = ["scenario", "load", "policy", "static uniform", "global", "bound", "median ms",
             "p90 ms", "CPU ms", "eplb.py CPU ms", "vs eplb.py (CPU)"]  # fmt: skip
+    if baseline is not None:
+        head += ["CPU ms min", "baseline CPU ms min / median", "speedup min / median",
+                 "same layout"]  # fmt: skip
     print(" | ".join(head))
     for r in results:
         b = "-" if r["bound"] is None else f"{r['bound']:.4f}"
         ref = "-" if r["eplb_py_cpu_ms"] is None else f"{r['eplb_py_cpu_ms']:.0f}"
         speed = "-" if r["vs_eplb_py"] is None else f"{r['vs_eplb_py']:.0f}x"
-        print(
+        line = (
             f"{r['scenario']} | {r['load']} | {r['policy']} | {r['static_uniform']:.4f} | "
             f"{r['global']:.4f} | {b} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
             f"{r['cpu_median_ms']:.1f} | {ref} | {speed}"
         )
+        if baseline is not None:
+            line += (
+                f" | {r['cpu_min_ms']:.1f} | {r['baseline_cpu_min_ms']:.1f} / "
+                f"{r['baseline_cpu_median_ms']:.1f} | {r['speedup_min']:.2f}x / "
+                f"{r['speedup_median']:.2f}x | {'yes' if r['same_layout_as_baseline'] else 'NO'}"
+            )
+        print(line)
 
 
 if __name__ == "__main__":
