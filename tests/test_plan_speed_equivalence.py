@@ -202,6 +202,13 @@ def test_sum_last_is_numpys_sum_bit_for_bit(n):
     assert got.dtype == expected.dtype and np.array_equal(got, expected)
 
 
+def test_packing_and_replication_take_no_rows(monkeypatch):
+    monkeypatch.setattr(deepseek, "_SORTED_PICKS", 0)
+    pack, rank = deepseek.balanced_packing(torch.zeros(0, 16), 8)
+    assert pack.shape == rank.shape == (0, 16)
+    assert deepseek.replicate_experts(torch.zeros(0, 4), 9)[0].shape == (0, 9)
+
+
 def test_packing_with_infinite_loads_fills_every_pack_exactly():
     weight = torch.full((2, 48), float("inf"))
     weight[:, ::3] = 1.0

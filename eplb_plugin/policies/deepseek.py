@@ -70,7 +70,7 @@ def _packing_batches(
     full = np.int64(_FULL)
     done = np.zeros(rows, dtype=np.int64)
     steps = 0
-    while done.min() < items:
+    while rows and done.min() < items:
         steps += 1
         key.sort(axis=1)
         head = np.ascontiguousarray(key.T)  # [num_packs, rows], lightest first
@@ -265,7 +265,7 @@ def _extra_replicas(weight: np.ndarray, extra: int) -> tuple[np.ndarray, np.ndar
     rows, num_log = weight.shape
     load = weight.astype(np.float64)
     total = load.sum(-1)
-    if not (np.isfinite(total).all() and (total > 0).all() and load.min() >= 0):
+    if not (rows and np.isfinite(total).all() and (total > 0).all() and load.min() >= 0):
         return None
     # sum_e floor(w_e / L) >= extra at L = total / (extra + E): at least ``extra`` values
     # lie above it; bisect towards total / extra, keeping that
