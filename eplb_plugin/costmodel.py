@@ -27,7 +27,7 @@ One MoE layer of one step is modelled as (all times in microseconds)::
     (``kernel_us``) plus ``fused_sweep_us`` per sweep and one more sweep's worth for
     loading, duplicate detection and renormalisation;
   * ``torch``: the torch ops of ``waterfill_shares``, the path where Triton cannot run (or
-    ``EPLB_KERNELS=torch``): the device kernels it launches (30 plus 36 per sweep, counted
+    ``EPLB_KERNELS=torch``): the device kernels it launches (30 plus 47 per sweep, counted
     with the torch profiler) times ``kernel_us``, the time of one tiny kernel replayed in a
     CUDA graph.
 
@@ -300,9 +300,11 @@ def allreduce_us(hw: Hardware, nbytes: float, ranks: int, nodes: int) -> float:
 
 
 # device kernels of one ``waterfill_shares`` call: fixed part and per sweep (torch profiler,
-# top-level ops that launch a kernel; views and reshapes excluded)
+# top-level ops that launch a kernel; views and reshapes excluded): 36 per plain sweep, and
+# the momentum step (kernels.waterfill.MOMENTUM) adds 11 (the profiler's leaf aten ops with
+# and without it: 39 -> 50 per sweep, counted the same way)
 WATERFILL_KERNELS_FIXED = 30
-WATERFILL_KERNELS_PER_SWEEP = 36
+WATERFILL_KERNELS_PER_SWEEP = 36 + 11
 
 
 WATERFILL_IMPLS = ("torch", "fused")
