@@ -15,7 +15,10 @@ shuffled Zipf(s) popularity, 65,536 multinomial token choices per layer). For ea
 - ``vs eplb.py``: how many times less CPU time than deepseek-ai/EPLB's ``eplb.py`` (the
   faithful copy in ``tests/eplb_reference.py``), timed in the same run on the same load
   (medians; ``--reference-repeats`` calls, interleaved with the first repeats of the others;
-  CPU time because wall time on a shared machine mostly measures the other processes).
+  CPU time because wall time on a shared machine mostly measures the other processes);
+  ``vs SGLang's copy``: the same against the copy SGLang vendors, whose packing sums Python
+  floats instead of tensor elements (``rebalance_experts_sglang``): 15-30x faster than
+  eplb.py, and it breaks near-ties differently (see tests/eplb_reference.py).
 
     python benchmarks/bench_policy.py                  # 20 repeats
     python benchmarks/bench_policy.py --repeats 50 --json
@@ -155,6 +158,7 @@ def main() -> None:
         import eplb_reference
 
         reference = eplb_reference.rebalance_experts
+        reference_sglang = eplb_reference.rebalance_experts_sglang
     loads = {
         f"{dist}({s})": synthetic_load(args.layers, args.experts, dist, s, args.tokens, seed)
         for seed, (dist, s) in enumerate(LOADS)
@@ -171,12 +175,16 @@ def main() -> None:
         base_cpu: dict[str, list[float]] = {label: [] for label, _, _ in POLICIES}
         differs: set[str] = set()
         ref_times: list[float] = []
+        sglang_times: list[float] = []
         layouts = {}
         for repeat in range(args.repeats):  # interleaved: every policy sees the same load
             if reference is not None and repeat < args.reference_repeats:
                 start = time.process_time()
                 reference(weight, *topo_args)
                 ref_times.append((time.process_time() - start) * 1e3)
+                start = time.process_time()
+                reference_sglang(weight, *topo_args)
+                sglang_times.append((time.process_time() - start) * 1e3)
             for label, policy, options in POLICIES:
                 start, start_cpu = time.perf_counter(), time.process_time()
                 layouts[label] = plan(weight, topology, policy, **options)
@@ -190,6 +198,7 @@ def main() -> None:
                     if repeat == 0 and not same_layout(old, layouts[label]):
                         differs.add(label)
         ref_ms = statistics.median(ref_times) if ref_times else None
+        sglang_ms = statistics.median(sglang_times) if sglang_times else None
         for label, _, _ in POLICIES:
             t = sorted(times[label])
             results.append(
@@ -201,6 +210,10 @@ def main() -> None:
                     "vs_eplb_py": None
                     if ref_ms is None
                     else ref_ms / statistics.median(cpu[label]),
+                    "sglang_copy_cpu_ms": sglang_ms,
+                    "vs_sglang_copy": None
+                    if sglang_ms is None
+                    else sglang_ms / statistics.median(cpu[label]),
                     "bound": bound(weight, topology), **figures(layouts[label], weight),
                 }
             )  # fmt: skip
@@ -224,7 +237,8 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, numpy {np.__version__}"
     )
     head = ["scenario", "load", "policy", "static uniform", "global", "bound", "median ms",
-            "p90 ms", "CPU ms", "eplb.py CPU ms", "vs eplb.py (CPU)"]  # fmt: skip
+            "p90 ms", "CPU ms", "eplb.py CPU ms", "vs eplb.py (CPU)", "SGLang's copy CPU ms",
+            "vs SGLang's copy (CPU)"]  # fmt: skip
     if baseline is not None:
         head += ["CPU ms min", "baseline CPU ms min / median", "speedup min / median",
                  "same layout"]  # fmt: skip
@@ -233,10 +247,12 @@ def main() -> None:
         b = "-" if r["bound"] is None else f"{r['bound']:.4f}"
         ref = "-" if r["eplb_py_cpu_ms"] is None else f"{r['eplb_py_cpu_ms']:.0f}"
         speed = "-" if r["vs_eplb_py"] is None else f"{r['vs_eplb_py']:.0f}x"
+        sg = "-" if r["sglang_copy_cpu_ms"] is None else f"{r['sglang_copy_cpu_ms']:.0f}"
+        sg_speed = "-" if r["vs_sglang_copy"] is None else f"{r['vs_sglang_copy']:.0f}x"
         line = (
             f"{r['scenario']} | {r['load']} | {r['policy']} | {r['static_uniform']:.4f} | "
             f"{r['global']:.4f} | {b} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
-            f"{r['cpu_median_ms']:.1f} | {ref} | {speed}"
+            f"{r['cpu_median_ms']:.1f} | {ref} | {speed} | {sg} | {sg_speed}"
         )
         if baseline is not None:
             line += (

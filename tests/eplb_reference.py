@@ -1,10 +1,15 @@
 """deepseek-ai/EPLB's eplb.py (MIT licence), the reference the drop-in must match.
 
-Provenance: SGLang vendors it unchanged in sglang/srt/eplb/eplb_algorithms/deepseek.py
-("copied from https://github.com/deepseek-ai/EPLB/blob/main/eplb.py"); the functions below
-are that copy, except that the entry point takes DeepSeek's own decision (hierarchical when
-``num_groups % num_nodes == 0``, else the global policy) instead of SGLang's extra
-``enable_hierarchical`` argument. Used only by tests.
+Provenance: SGLang vendors it in sglang/srt/eplb/eplb_algorithms/deepseek.py ("copied from
+https://github.com/deepseek-ai/EPLB/blob/main/eplb.py"); the functions below are that copy,
+except that the entry point takes DeepSeek's own decision (hierarchical when ``num_groups %
+num_nodes == 0``, else the global policy) instead of SGLang's extra ``enable_hierarchical``
+argument, and that ``balanced_packing`` is deepseek-ai/EPLB's own: SGLang's copy
+(``balanced_packing_sglang`` here) converts the loads to Python lists first, which is faster
+but sums each pack's load in float64 where eplb.py adds the float32 tensor's elements, so
+the two break near-ties differently (1-6 of 58 layers of a DeepSeek-V3-sized float load at
+320 slots). ``rebalance_experts_sglang`` runs the whole algorithm with SGLang's packing.
+Used only by tests and benchmarks/bench_policy.py.
 """
 
 # ruff: noqa
@@ -14,6 +19,49 @@ import torch
 
 
 def balanced_packing(weight: torch.Tensor, num_packs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Pack n weighted objects to m packs, such that each bin contains exactly n/m objects and the weights of all packs
+    are as balanced as possible.
+
+    Parameters:
+        weight: [X, n], the weight of each item
+        num_packs: number of packs
+
+    Returns:
+        pack_index: [X, n], the pack index of each item
+        rank_in_pack: [X, n], the rank of the item in the pack
+    """
+    num_layers, num_groups = weight.shape
+    assert num_groups % num_packs == 0
+    groups_per_pack = num_groups // num_packs
+
+    if groups_per_pack == 1:
+        pack_index = torch.arange(weight.size(-1), dtype=torch.int64, device=weight.device).expand(
+            weight.shape
+        )
+        rank_in_pack = torch.zeros_like(weight, dtype=torch.int64)
+        return pack_index, rank_in_pack
+
+    indices = weight.float().sort(-1, descending=True).indices.cpu()
+    pack_index = torch.full_like(weight, fill_value=-1, dtype=torch.int64, device="cpu")
+    rank_in_pack = torch.full_like(pack_index, fill_value=-1)
+    for i in range(num_layers):
+        pack_weights = [0] * num_packs
+        pack_items = [0] * num_packs
+        for group in indices[i]:
+            pack = min(
+                (i for i in range(num_packs) if pack_items[i] < groups_per_pack),
+                key=pack_weights.__getitem__,
+            )
+            assert pack_items[pack] < groups_per_pack
+            pack_index[i, group] = pack
+            rank_in_pack[i, group] = pack_items[pack]
+            pack_weights[pack] += weight[i, group]
+            pack_items[pack] += 1
+    return pack_index, rank_in_pack
+
+
+def balanced_packing_sglang(weight: torch.Tensor, num_packs: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     Pack n weighted objects to m packs, such that each bin contains exactly n/m objects and the weights of all packs
     are as balanced as possible.
@@ -199,3 +247,14 @@ def rebalance_experts(
         torch.arange(num_replicas, dtype=torch.int64, device=log2phy.device).expand(num_layers, -1),
     )
     return phy2log, log2phy, logcnt
+
+
+def rebalance_experts_sglang(*args, **kwargs):
+    """``rebalance_experts`` with SGLang's packing (``balanced_packing_sglang``)."""
+    global balanced_packing
+    original = balanced_packing
+    balanced_packing = balanced_packing_sglang
+    try:
+        return rebalance_experts(*args, **kwargs)
+    finally:
+        balanced_packing = original

@@ -107,6 +107,19 @@ def test_packing_matches_the_reference(kind, packs, per_pack):
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
 
 
+def test_packing_sums_float32_as_eplb_py_not_float64_as_sglangs_copy():
+    # token counts over replica counts: near-ties that float32 and float64 sums order apart.
+    # deepseek-ai/EPLB adds the float32 tensor's elements; SGLang's copy adds Python floats.
+    gen = torch.Generator().manual_seed(12)
+    counts = torch.randint(1, 2000, (16, 32), generator=gen).float()
+    weight = counts / torch.randint(1, 4, (16, 32), generator=gen).float()
+    ours = deepseek.balanced_packing(weight, 8)
+    ref = eplb_reference.balanced_packing(weight, 8)
+    sglang = eplb_reference.balanced_packing_sglang(weight, 8)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
+    assert not torch.equal(sglang[0], ref[0])  # the case tells the two apart
+
+
 def test_packing_batches_place_whole_rounds_on_spread_loads():
     # distinct loads: each round of heaviest-first packing holds whole
     weight = torch.randperm(64 * 5, generator=torch.Generator().manual_seed(1)).float() + 1
