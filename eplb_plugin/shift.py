@@ -5,9 +5,8 @@ the traffic changes (a new mix of requests, a new topic in long sequences) until
 plan, and that plan still averages the old load with the new. The detector compares each
 new *run* of steps (the unit :meth:`~eplb_plugin.recorder.LoadRecorder.plan_steps` cuts the
 window into) with the load the layout in service was planned on, and calls a shift when the
-run departs from that forecast ``threshold`` times more than a run of the same load would.
-The
-Balancer and the simulator then re-plan at once on the runs since the shift only, plan
+run departs from that forecast ``threshold`` times as far as a run of the same load would.
+The Balancer and the simulator then re-plan at once on the runs since the shift only, plan
 again ``FOLLOW_UP_RUNS`` runs later on the runs since the shift (more data, still no old
 load), and resume the regular cadence after that.
 
@@ -40,7 +39,8 @@ def run_deviation(observed: torch.Tensor, forecast: torch.Tensor) -> float:
         observed: [L, E] float tokens per logical expert of the run.
         forecast: [L, E] float the load the layout was planned on (any scale).
     Returns:
-        A float >= 0 (0 when the run's mix equals the forecast's, or either is empty).
+        A float >= 0 (0 when the run's mix equals the forecast's, or the run is empty; a
+        layer idle in the forecast counts the run's whole load as departure).
     """
     observed = observed.to(torch.float64)
     forecast = forecast.to(torch.float64)
