@@ -1005,7 +1005,11 @@ def e2e_case(ctx: Context, mode: str | None) -> dict:
         argv += ["--eplb-dispatch", mode]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 15)
+        # from a neutral folder: `-m` puts the working directory on sys.path, and in the
+        # repository root our kernels/ folder would shadow Hugging Face's `kernels` package
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout + 15, cwd=tempfile.gettempdir()
+        )
     except subprocess.TimeoutExpired as exc:
         raise CheckFailed(f"eplb demo ran past {timeout + 15:.0f} s", {"argv": argv}) from exc
     wall = time.perf_counter() - start

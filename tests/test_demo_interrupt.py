@@ -64,7 +64,7 @@ def _ranks(demo: int) -> list[int]:
 def test_ctrl_c_in_demo_exits_130_in_one_line_and_stops_every_rank(tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = dict(os.environ, EPLB_KERNELS="torch", TMPDIR=str(tmp), PYTHONPATH=ROOT)
+    env = dict(os.environ, EPLB_KERNELS="torch", TMPDIR=str(tmp))
     cmd = [sys.executable, "-m", "eplb_plugin.cli.main", "demo", "--ranks", "2", "--steps",
            "400", "--prompts", "6", "--prompt-len", "4", "--no-report"]  # fmt: skip
     # a session of its own, so that the SIGINT goes to every process as a terminal's Ctrl-C

@@ -441,8 +441,10 @@ def test_export_folder_and_files_follow_the_umask(fp8_ckpt, tmp_path, mask):
 def _cli_export(src, layout_path, out, *extra, **popen):
     cmd = [sys.executable, "-m", "eplb_plugin.cli.main", "export", "--checkpoint", str(src),
            "--layout", str(layout_path), "--out", str(out), "--no-progress", *extra]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    # not from the repository root: `-m` puts the working directory on sys.path, where our
+    # kernels/ folder would shadow Hugging Face's `kernels` package that transformers imports
+    popen.setdefault("cwd", out.parent)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
 def _wait_for_partial_data(parent, deadline_s=60):

@@ -31,7 +31,9 @@ def test_no_top_level_kernels_or_integrations_installed(tmp_path):
     ).stdout
     for line in out.splitlines():
         name, origin = line.split(" ", 1)
-        assert origin == "None" or not origin.startswith(str(ROOT)), line
+        # another distribution's package of that name (Hugging Face's `kernels`, which
+        # transformers may pull in) is fine; our folders must not answer to it
+        assert origin == "None" or not pathlib.Path(origin).resolve().is_relative_to(ROOT / name)
 
 
 def _build_wheel(dest: pathlib.Path) -> pathlib.Path:
