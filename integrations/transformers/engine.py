@@ -460,7 +460,7 @@ def run_engine(spec: EngineSpec, progress: bool = True) -> list[RunResult]:
         deadline = time.monotonic() + spec.timeout_s
         done: set[int] = set()
         try:
-            with _ctrl_c_deferred():
+            with _ctrl_c_deferred(), _no_cwd_on_child_path():
                 for p in procs:
                     p.start()
             while len(done) < spec.ranks:
@@ -488,6 +488,28 @@ def run_engine(spec: EngineSpec, progress: bool = True) -> list[RunResult]:
                 p.join(timeout=10)
             events.close()
         return torch.load(os.path.join(work, "result.pt"), weights_only=False)
+
+
+@contextlib.contextmanager
+def _no_cwd_on_child_path():
+    """Start processes with ``PYTHONSAFEPATH=1`` (Python 3.11+) in their environment.
+
+    The fork server starts as ``python -c ...``, which puts the working directory first on
+    its sys.path (3.11 does not apply the parent's sys.path there), and imports the
+    ``_PRELOAD`` modules with it. Run from a source checkout of this project, our
+    ``kernels/`` folder would then answer to ``import kernels``, the Hugging Face package
+    transformers (>= 5.25) imports when it is installed. The safe path leaves the working
+    directory out; the ranks get their sys.path from the parent as usual.
+    """
+    previous = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONSAFEPATH", None)
+        else:
+            os.environ["PYTHONSAFEPATH"] = previous
 
 
 @contextlib.contextmanager
