@@ -158,9 +158,19 @@ class LoadRecorder:
         """[L, E] float64 this rank's load for the predictor (window sum or EMA), device."""
         if self.predictor == "ema":
             return self.ema.load().to(torch.float64)
+        return self._logical_sum(self._rows())
+
+    def _logical_sum(self, rows: list[int]) -> torch.Tensor:
+        """[L, E] float64 on the device: the window ``rows``' logical loads, summed."""
         total = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64,
                             device=self.device)  # fmt: skip
-        return self._add_logical(self._rows(), total)
+        return self._add_logical(rows, total)
+
+    def _to_host(self, local: torch.Tensor, reduce: bool) -> torch.Tensor:
+        """``local`` summed over the ranks when ``reduce`` (collective), on the host."""
+        if reduce and self.comm.world_size > 1:
+            self.comm.all_reduce(local, op="sum")
+        return local.cpu()
 
     def _add_logical(self, rows: list[int], out: torch.Tensor) -> torch.Tensor:
         """Add the window ``rows``' slot counts, summed, into ``out`` [L, E] float64 as
@@ -178,10 +188,7 @@ class LoadRecorder:
         The window predictor sums the window's steps; the EMA predictor returns the EMA of
         all steps, bias-corrected and scaled to the window's steps (the same scale).
         """
-        load = self.local_load()
-        if reduce and self.comm.world_size > 1:
-            self.comm.all_reduce(load, op="sum")
-        return load.cpu()
+        return self._to_host(self.local_load(), reduce)
 
     def plan_steps(
         self, max_steps: int = PLAN_STEPS, reduce: bool = True, last: int | None = None
@@ -207,21 +214,13 @@ class LoadRecorder:
         steps = torch.zeros(shape, dtype=torch.float64, device=self.device)
         for out, run in zip(steps, runs):
             self._add_logical([rows[i] for i in run.tolist()], out)
-        if reduce and self.comm.world_size > 1:
-            self.comm.all_reduce(steps, op="sum")
-        return steps.cpu()
+        return self._to_host(steps, reduce)
 
     def newest_load(self, steps: int, reduce: bool = True) -> torch.Tensor:
         """[L, E] float64 logical load of the ``steps`` newest recorded steps (at most the
         window), on the host; summed over ranks when ``reduce`` (collective): what the
         shift detector compares with the plan's forecast."""
-        out = torch.zeros(
-            self.num_layers, self.num_experts, dtype=torch.float64, device=self.device
-        )
-        self._add_logical(self._newest_rows(steps), out)
-        if reduce and self.comm.world_size > 1:
-            self.comm.all_reduce(out, op="sum")
-        return out.cpu()
+        return self._to_host(self._logical_sum(self._newest_rows(steps)), reduce)
 
     def _newest_rows(self, last: int | None) -> list[int]:
         rows = self._rows()
@@ -240,10 +239,7 @@ class LoadRecorder:
         if self.num_slots % num_gpus:
             raise ValueError(f"num_gpus={num_gpus} does not divide {self.num_slots} slots")
         per_slot = self.slot_window().to(torch.float64).sum(0)
-        loads = per_slot.view(self.num_layers, num_gpus, -1).sum(-1)
-        if reduce and self.comm.world_size > 1:
-            self.comm.all_reduce(loads, op="sum")
-        return loads.cpu()
+        return self._to_host(per_slot.view(self.num_layers, num_gpus, -1).sum(-1), reduce)
 
     # ------------------------------------------------------------------ files
     def dump(self, path: str | os.PathLike) -> torch.Tensor:
