@@ -102,46 +102,39 @@ def test_matches_device_op_within_one_token(dispatch: str) -> None:
 
 
 def _device_counts(layout, topk_ids, counts, dispatch, seeds, backend):
-    """Per-slot counts of the op, rank by rank (round-robin dealing), as the Router calls it."""
+    """Per-slot counts of the op, rank by rank (round-robin dealing), as the Router calls it.
+
+    ``global``: each rank's op numbers its tokens after the lower ranks' (``offsets``) among
+    all ranks' (``totals``), with rank 0's seed; the other modes use their own rank's seed.
+    """
     from eplb_plugin.kernels._backend import forced_backend
     from eplb_plugin.kernels.map_and_count import map_and_count
 
     ranks = counts.shape[0]
     device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
-    share = layout.replica_share
     if dispatch == "global":
-        return _global_counts(layout, topk_ids, counts, seeds, backend)
+        share = dispatch_shares(layout, counts.sum(0))
+        totals = counts.sum(0).to(torch.int64)
+        offsets = counts.cumsum(0).to(torch.int64) - counts.to(torch.int64)
+
+        def options(rank: int, layer: int) -> dict:
+            return {"seed": int(seeds[0]), "offsets": offsets[rank, layer],
+                    "totals": totals[layer]}  # fmt: skip
+    else:
+        share = layout.replica_share
+
+        def options(rank: int, layer: int) -> dict:
+            return {"dispatch": "local" if dispatch == "local" else "static",
+                    "phy2log": layout.phy2log, "slots_per_gpu": layout.topology.slots_per_gpu,
+                    "seed": int(seeds[rank])}  # fmt: skip
+
     with forced_backend(backend):
         for layer in range(layout.num_layers):
             for rank in range(ranks):
                 ids = topk_ids[rank::ranks, layer].contiguous()
                 map_and_count(
                     ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
-                    dispatch="local" if dispatch == "local" else "static",
-                    phy2log=layout.phy2log, slots_per_gpu=layout.topology.slots_per_gpu,
-                    seed=int(seeds[rank]),
-                )  # fmt: skip
-    return device
-
-
-def _global_counts(layout, topk_ids, counts, seeds, backend):
-    """Global dispatch as the Router runs it on each rank: the op numbers this rank's tokens
-    after the lower ranks' (``offsets``) among all ranks' (``totals``), with rank 0's seed."""
-    from eplb_plugin.kernels._backend import forced_backend
-    from eplb_plugin.kernels.map_and_count import map_and_count
-
-    ranks = counts.shape[0]
-    device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
-    share = dispatch_shares(layout, counts.sum(0))
-    totals = counts.sum(0).to(torch.int64)
-    offsets = counts.cumsum(0).to(torch.int64) - counts.to(torch.int64)
-    with forced_backend(backend):
-        for layer in range(layout.num_layers):
-            for rank in range(ranks):
-                ids = topk_ids[rank::ranks, layer].contiguous()
-                map_and_count(
-                    ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
-                    seed=int(seeds[0]), offsets=offsets[rank, layer], totals=totals[layer],
+                    **options(rank, layer),
                 )  # fmt: skip
     return device
 
