@@ -274,6 +274,8 @@ def replay(
         if layout is None or since >= due or shifted:
             # a plan never looks back past a detected shift
             load = predict(totals[shift_at:step], config)
+            if load.dim() == 3:  # as the Balancer hands it over: at most PLAN_STEPS runs
+                load, run_steps = cut_runs(load, PLAN_STEPS)
             previous = layout if config.migrate else None
             tic = time.perf_counter()
             options = {
@@ -285,7 +287,7 @@ def replay(
             if layout is not None:
                 moved.append(int(new.diff(layout).sum()))
             if detector.enabled and load.dim() == 3:
-                detector.calibrate(*cut_runs(load, PLAN_STEPS))
+                detector.calibrate(load, run_steps)
             layout, planned_at = new, step
             due = FOLLOW_UP_RUNS * run if shifted else config.interval
         loads = served_loads(layout, rank_counts[step], config.dispatch, step, config)

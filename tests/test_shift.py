@@ -125,6 +125,26 @@ def test_replay_replans_after_a_shift_on_the_steps_since_it() -> None:
     assert float(result.balancedness[after].mean()) > float(fixed.balancedness[after].mean())
 
 
+
+def test_replay_hands_a_long_window_to_the_policy_as_the_balancers_runs() -> None:
+    seen = []
+
+    def recording(weight, topology, previous=None, *, steps=None, **options):
+        seen.append((weight.clone(), steps.clone()))
+        return default_policy(weight, topology, previous, steps=steps, **options)
+
+    register_policy("runs_recording", recording, options=("dispatch", "shares"))
+    counts = _shifting_counts(20, shift_at=100)
+    config = SimConfig(policy="runs_recording", interval=50, window=16, shift_threshold=0)
+    replay(counts, Topology(8, 1, 1, 2), config)
+    weight, steps = seen[0]
+    # 16 steps in 8 runs of 2, oldest first: what LoadRecorder.plan_steps all-reduces
+    window = counts[:16].sum(1)
+    assert steps.shape == (8, LAYERS, EXPERTS)
+    torch.testing.assert_close(steps.double(), (window[0::2] + window[1::2]).double())
+    torch.testing.assert_close(weight.double(), window.sum(0).double())
+
+
 def single_rank(config: EplbConfig, engine: str = "unknown"):
     topo = Topology(SLOTS, num_gpus=1)
     layout = ExpertLayout.identity(LAYERS, EXPERTS, topo)
