@@ -125,7 +125,6 @@ def test_replay_replans_after_a_shift_on_the_steps_since_it() -> None:
     assert float(result.balancedness[after].mean()) > float(fixed.balancedness[after].mean())
 
 
-
 def test_replay_hands_a_long_window_to_the_policy_as_the_balancers_runs() -> None:
     seen = []
 
