@@ -33,108 +33,32 @@ need no messages):
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import torch
 
+from .balancer_report import BalancerStats, StepReport
 from .comm import Communicator, make_communicator
 from .comm.base import CommError, LocalCommunicator
 from .config import EplbConfig
-from .executor import ChunkResult, Executor, FaultHook, InconsistentWeightsError
-from .layout import ExpertLayout, balancedness_of
+from .executor import Executor, FaultHook, InconsistentWeightsError
+from .gpu_load import SINCE_LOG, SINCE_REBALANCE, GpuLoadMeter
+from .layout import ExpertLayout
 from .maps import ExpertMaps
 from .metrics import BalancerMetrics
-from .policies import dispatch_option
-from .policies import plan as plan_layout
+from .mover import Mover, merge_layers
+from .plan_decision import NOT_READY, SKIP, share_decision
+from .planner import MAX_PLANNERS as MAX_PLANNERS  # re-exported: tests bound threads by it
+from .planner import Planner
 from .record import LoadWindowWriter
 from .recorder import PLAN_STEPS, LoadRecorder
 from .routing import Router
 from .shift import FOLLOW_UP_RUNS, ShiftDetector, run_steps_of
-from .transfer import TransferPlan, align_slots, plan_transfer
+from .threads import background, run_now
 
 log = logging.getLogger("eplb_plugin.runtime")
-
-# The plan decision every rank learns at the collect step (rank 0's broadcast header, or the
-# minimum over the ranks for plan_on="all"): the smallest code wins.
-_ACT, _SKIP, _FAILED, _NOT_READY = 1.0, 0.0, -1.0, -2.0
-# Policy threads that may run at once on a rank (see Balancer._planners).
-MAX_PLANNERS = 2
-
-
-@dataclass
-class StepReport:
-    """What one ``Balancer.step()`` did (None is returned when it did nothing).
-
-    Attributes:
-        step: engine step index (number of ``step()`` calls so far, starting at 1).
-        event: ``"planned"`` (load snapshot taken, plan started), ``"skipped"`` (plan
-            not acted on: ``reason`` says why),
-            ``"collected"`` (plan accepted; the move is being prepared in the background and
-            starts ``plan_delay`` steps later), ``"chunk"`` (a chunk of layers moved and
-            committed), ``"done"`` (the last chunk committed), ``"failed"`` (planning failed,
-            or a chunk was abandoned: every rank kept its old layout for its layers).
-        layers: layers committed in this step.
-        bytes_sent: bytes this rank sent in this step.
-        bytes_received: bytes this rank received in this step.
-        pause_s: seconds spent inside ``step()``.
-        balancedness_before: predicted balancedness of the layout in force (plan events).
-        balancedness_after: predicted balancedness of the planned layout (plan events).
-        error: the error message for ``"failed"``.
-        reason: why a plan was skipped: ``"no gain"`` (predicted gain below ``min_gain``),
-            ``"unchanged"`` (the policy kept the layout), ``"not ready"`` (the policy had
-            not finished when the plan was collected, or was still running from an earlier
-            interval).
-    """
-
-    step: int
-    event: str
-    layers: list[int] = field(default_factory=list)
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    pause_s: float = 0.0
-    balancedness_before: float | None = None
-    balancedness_after: float | None = None
-    error: str | None = None
-    reason: str | None = None
-
-
-@dataclass
-class BalancerStats:
-    """Running totals of a balancer.
-
-    Attributes:
-        rebalances: rebalances completed (every chunk committed).
-        failures: failed plans (the policy raised, ranks disagreed), chunks abandoned after
-            an error or timeout, and communication failures.
-        skipped: plans not acted on, for any reason (``skip_reasons`` counts each reason:
-            ``"no gain"``, ``"unchanged"``, ``"not ready"``, ``"busy"``: due while the
-            previous rebalance was still in progress).
-        slots_moved: slots whose expert changed on this rank, summed over commits.
-        bytes_moved: bytes this rank sent plus received.
-        longest_pause_s: longest single ``step()``.
-        balancedness: (step, predicted before, predicted after) per collected plan.
-        shifts: load shifts detected (each made a plan due at once).
-        realized_balancedness: the last measured balancedness (per-GPU loads summed over the
-            ranks; mean/max, averaged over layers): over the steps since the previous
-            rebalance (measured when a plan falls due) or since the previous
-            ``log_balancedness`` line.
-    """
-
-    rebalances: int = 0
-    failures: int = 0
-    skipped: int = 0
-    slots_moved: int = 0
-    bytes_moved: int = 0
-    longest_pause_s: float = 0.0
-    balancedness: list[tuple[int, float, float]] = field(default_factory=list)
-    skip_reasons: dict[str, int] = field(default_factory=dict)
-    realized_balancedness: float | None = None
-    shifts: int = 0
 
 
 class Balancer:
@@ -249,28 +173,14 @@ class Balancer:
         self._shift_at: int | None = None  # last step before the shift; plans start after it
         self._shift_run = 0  # steps of the run that showed the shift (0: regular plan)
         self._collect_at: int | None = None
-        self._future: Future | None = None
-        # policy threads still running, collected or abandoned. A thread cannot be killed:
-        # a policy that never returns keeps its thread, so at most MAX_PLANNERS run at once
-        # (one abandoned beside a new one); beyond that no plan starts ("not ready").
-        self._planners: list[Future] = []
-        self._planner_busy = False
-        self._plan: TransferPlan | None = None
-        self._target: ExpertLayout | None = None
-        self._chunks: list[list[int]] = []
-        self._prepared: Future | None = None  # -> (TransferPlan, chunks, arena)
-        self._move_at: int | None = None
         self.disabled_reason: str | None = None
         self._closed = False
         self.metrics = BalancerMetrics(self.rank, engine)
-        # per-GPU load [L, G] of this rank's tokens, float64 on the experts' device: [0]
-        # since the previous rebalance, [1] since the previous balancedness line
-        self._gpu_load = torch.zeros(
-            2, L, topology.num_gpus, dtype=torch.float64, device=self.device
-        )
+        self.planner = Planner(config, topology, self.executor, self.metrics)
+        self.mover = Mover(self.executor, self.comm, self.stats, self.metrics)
+        self._gpu_load = GpuLoadMeter(L, topology.num_gpus, self.device, self.comm)
         self._rebalance_pause = 0.0  # longest step() of the rebalance in progress
         self._realized: float | None = None  # since the previous rebalance, taken when due
-        self._moved: tuple[int, int, int] = (0, 0, 0)  # layers, slots, bytes of its plan
 
     # ------------------------------------------------------------------ routing helper
     def route(
@@ -306,8 +216,7 @@ class Balancer:
             return None
         start = time.perf_counter()
         self.steps += 1
-        G = self.topology.num_gpus
-        self._gpu_load += self.counts.view(self.layout.num_layers, G, -1).sum(-1)
+        self._gpu_load.add(self.counts)
         self.recorder.record()
         if self.disabled_reason is not None:
             return None
@@ -343,7 +252,7 @@ class Balancer:
         """The one INFO line of a completed rebalance (rank 0; figures over every rank)."""
         if self.rank != 0:
             return
-        layers, slots, nbytes = self._moved
+        layers, slots, nbytes = self.mover.moved
         before = after = float("nan")
         if self.stats.balancedness:
             _, before, after = self.stats.balancedness[-1]
@@ -357,26 +266,16 @@ class Balancer:
         )  # fmt: skip
 
     def _measure(self, which: int) -> tuple[float, float, float] | None:
-        """All-reduce (collective) and reset the per-GPU load accumulator ``which``.
-
-        Returns (balancedness, avg tokens, max tokens) over it, or None if it holds no load:
-        balancedness is mean/max per layer averaged over layers; the token figures are the
-        sums over layers of the mean and the max per-GPU load (vLLM's log line).
-        """
-        loads = self._gpu_load[which].clone()
-        self._gpu_load[which].zero_()
-        self.comm.all_reduce(loads, op="sum")
-        loads = loads.cpu()
-        if float(loads.sum()) <= 0:
-            return None
-        value = balancedness_of(loads)
-        self.stats.realized_balancedness = value
-        self.metrics.balancedness(value)
-        return value, float(loads.mean(-1).sum()), float(loads.amax(-1).sum())
+        """``GpuLoadMeter.measure`` (collective), its balancedness kept in stats and metrics."""
+        measured = self._gpu_load.measure(which)
+        if measured is not None:
+            self.stats.realized_balancedness = measured[0]
+            self.metrics.balancedness(measured[0])
+        return measured
 
     def _log_balancedness(self) -> None:
         """The periodic ``log_balancedness`` line (collective; rank 0 logs)."""
-        measured = self._measure(1)
+        measured = self._measure(SINCE_LOG)
         if self.rank == 0 and measured is not None:
             value, avg, peak = measured
             log.info(
@@ -402,16 +301,17 @@ class Balancer:
             self._due = self.steps + 1
 
     def _busy(self) -> bool:
-        return bool(self._chunks) or self._collect_at is not None or self._move_at is not None
+        move = self.mover
+        return bool(move.chunks) or self._collect_at is not None or move.start_at is not None
 
     def _advance(self) -> StepReport | None:
         while self._busy() and self.steps >= self._due:  # due mid-rebalance: skipped
             due, self._due = self._due, self._due + self.config.interval
             self._skip(None, "busy", f"due at step {due} while the previous rebalance was "
-                       f"still in progress ({len(self._chunks)} chunks left)")  # fmt: skip
-        if self._chunks:
+                       f"still in progress ({len(self.mover.chunks)} chunks left)")  # fmt: skip
+        if self.mover.chunks:
             return self._run_chunk()
-        if self._move_at is not None and self.steps >= self._move_at:
+        if self.mover.start_at is not None and self.steps >= self.mover.start_at:
             return self._start_moving()
         if self._collect_at is not None and self.steps >= self._collect_at:
             return self._collect()
@@ -457,113 +357,25 @@ class Balancer:
         weight = self.recorder.logical_load(reduce=True) if steps is None else steps
         if steps is not None and self.shift.enabled:
             self.shift.calibrate(steps, run_steps_of(last or self.recorder.filled, PLAN_STEPS))
-        measured = self._measure(0)  # realized balancedness since the previous rebalance
+        measured = self._measure(SINCE_REBALANCE)
         self._realized = None if measured is None else measured[0]
         self._collect_at = self.steps + self.config.plan_delay
-        self._planner_busy = False
         if self.config.plan_on == "all" or self.rank == 0:
-            if self.config.plan_delay == 0:
-                self._future = _run_now(self._compute_plan, weight, self.layout)
-            else:
-                self._planners = [f for f in self._planners if not f.done()]
-                if len(self._planners) >= MAX_PLANNERS:
-                    self._planner_busy = True  # abandoned plans still running: no more threads
-                else:
-                    self._future = _background("eplb-plan", self._compute_plan, weight, self.layout)
-                    self._planners.append(self._future)
+            self.planner.start(weight, self.layout)
         return StepReport(step=self.steps, event="planned")
-
-    def _compute_plan(self, weight: torch.Tensor, current: ExpertLayout) -> tuple:
-        """Background: (new layout or None, predicted balancedness now, with the new layout,
-        prepared move or None). With ``plan_on="all"`` the move is prepared here too.
-
-        ``weight``: [L, E] the predicted load, or [S, L, E] its per-step runs (the load is
-        their sum), which the policy then plans on."""
-        load = weight.sum(0) if weight.dim() == 3 else weight
-        if float(load.sum()) <= 0:
-            return None, 1.0, 1.0, None
-        start = time.perf_counter()
-        # the default policy places replicas for the dispatch mode that will serve them
-        options = {
-            **dispatch_option(self.config.policy, self.config.dispatch),
-            **self.config.policy_options,
-        }
-        new = plan_layout(
-            weight.to(torch.float32), self.topology, policy=self.config.policy, previous=current,
-            **options,
-        )  # fmt: skip
-        self.metrics.plan_time(time.perf_counter() - start)
-        new = align_slots(current, new)  # experts staying on a GPU keep their slot
-        before, after = self.predict(current, load), self.predict(new, load)
-        prepared = None
-        if self.config.plan_on == "all" and self._worth_it(new, current, before, after):
-            prepared = self._prepare(current.phy2log, new)
-        return new, before, after, prepared
-
-    def _worth_it(self, new: ExpertLayout, current: ExpertLayout, before: float, after: float):
-        differs = not (
-            torch.equal(new.phy2log, current.phy2log)
-            and torch.equal(new.replica_share, current.replica_share)
-        )
-        return differs and after - before >= self.config.min_gain
-
-    def _prepare(self, phy2log: torch.Tensor, target: ExpertLayout) -> tuple:
-        """Background: transfer plan, chunks and a pre-faulted staging arena for the move."""
-        plan = plan_transfer(phy2log, target, self.topology, self.bytes_per_slot)
-        chunks = self.executor.chunks(plan, self.config.layers_per_step)
-        return plan, chunks, self.executor.new_arena(plan, chunks, touch=True)
 
     def predict(self, layout: ExpertLayout, load: torch.Tensor) -> float:
         """Predicted balancedness of ``layout`` under ``load`` [L, E] and the dispatch mode."""
-        if self.config.dispatch == "static":
-            return layout.balancedness(load)
-        from .dispatch import slot_loads
-
-        per_slot = slot_loads(layout, load, self.config.dispatch, self.config.waterfill_iters)
-        return balancedness_of(per_slot.view(layout.num_layers, self.topology.num_gpus, -1).sum(-1))
+        return self.planner.predict(layout, load)
 
     def _collect(self, report: StepReport | None = None) -> StepReport:
         self._collect_at = None
-        future, self._future = self._future, None
-        L, P = self.layout.num_layers, self.layout.num_slots
-        header = torch.zeros(3, dtype=torch.float64)  # decision code, balancedness b, a
-        phy2log = torch.empty(L, P, dtype=torch.int64)
-        share = torch.empty(L, P, dtype=torch.float32)
-        prepared = None
-        if self._planner_busy:
-            header[0] = _NOT_READY
-        elif future is not None:
-            # never block serving on the policy: wait at most plan_wait_s, else abandon it
-            if not future.done() and self.config.plan_wait_s > 0:
-                concurrent.futures.wait([future], timeout=self.config.plan_wait_s)
-            if not future.done():
-                header[0] = _NOT_READY
-            else:
-                try:
-                    new, before, after, prepared = future.result()
-                    act = new is not None and self._worth_it(new, self.layout, before, after)
-                    header[0] = _ACT if act else _SKIP
-                    header[1], header[2] = before, after
-                    if new is not None:
-                        phy2log.copy_(new.phy2log)
-                        share.copy_(new.replica_share)
-                except Exception as exc:  # noqa: BLE001 - a policy error must not stop serving
-                    log.error(
-                        "rank %d: planning failed: %s: %s", self.rank, type(exc).__name__, exc
-                    )
-                    header[0] = _FAILED
-        if self.config.plan_on == "rank0":
-            self.comm.broadcast(header, 0)
-            if header[0] == _ACT:
-                self.comm.broadcast(phy2log, 0)
-                self.comm.broadcast(share, 0)
-        elif self.comm.world_size > 1:
-            header[0] = self._ranks_agree(header, phy2log, share)
+        header, phy2log, share, prepared = self.planner.collect(self.layout)
+        code = share_decision(self.comm, self.config.plan_on, header, phy2log, share)
         report = report or StepReport(step=self.steps, event="planned")
         report.balancedness_before = float(header[1])
         report.balancedness_after = float(header[2])
-        code = float(header[0])
-        if code == _NOT_READY:
+        if code == NOT_READY:
             waited = f"{self.config.plan_delay} steps + {self.config.plan_wait_s:g} s"
             why = f"the policy had not finished after {waited} (or was still running from an "
             return self._skip(report, "not ready", why + "earlier interval); abandoned")
@@ -576,7 +388,7 @@ class Balancer:
             return report
         before, after = float(header[1]), float(header[2])
         self.stats.balancedness.append((self.steps, before, after))
-        if code == _SKIP:
+        if code == SKIP:
             if after - before < self.config.min_gain:
                 why = f"predicted balancedness {before:.4f} -> {after:.4f}, gain below "
                 return self._skip(report, "no gain", why + f"min_gain {self.config.min_gain:g}")
@@ -584,112 +396,50 @@ class Balancer:
         target = ExpertLayout.from_phy2log(
             phy2log, self.topology, self.layout.num_experts, replica_share=share
         )
-        self._target = target
         moving = self.layout.phy2log != target.phy2log
         # layers whose slots stay put take their new shares now: no weights to wait for
-        self._switch([layer for layer in range(L) if not bool(moving[layer].any())])
+        unmoved = [layer for layer in range(target.num_layers) if not bool(moving[layer].any())]
+        self._switch(target, unmoved)
         if prepared is not None:  # plan_on="all": prepared with the plan, in the background
-            self._prepared = Future()
-            self._prepared.set_result(prepared)
-            self._move_at = self.steps
+            future: Future = Future()
+            future.set_result(prepared)
         elif self.config.plan_delay == 0:
-            self._prepared = _run_now(self._prepare, self.layout.phy2log, target)
-            self._move_at = self.steps
+            future = run_now(self.planner.prepare, self.layout.phy2log, target)
         else:  # rank 0's plan just arrived: every rank prepares the move in the background
-            self._prepared = _background("eplb-prepare", self._prepare, self.layout.phy2log,
-                                         target)  # fmt: skip
-            self._move_at = self.steps + self.config.plan_delay
+            future = background("eplb-prepare", self.planner.prepare, self.layout.phy2log, target)
+        # a move prepared with the plan starts now, else plan_delay steps later
+        start_at = self.steps if prepared is not None else self.steps + self.config.plan_delay
+        self.mover.begin(target, future, start_at)
         report.event = "collected"
-        if self._move_at == self.steps:
+        if self.mover.start_at == self.steps:
             return self._start_moving(report)
         return report
 
-    def _ranks_agree(
-        self, header: torch.Tensor, phy2log: torch.Tensor, share: torch.Tensor
-    ) -> float:
-        """The decision every rank takes for ``plan_on="all"`` (collective).
-
-        The lowest code of any rank wins (not ready, then failed); otherwise every rank must
-        have computed the same decision and layout, else the plan is dropped as failed.
-
-        Args:
-            header: [3] float64 (code, balancedness before, after); phy2log: [L, P] int64;
-            share: [L, P] float32. Unset when this rank's plan failed, is None or not ready.
-        """
-        code = float(header[0])
-        weights = torch.arange(1, phy2log.numel() + 1, dtype=torch.float64)
-        fingerprint = torch.tensor([code, float(header[1]), float(header[2]), 0.0, 0.0])
-        if code == _ACT:
-            fingerprint[3] = (phy2log.flatten().to(torch.float64) * weights).sum()
-            fingerprint[4] = (share.flatten().to(torch.float64) * weights).sum()
-        low, high = fingerprint.clone(), fingerprint.clone()
-        self.comm.all_reduce(low, op="min")
-        self.comm.all_reduce(high, op="max")
-        if float(low[0]) < 0:
-            return float(low[0])
-        if not torch.equal(low, high):
-            # a policy that is not deterministic across ranks would give ranks different
-            # maps: tokens sent to slots that hold other experts, or a move that hangs
-            log.error(
-                "rank %d: ranks planned different layouts (plan_on='all' needs a policy that "
-                "is deterministic across ranks; use plan_on='rank0')", self.rank,
-            )  # fmt: skip
-            return _FAILED
-        return code
-
+    # ------------------------------------------------------------------ moving
     def _start_moving(self, report: StepReport | None = None) -> StepReport:
-        """Join the prepared move (blocks only if it is not ready) and run its first chunk.
-
-        Every rank votes that its preparation succeeded (one all-reduce), so that a rank
-        whose transfer plan or arena failed does not leave its peers waiting in a chunk.
-        """
-        prepared, self._prepared, self._move_at = self._prepared, None, None
+        """Join the prepared move (every rank votes it is ready) and run its first chunk."""
         report = report or StepReport(step=self.steps, event="chunk")
-        ok = True
-        try:
-            self._plan, self._chunks, arena = prepared.result()
-        except Exception as exc:  # noqa: BLE001 - told to the peers by the vote below
-            log.error("rank %d: preparing the move failed: %s: %s", self.rank,
-                      type(exc).__name__, exc)  # fmt: skip
-            ok = False
-        if self.comm.world_size > 1:
-            ok = self.comm.agree(ok)
-        if not ok:
-            self._plan, self._target, self._chunks = None, None, []
-            self.executor.release()
-            self.stats.failures += 1
-            self.metrics.failure("prepare")
+        if not self.mover.join():
             report.event = "failed"
             report.error = "preparing the move failed on a rank; keeping the old layout"
             if self.rank == 0:
                 log.warning("EPLB %s; next plan at step %d", report.error, self._due)
             return report
-        self.executor.adopt(arena)
-        plan = self._plan
-        self._moved = (len(plan.layers), int(plan.slots_changed.sum()), plan.total_bytes)
-        if not self._chunks:
+        if not self.mover.chunks:
             return self._finish_rebalance(report)
         chunk_report = self._run_chunk()
         chunk_report.balancedness_before = report.balancedness_before
         chunk_report.balancedness_after = report.balancedness_after
         return chunk_report
 
-    # ------------------------------------------------------------------ moving
     def _run_chunk(self) -> StepReport:
-        layers = self._chunks.pop(0)
-        result: ChunkResult = self.executor.run_chunk(self._plan, layers)
-        self.stats.bytes_moved += result.bytes_sent + result.bytes_received
+        target = self.mover.target
+        layers, result = self.mover.run_chunk()
         report = StepReport(
             step=self.steps, event="chunk", bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,
         )  # fmt: skip
-        self.metrics.moved(0, result.bytes_sent + result.bytes_received)
         if not result.ok:
-            self._chunks = []
-            self._plan = self._target = None
-            self.executor.release()
-            self.stats.failures += 1
-            self.metrics.failure("comm" if result.comm_broken else "chunk")
             report.event, report.error = "failed", result.error
             if self.rank == 0 and not (result.inconsistent or result.comm_broken):
                 log.warning(
@@ -703,35 +453,23 @@ class Balancer:
             if result.comm_broken:
                 self._disable(result.error or "communication failed", None)
             return report
-        self._switch(layers)
-        self.stats.slots_moved += result.slots_changed
-        self.metrics.moved(result.slots_changed, 0)
+        self._switch(target, layers)
         report.layers = list(layers)
-        if not self._chunks:
+        if not self.mover.chunks:
             return self._finish_rebalance(report)
         return report
 
     def _finish_rebalance(self, report: StepReport) -> StepReport:
-        self.stats.rebalances += 1
-        self.metrics.rebalanced()
-        self._gpu_load[0].zero_()  # realized balancedness restarts with the new layout
-        self._plan = self._target = None
-        self.executor.release()
+        self.mover.finish()
+        self._gpu_load.restart(SINCE_REBALANCE)  # realized balance restarts with the layout
         report.event = "done"
         return report
 
-    def _switch(self, layers: list[int]) -> None:
-        """Put ``layers`` of the target layout in force: host layout, device maps, recorder."""
-        if not layers or self._target is None:
+    def _switch(self, target: ExpertLayout | None, layers: list[int]) -> None:
+        """Put ``layers`` of ``target`` in force: host layout, device maps, recorder."""
+        if not layers or target is None:
             return
-        index = torch.tensor(layers, dtype=torch.long)
-        phy2log = self.layout.phy2log.clone()
-        share = self.layout.replica_share.clone()
-        phy2log[index] = self._target.phy2log[index]
-        share[index] = self._target.replica_share[index]
-        self.layout = ExpertLayout.from_phy2log(
-            phy2log, self.topology, self.layout.num_experts, replica_share=share
-        )
+        self.layout = merge_layers(self.layout, target, layers)
         self.maps.write(self.layout, layers)
         self.recorder.set_layout(self.layout.phy2log)
 
@@ -741,9 +479,8 @@ class Balancer:
             self.stats.failures += 1
             self.metrics.failure(kind)
         self.disabled_reason = reason
-        self._chunks = []
-        self._prepared = self._move_at = self._collect_at = None
-        self.executor.release()
+        self._collect_at = None
+        self.mover.abandon()
         log.error("%s; rebalancing is disabled, serving continues on the layout in force", reason)
         return StepReport(step=self.steps, event="failed", error=reason)
 
@@ -759,41 +496,10 @@ class Balancer:
         self._closed = True
         if self.load_writer is not None:
             self.load_writer.close()
-        # a policy thread still running is a daemon: it neither blocks this nor the exit
-        self._future = self._prepared = None
-        self._planners = []
+        self.planner.forget()
+        self.mover.prepared = None
         if not isinstance(self.comm, LocalCommunicator):
             self.comm.close()
-
-
-def _background(name: str, fn, *args) -> Future:
-    """Run ``fn(*args)`` in a new daemon thread; its Future.
-
-    Daemon threads, not a ThreadPoolExecutor: the pool's workers are joined when the
-    interpreter exits, so a policy that never returns would hang the engine's shutdown.
-    """
-    future: Future = Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever collects it
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
-
-
-def _run_now(fn, *args) -> Future:
-    """``fn(*args)`` run here, its result or exception in a done Future."""
-    future: Future = Future()
-    try:
-        future.set_result(fn(*args))
-    except Exception as exc:  # noqa: BLE001 - collected (and counted) like a background one
-        future.set_exception(exc)
-    return future
 
 
 __all__ = ["Balancer", "BalancerStats", "StepReport"]
