@@ -7,7 +7,8 @@ once:
 - ``static`` and ``local``: one call of the device op ``eplb_plugin.kernels.map_and_count``;
 - ``global``: the layer's per-expert counts (a masked ``index_add_``, no host sync) are
   exchanged between the EP ranks through the Communicator (one all-reduce of an [R, E + 1]
-  table holding each rank's row, so its timeout applies), water-filled into replica shares
+  table holding each rank's row, ``Communicator.route_all_reduce``: in stream order on the
+  byte-exchange group, no host wait), water-filled into replica shares
   from the all-rank counts, and the op splits this rank's tokens by them as a static split,
   numbering them after the lower ranks' (``offsets``/``totals``): the apportionment to whole
   tokens is then made once for all ranks, with rank 0's seed.
@@ -155,7 +156,7 @@ class Router:
         )
         offsets = totals = None
         if self.comm is not None and self.comm.world_size > 1 and self.rank_invariant:
-            self.comm.all_reduce(expert_counts, op="sum")
+            self.comm.route_all_reduce(expert_counts)
         elif self.comm is not None and self.comm.world_size > 1:
             # one row per rank: counts, then the seed (exact in float32 below 2^24)
             rank, ranks = self.comm.rank, self.comm.world_size
@@ -165,7 +166,7 @@ class Router:
                 table[rank, num_experts] = seed.to(device=ids.device, dtype=torch.float32)
             elif seed is not None:
                 table[rank, num_experts] = float(seed)
-            self.comm.all_reduce(table, op="sum")
+            self.comm.route_all_reduce(table)
             expert_counts = table[:, :num_experts].sum(0)
             offsets = table[:rank, :num_experts].sum(0).to(torch.int64)
             totals = expert_counts.to(torch.int64)

@@ -163,7 +163,13 @@ def _router_body(rank: int, world_size: int, dispatch: str, iters: int = 8) -> l
     from eplb_plugin.routing import Router, dither_seed
 
     layout, topk_ids, _ = _case(5, world_size)
-    router = Router(dispatch, make_communicator("torch"), iters=iters)
+    comm = make_communicator("torch")
+
+    def control_path(*args, **kwargs):  # a gloo group beside NCCL: a host sync per layer
+        raise AssertionError("routing must all-reduce on the byte-exchange group")
+
+    comm.all_reduce = control_path
+    router = Router(dispatch, comm, iters=iters)
     maps = ExpertMaps.of(layout)
     counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
     for layer in range(layout.num_layers):

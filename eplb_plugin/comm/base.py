@@ -75,6 +75,17 @@ class Communicator(ABC):
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         """Copy rank ``src``'s ``tensor`` into every rank's ``tensor`` (in place)."""
 
+    def route_all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` in place over the ranks on the routing path (``global`` and
+        ``node`` dispatch, once per MoE layer).
+
+        Unlike :meth:`all_reduce` it must not wait on the host: a backend issues it in
+        stream order on the tensor's device, so that routing stays free of host syncs and
+        capturable in a CUDA graph. The backend's own watchdog, not ``timeout_s``, then
+        catches a rank that never answers. The default is :meth:`all_reduce`.
+        """
+        self.all_reduce(tensor, op="sum")
+
     def agree(self, ok: bool) -> bool:
         """True on every rank iff every rank passed ``ok=True`` (a vote)."""
         flag = torch.tensor([1 if ok else 0], dtype=torch.int64)

@@ -120,6 +120,17 @@ class TorchCommunicator(Communicator):
         if work is not tensor:
             tensor.copy_(work)
 
+    def route_all_reduce(self, tensor) -> None:
+        # On the byte-exchange group (NCCL on GPUs), not the control group: the gloo control
+        # group would copy the counts to the host every MoE layer, a sync that a CUDA graph
+        # cannot capture. No work.wait(timeout): with a timeout NCCL blocks the host.
+        self._check_usable()
+        try:
+            self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM, group=self.group)
+        except Exception as exc:
+            self.broken = True
+            raise CommError(f"rank {self.rank}: routing all_reduce failed: {exc}") from exc
+
     def broadcast(self, tensor, src) -> None:
         if not 0 <= src < self.world_size:
             raise ValueError(f"src must be a rank in [0, {self.world_size}), got {src}")
