@@ -106,8 +106,9 @@ class EplbConfig:
             ``migration_cost`` or ``max_moved``), checked here against the options the
             policy accepts (a ValueError names the option and lists the valid ones); the
             policy's ``dispatch`` comes from the ``dispatch`` field.
-        dispatch: ``"static"``, ``"local"`` or ``"global"`` replica choice (docs/dispatch.md).
-        waterfill_iters: water-fill sweeps of ``local``/``global`` dispatch, 1 to 128 (the
+        dispatch: ``"static"``, ``"local"``, ``"node"`` or ``"global"`` replica choice
+            (docs/dispatch.md; ``node`` splits within each of ``num_nodes`` nodes).
+        waterfill_iters: water-fill sweeps of ``local``/``node``/``global`` dispatch, 1 to 128 (the
             device op, the Balancer's predictions and the simulator use the same number).
         min_gain: act only when the predicted balancedness gain (new - current, both in
             [0, 1]) is at least this.

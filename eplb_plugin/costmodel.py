@@ -345,6 +345,10 @@ def mode_overhead_us(
     if dispatch == "global":
         # one row of E counts and the seed per rank (eplb_plugin.routing.Router)
         cost += allreduce_us(hw, 4.0 * ranks * (model.num_experts + 1), ranks, nodes)
+    elif dispatch == "node":
+        # the same table over one node's ranks: NVLink hops only
+        per_node = -(-ranks // nodes)
+        cost += allreduce_us(hw, 4.0 * per_node * (model.num_experts + 1), per_node, 1)
     return cost
 
 
@@ -384,7 +388,7 @@ def layer_us(
         dispatch: the mode serving the step.
         nodes: nodes the G GPUs span.
         tokens_per_gpu: tokens each GPU routes this step (before top-k), for the all-to-all.
-        iters: water-fill sweeps of ``local``/``global``.
+        iters: water-fill sweeps of ``local``/``node``/``global``.
     Returns:
         [L] float64 microseconds.
     """

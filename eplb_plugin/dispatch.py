@@ -8,6 +8,9 @@ whole tokens), so the simulator and the policies can reason about a mode without
 
 - ``static``: each expert's tokens split by ``layout.replica_share``;
 - ``local``: each rank water-fills its own tokens (no communication);
+- ``node``: as ``global`` within each node: the split water-filled on the node's ranks'
+  summed counts, their tokens apportioned as one batch (one all-reduce of a [R_node, E + 1]
+  table per layer, inside the node: NVLink only);
 - ``global``: every rank uses the split water-filled on the step's all-rank counts, and the
   ranks' tokens are apportioned to whole tokens as one batch (one small all-reduce of an
   [R, E + 1] table of counts per layer).
@@ -22,11 +25,12 @@ from .names import DISPATCH_MODES as DISPATCH_MODES
 from .names import WATERFILL_ITERS as WATERFILL_ITERS
 
 # The counts each mode water-fills its replica shares from: None (the layout's shares as
-# they are), "rank" (each rank's own counts of the step) or "all" (the step's counts summed
-# over the ranks: one all-reduce per layer, ``eplb_plugin.routing.Router``). A new
+# they are), "rank" (each rank's own counts of the step), "node" (the counts of the ranks
+# on the rank's node: an all-reduce inside the node per layer) or "all" (the step's counts
+# summed over the ranks: one all-reduce per layer, ``eplb_plugin.routing.Router``). A new
 # mode is a name in ``names.DISPATCH_MODES``, a row here and, if it splits tokens another
 # way than by shares, its device op.
-WATERFILL_COUNTS = {"static": None, "local": "rank", "global": "all"}
+WATERFILL_COUNTS = {"static": None, "local": "rank", "node": "node", "global": "all"}
 
 
 def check_dispatch(dispatch: object) -> str:
@@ -66,6 +70,19 @@ def dispatch_shares(
     return share.view(*lead, layout.num_layers, layout.num_slots)
 
 
+def node_of_rank(layout: ExpertLayout, ranks: int) -> torch.Tensor:
+    """[R] int64 node of each of ``ranks`` EP ranks: consecutive ranks share a node, as
+    consecutive GPUs do (``Topology.gpus_per_node`` of them), so rank ``r`` is on GPU ``r``."""
+    return torch.arange(ranks) // layout.topology.gpus_per_node
+
+
+def _node_sums(layout: ExpertLayout, counts: torch.Tensor) -> torch.Tensor:
+    """[R, L, E] per-rank counts -> [nodes, L, E] each node's ranks' counts, summed."""
+    node = node_of_rank(layout, counts.shape[0])
+    sums = torch.zeros((int(node[-1]) + 1,) + tuple(counts.shape[1:]), dtype=counts.dtype)
+    return sums.index_add_(0, node, counts)
+
+
 def _check_rank_counts(layout: ExpertLayout, rank_counts: object) -> torch.Tensor:
     counts = torch.as_tensor(rank_counts)
     if counts.dim() == 2:
@@ -95,8 +112,9 @@ def slot_loads(
         layout: the layout in service.
         rank_counts: [R, L, E] logical tokens routed by each of the R EP ranks this step
             ([L, E] is read as one rank).
-        dispatch: ``static``, ``local`` or ``global``.
-        iters: water-fill sweeps (``local``/``global``), as the device op uses.
+        dispatch: ``static``, ``local``, ``node`` or ``global`` (``node``: rank ``r`` is
+            on node ``r // layout.topology.gpus_per_node``).
+        iters: water-fill sweeps (``local``/``node``/``global``), as the device op uses.
     Returns:
         [L, P] float64: ``sum_r rank_counts[r, l, phy2log[l, p]] * share_r[l, p]``.
     """
@@ -107,6 +125,9 @@ def slot_loads(
     source = WATERFILL_COUNTS[dispatch]
     if source is None:
         share = layout.replica_share.double()
+    elif source == "node":
+        node = node_of_rank(layout, counts.shape[0])
+        share = dispatch_shares(layout, _node_sums(layout, counts), iters).double()[node]
     else:
         share = dispatch_shares(layout, counts.sum(0) if source == "all" else counts, iters)
         share = share.double()
@@ -134,12 +155,13 @@ def token_loads(
     Args:
         layout: the layout in service.
         rank_counts: [R, L, E] whole tokens routed by each rank ([L, E]: one rank).
-        dispatch: ``static``, ``local`` or ``global`` (global: the shares water-filled on
-            the all-rank counts and the whole tokens apportioned once over all ranks'
-            tokens, numbered rank after rank, with rank 0's seed, as the Router does).
+        dispatch: ``static``, ``local``, ``node`` or ``global`` (global: the shares
+            water-filled on the all-rank counts and the whole tokens apportioned once over
+            all ranks' tokens, numbered rank after rank, with rank 0's seed, as the Router
+            does; node: the same within each node, with the node's first rank's seed).
         seeds: [R] integer dither seed of each rank's op (``routing.dither_seed``);
             None: rank ``r`` uses seed ``r``.
-        iters: water-fill sweeps (``local``/``global``).
+        iters: water-fill sweeps (``local``/``node``/``global``).
     Returns:
         [L, P] float64 whole numbers.
     """
@@ -158,6 +180,12 @@ def token_loads(
         share = layout.replica_share.to(torch.float32).expand(ranks, -1, -1)
     elif source == "all":  # one batch of all ranks' tokens
         counts, seeds, ranks = counts.sum(0, keepdim=True), seeds[:1], 1
+        share = dispatch_shares(layout, counts, iters)
+    elif source == "node":  # one batch per node, with its first rank's seed
+        node = node_of_rank(layout, ranks)
+        first = torch.cat([torch.ones(1, dtype=torch.bool), node[1:] != node[:-1]])
+        counts, seeds = _node_sums(layout, counts), seeds[first]
+        ranks = counts.shape[0]
         share = dispatch_shares(layout, counts, iters)
     else:
         share = dispatch_shares(layout, counts, iters)

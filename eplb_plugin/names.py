@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 # replica choice per token (eplb_plugin.dispatch, docs/dispatch.md)
-DISPATCH_MODES = ("static", "local", "global")
+DISPATCH_MODES = ("static", "local", "node", "global")
 # Water-fill sweeps of the device op's default; the model must use the same number.
 WATERFILL_ITERS = 8
 # Shift detector threshold of EplbConfig and SimConfig (eplb_plugin.shift; 0 = off), chosen

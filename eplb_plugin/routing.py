@@ -11,7 +11,10 @@ once:
   byte-exchange group, no host wait), water-filled into replica shares
   from the all-rank counts, and the op splits this rank's tokens by them as a static split,
   numbering them after the lower ranks' (``offsets``/``totals``): the apportionment to whole
-  tokens is then made once for all ranks, with rank 0's seed.
+  tokens is then made once for all ranks, with rank 0's seed;
+- ``node``: the same within each node, over a communicator of the node's ranks
+  (``Communicator.split``, made when the Router is built): the all-reduce never leaves the
+  node.
 
 A Router keeps its buffers between calls (the op's workspace, grown to the largest batch
 seen, and global dispatch's share rows), so steady-state routing allocates nothing.
@@ -41,15 +44,20 @@ class Router:
     """Maps and counts one layer's routing for a fixed dispatch mode.
 
     Args:
-        dispatch: ``static``, ``local`` or ``global``.
-        comm: the EP ranks' Communicator (``global`` dispatch all-reduces through it; None
-            or a one-rank communicator means a single rank).
+        dispatch: ``static``, ``local``, ``node`` or ``global``.
+        comm: the EP ranks' Communicator (``global`` dispatch all-reduces through it,
+            ``node`` through its split into nodes; None or a one-rank communicator means a
+            single rank).
         validate: passed to ``map_and_count`` (``None``: check id values on CPU tensors).
         iters: water-fill sweeps of ``local``/``global`` dispatch (``EplbConfig.waterfill_iters``).
         rank_invariant: every rank routes the same tokens (and passes the same seed), so
             they must map them alike: ``global`` dispatch then sums the ranks' counts and
             each rank apportions its tokens alone, instead of numbering them after the lower
             ranks'.
+        gpus_per_node: EP ranks per node (``Topology.gpus_per_node``; consecutive ranks
+            share a node); ``node`` dispatch needs it when ``comm`` has several ranks.
+            Building a ``node`` Router is then collective: every rank builds it, in the same
+            order.
     """
 
     def __init__(
@@ -60,8 +68,15 @@ class Router:
         validate: bool | None = None,
         rank_invariant: bool = False,
         iters: int = WATERFILL_ITERS,
+        gpus_per_node: int | None = None,
     ):
         self.dispatch = check_dispatch(dispatch)
+        if WATERFILL_COUNTS[self.dispatch] == "node" and comm is not None and comm.world_size > 1:
+            if isinstance(gpus_per_node, bool) or not isinstance(gpus_per_node, int):
+                raise ValueError(
+                    f"node dispatch needs gpus_per_node (EP ranks per node), got {gpus_per_node!r}"
+                )
+            comm = comm.split(gpus_per_node)
         self.comm = comm
         self.validate = validate
         self.rank_invariant = rank_invariant
@@ -102,7 +117,7 @@ class Router:
             num_valid = topk_ids.shape[0]
         share, dispatch = maps.replica_share, self.dispatch
         offsets = totals = None
-        if WATERFILL_COUNTS[dispatch] == "all":  # the op splits by the shares it is given
+        if WATERFILL_COUNTS[dispatch] in ("all", "node"):  # the op splits by these shares
             share, offsets, totals, seed = self._global_split(
                 topk_ids, maps, layer, num_valid, seed
             )
@@ -133,7 +148,8 @@ class Router:
         num_valid: torch.Tensor | int,
         seed: torch.Tensor | int | None,
     ) -> tuple:
-        """What the op needs to split this rank's tokens as one all-rank batch.
+        """What the op needs to split this rank's tokens as one batch of all ranks' (of
+        the node's, ``node`` dispatch: ``self.comm`` is then the node's communicator).
 
         Returns ``(share, offsets, totals, seed)``: [L, P] float32 shares whose row
         ``layer`` is water-filled from every rank's counts of this layer (other rows are

@@ -393,7 +393,7 @@ def num_scored_steps(num_steps: int, config: SimConfig) -> int:
 
 
 # ------------------------------------------------------------------------- recommendation
-RECOMMEND_MODES = ("static", "local", "global")
+RECOMMEND_MODES = ("static", "local", "node", "global")
 
 
 def synthetic_rank_counts(

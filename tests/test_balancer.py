@@ -67,7 +67,7 @@ def test_timeline_moves_one_layer_per_step_and_keeps_map_storage():
     assert int(lay.logcnt[0, 0]) > 1
 
 
-@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+@pytest.mark.parametrize("dispatch", ["static", "local", "node", "global"])
 def test_route_maps_to_replicas_of_the_same_expert_and_counts(dispatch):
     config = EplbConfig(num_redundant_experts=3, dispatch=dispatch)
     topo = Topology(9, num_gpus=1)

@@ -76,6 +76,12 @@ def test_mode_overheads() -> None:
     assert mode_overhead_us(HW, MODEL, "global", 16, 4, iters=8) == pytest.approx(
         406.0 + 30.4 + 0.576
     )
+    # node: the same table over one node's 4 ranks (144 B), NVLink hops only: ring 10.2 us
+    assert mode_overhead_us(HW, MODEL, "node", 16, 4, iters=8) == pytest.approx(
+        406.0 + 10.2 + 0.144
+    )
+    # one node: node dispatch is global dispatch
+    assert mode_overhead_us(HW, MODEL, "node", 4, 1) == mode_overhead_us(HW, MODEL, "global", 4, 1)
     fused = dataclasses.replace(HW, waterfill_us=5.0)
     assert mode_overhead_us(fused, MODEL, "local", 16, 4) == 5.0
 
@@ -185,7 +191,7 @@ def test_recommend_rows_rebased_on_the_fused_waterfill() -> None:
     (torch_cost, torch_rows), (fused_cost, fused_rows) = runs["torch"], runs["fused"]
     shifted = _rows_with_cost(torch_rows, fused_cost, torch_cost, topo, config.waterfill_iters)
     for got, want in zip(shifted, fused_rows):
-        for key in ("static_us", "local_us", "global_us", "speedup"):
+        for key in ("static_us", "local_us", "node_us", "global_us", "speedup"):
             assert got[key] == pytest.approx(want[key], rel=1e-9), key
         assert got["best"] == want["best"]
     # the fused estimate is ~600 us cheaper per layer for the water-fill modes

@@ -11,11 +11,14 @@ from eplb_plugin.kernels.waterfill import waterfill_shares
 from eplb_plugin.traces import steps_from_routing_trace, synthetic_routing_trace
 
 
-def _case(seed: int = 0, ranks: int = 4) -> tuple[ExpertLayout, torch.Tensor, torch.Tensor]:
-    """A layout planned on one step, and (topk_ids [T, L, K], rank_counts [R, L, E]) of the next."""
+def _case(
+    seed: int = 0, ranks: int = 4, nodes: int = 1
+) -> tuple[ExpertLayout, torch.Tensor, torch.Tensor]:
+    """A layout planned on one step (6 GPUs on ``nodes`` nodes), and (topk_ids [T, L, K],
+    rank_counts [R, L, E]) of the next."""
     trace = synthetic_routing_trace(512, 3, 16, 2, seq_tokens=128, seed=seed)
     steps = steps_from_routing_trace(trace.topk_ids, 256, ranks, 16)
-    layout = plan(steps[0].sum(0), Topology(24, 1, 1, 6), policy="deepseek")
+    layout = plan(steps[0].sum(0), Topology(24, 1, nodes, 6), policy="deepseek")
     return layout, trace.topk_ids[256:512], steps[1]
 
 
@@ -27,9 +30,9 @@ def test_static_is_replica_share_split() -> None:
     assert torch.allclose(loads, expected)
 
 
-@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+@pytest.mark.parametrize("dispatch", ["static", "local", "node", "global"])
 def test_conserves_tokens_and_keeps_singles(dispatch: str) -> None:
-    layout, _, counts = _case(1)
+    layout, _, counts = _case(1, nodes=3)
     loads = slot_loads(layout, counts, dispatch)
     per_expert = torch.zeros(layout.num_layers, layout.num_experts, dtype=torch.float64)
     per_expert.scatter_add_(1, layout.phy2log, loads)
@@ -67,6 +70,28 @@ def test_local_water_fills_each_rank_on_its_own_counts() -> None:
     # one rank: local == global
     one = counts.sum(0, keepdim=True)
     assert torch.allclose(slot_loads(layout, one, "local"), slot_loads(layout, one, "global"))
+
+
+def test_node_water_fills_each_node_on_its_ranks_summed_counts() -> None:
+    layout, _, counts = _case(2, ranks=4, nodes=3)  # 2 GPUs per node: ranks {0, 1}, {2, 3}
+    loads = slot_loads(layout, counts, "node")
+    expected = torch.zeros_like(loads)
+    for ranks in ([0, 1], [2, 3]):
+        share = dispatch_shares(layout, counts[ranks].sum(0)).double()
+        for rank in ranks:
+            expected += counts[rank].double().gather(1, layout.phy2log) * share
+    assert torch.allclose(loads, expected)
+    assert not torch.allclose(loads, slot_loads(layout, counts, "global"))
+    assert not torch.allclose(loads, slot_loads(layout, counts, "local"))
+    # one node holding every rank is global; a node per rank is local
+    one_node, _, _ = _case(2, ranks=4, nodes=1)
+    torch.testing.assert_close(
+        slot_loads(one_node, counts, "node"), slot_loads(one_node, counts, "global")
+    )
+    per_gpu, _, _ = _case(2, ranks=4, nodes=6)
+    torch.testing.assert_close(
+        slot_loads(per_gpu, counts, "node"), slot_loads(per_gpu, counts, "local")
+    )
 
 
 def test_dispatch_shares_batches_ranks() -> None:
@@ -112,40 +137,45 @@ def _device_counts(layout, topk_ids, counts, dispatch, seeds, backend):
 
     ranks = counts.shape[0]
     device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
-    if dispatch == "global":
-        share = dispatch_shares(layout, counts.sum(0))
-        totals = counts.sum(0).to(torch.int64)
-        offsets = counts.cumsum(0).to(torch.int64) - counts.to(torch.int64)
+    if dispatch in ("global", "node"):
+        # a node's ranks number their tokens after the node's lower ranks', with the seed
+        # of its first rank; global is one node of every rank
+        size = layout.topology.gpus_per_node if dispatch == "node" else ranks
+        nodes = [list(range(first, min(first + size, ranks))) for first in range(0, ranks, size)]
+        node_of = {rank: members for members in nodes for rank in members}
 
         def options(rank: int, layer: int) -> dict:
-            return {"seed": int(seeds[0]), "offsets": offsets[rank, layer],
-                    "totals": totals[layer]}  # fmt: skip
+            members = node_of[rank]
+            mine = counts[members].to(torch.int64)
+            share = dispatch_shares(layout, counts[members].sum(0))
+            return {"seed": int(seeds[members[0]]), "totals": mine.sum(0)[layer],
+                    "offsets": mine[: members.index(rank)].sum(0)[layer],
+                    "replica_share": share}  # fmt: skip
     else:
-        share = layout.replica_share
 
         def options(rank: int, layer: int) -> dict:
             return {"dispatch": "local" if dispatch == "local" else "static",
                     "phy2log": layout.phy2log, "slots_per_gpu": layout.topology.slots_per_gpu,
-                    "seed": int(seeds[rank])}  # fmt: skip
+                    "seed": int(seeds[rank]), "replica_share": layout.replica_share}  # fmt: skip
 
     with forced_backend(backend):
         for layer in range(layout.num_layers):
             for rank in range(ranks):
                 ids = topk_ids[rank::ranks, layer].contiguous()
                 map_and_count(
-                    ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
-                    **options(rank, layer),
+                    ids, layout.log2phy, layout.logcnt, counts=device, layer=layer,
+                    num_valid=ids.shape[0], **options(rank, layer),
                 )  # fmt: skip
     return device
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+@pytest.mark.parametrize("dispatch", ["static", "local", "node", "global"])
 def test_token_loads_equal_the_device_op(dispatch: str, backend: str) -> None:
     if backend == "triton":
         pytest.importorskip("triton")
     ranks = 4
-    layout, topk_ids, counts = _case(5, ranks)
+    layout, topk_ids, counts = _case(5, ranks, nodes=3)  # node: ranks {0, 1} and {2, 3}
     seeds = torch.tensor([11, 12, 13, 14]) * 7919
     model = token_loads(layout, counts, dispatch, seeds)
     device = _device_counts(layout, topk_ids, counts, dispatch, seeds, backend)
@@ -156,20 +186,20 @@ def test_token_loads_equal_the_device_op(dispatch: str, backend: str) -> None:
     assert not torch.equal(token_loads(layout, counts, dispatch), model) or dispatch == "static"
 
 
-def _router_body(rank: int, world_size: int, dispatch: str, iters: int = 8) -> list:
+def _router_body(rank: int, world_size: int, dispatch: str, iters: int = 8, nodes: int = 1) -> list:
     """One rank of a gloo group routing its round-robin share of a step through the Router."""
     from eplb_plugin.comm import make_communicator
     from eplb_plugin.maps import ExpertMaps
     from eplb_plugin.routing import Router, dither_seed
 
-    layout, topk_ids, _ = _case(5, world_size)
+    layout, topk_ids, _ = _case(5, world_size, nodes)
     comm = make_communicator("torch")
 
     def control_path(*args, **kwargs):  # a gloo group beside NCCL: a host sync per layer
         raise AssertionError("routing must all-reduce on the byte-exchange group")
 
     comm.all_reduce = control_path
-    router = Router(dispatch, comm, iters=iters)
+    router = Router(dispatch, comm, iters=iters, gpus_per_node=layout.topology.gpus_per_node)
     maps = ExpertMaps.of(layout)
     counts = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
     for layer in range(layout.num_layers):
@@ -181,17 +211,18 @@ def _router_body(rank: int, world_size: int, dispatch: str, iters: int = 8) -> l
 
 
 @pytest.mark.parametrize(
-    "dispatch,iters",
-    [("static", 8), ("local", 8), ("global", 8), ("local", 1), ("global", 1)],
-)
-def test_router_over_ranks_realizes_token_loads(dispatch: str, iters: int) -> None:
+    "dispatch,iters,ranks",
+    [("static", 8, 2), ("local", 8, 2), ("global", 8, 2), ("local", 1, 2), ("global", 1, 2),
+     ("node", 8, 4)],
+)  # fmt: skip
+def test_router_over_ranks_realizes_token_loads(dispatch: str, iters: int, ranks: int) -> None:
     from dist_utils import run_ranks
 
     from eplb_plugin.routing import dither_seed
 
-    ranks = 2
-    layout, _, counts = _case(5, ranks)
-    results = run_ranks(_router_body, ranks, dispatch, iters, timeout=120.0)
+    nodes = 3 if dispatch == "node" else 1  # 2 GPUs per node: ranks {0, 1} and {2, 3}
+    layout, _, counts = _case(5, ranks, nodes)
+    results = run_ranks(_router_body, ranks, dispatch, iters, nodes, timeout=120.0)
     device = torch.tensor(results).sum(0).double()
     seeds = [dither_seed(3, 7, rank, ranks) for rank in range(ranks)]
     assert torch.equal(device, token_loads(layout, counts, dispatch, seeds, iters))
@@ -227,7 +258,7 @@ def test_every_mode_has_a_row_in_the_waterfill_table() -> None:
     from eplb_plugin.dispatch import DISPATCH_MODES, WATERFILL_COUNTS
 
     assert tuple(WATERFILL_COUNTS) == DISPATCH_MODES
-    assert set(WATERFILL_COUNTS.values()) <= {None, "rank", "all"}
+    assert set(WATERFILL_COUNTS.values()) <= {None, "rank", "node", "all"}
 
 
 def test_bad_input() -> None:

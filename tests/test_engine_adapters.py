@@ -109,7 +109,7 @@ def run_transformers(cfg: EplbConfig) -> dict:
     return {"counts": counts, "held": held, "balancer": handle.balancer}
 
 
-@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+@pytest.mark.parametrize("dispatch", ["static", "local", "node", "global"])
 def test_same_routing_gives_the_same_counts_maps_and_weights_in_every_engine(dispatch):
     cfg = config(dispatch)
     runs = {"transformers": run_transformers(cfg), "vllm": run_vllm(cfg),

@@ -444,8 +444,12 @@ def _ep_body(rank: int, world_size: int, dispatch: str) -> dict:
 
     runner = fake_runner(num_layers=2, num_experts=8, ep_rank=rank, ep_size=world_size)
     cfg = config(dispatch=dispatch, interval=3, plan_delay=1, plan_wait_s=60.0)
+    if dispatch == "node":  # vLLM's get_node_count(): a node per rank
+        model.node_count = lambda layer: world_size
     rt = runtime.VllmEplb(cfg, model.moe_layers(runner), group=dist.group.WORLD)
     assert rt.slots_per_rank == 6 and rt.ep_size == 2
+    if dispatch == "node":  # the split's all-reduce stays on the rank's own node
+        assert rt.topology.num_nodes == 2 and rt.router.comm.world_size == 1
     for moe in runner.moes:
         assert moe.routed_experts.map_updates == 1  # vLLM's expert map rebuilt for 12 slots
         assert moe.routed_experts.local_num_experts == 6
@@ -473,7 +477,26 @@ def _ep_body(rank: int, world_size: int, dispatch: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("dispatch", ["static", "global"])
+def test_node_count_is_vllms(monkeypatch):
+    from types import ModuleType
+
+    state = ModuleType("vllm.distributed.parallel_state")
+    state.get_node_count = lambda: 4
+    for name, mod in (("vllm", ModuleType("vllm")), ("vllm.distributed", ModuleType("d")),
+                      ("vllm.distributed.parallel_state", state)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, mod)
+    layer = SimpleNamespace(ep_size=16)
+    assert model.node_count(layer) == 4
+    assert model.node_count(SimpleNamespace(ep_size=1)) is None  # no EP: no node count
+
+    def uninitialized():
+        raise AssertionError("distributed environment is not initialized")
+
+    state.get_node_count = uninitialized
+    assert model.node_count(layer) is None
+
+
+@pytest.mark.parametrize("dispatch", ["static", "node", "global"])
 def test_expert_parallel_two_ranks_move_weights_between_ranks(dispatch):
     results = run_ranks(_ep_body, 2, dispatch, timeout=120.0)
     assert results[0]["phy2log"] == results[1]["phy2log"]

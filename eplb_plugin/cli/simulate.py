@@ -469,7 +469,10 @@ def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
         f"hardware {cost.hardware.name}; water-fill {wf:.1f} us per layer ({_WF_NAMES[impl]}, "
         f"{source})"
     )
-    header = ["tokens/GPU", "baseline us", "static us", "local us", "global us", "best", "speedup"]
+    header = [
+        "tokens/GPU", "baseline us", "static us", "local us", "node us", "global us", "best",
+        "speedup",
+    ]  # fmt: skip
     print(format_table(header, [_row_cells(r) for r in rows]))
     print(
         "modelled MoE-layer time per step (mean over layers and steps) on a synthetic drifting "
@@ -491,7 +494,8 @@ _WF_NAMES = {"torch": "torch-ops water-fill", "fused": "fused Triton water-fill 
 def _row_cells(r: dict) -> list:
     return [
         r["tokens_per_gpu"], f"{r['baseline_us']:.1f}", f"{r['static_us']:.1f}",
-        f"{r['local_us']:.1f}", f"{r['global_us']:.1f}", r["best"], f"{r['speedup']:.3f}x",
+        f"{r['local_us']:.1f}", f"{r['node_us']:.1f}", f"{r['global_us']:.1f}", r["best"],
+        f"{r['speedup']:.3f}x",
     ]  # fmt: skip
 
 

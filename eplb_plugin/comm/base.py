@@ -86,6 +86,18 @@ class Communicator(ABC):
         """
         self.all_reduce(tensor, op="sum")
 
+    def split(self, size: int) -> Communicator:
+        """A communicator of this rank's block of ``size`` consecutive ranks (its node).
+
+        Collective: every rank calls it, with the same ``size``. Only
+        :meth:`route_all_reduce` is used on the result (``node`` dispatch).
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive number of ranks, got {size!r}")
+        if size != 1 and self.world_size > 1:
+            raise NotImplementedError(f"{type(self).__name__} cannot split its ranks")
+        return self if self.world_size == 1 else LocalCommunicator(self.timeout_s)
+
     def agree(self, ok: bool) -> bool:
         """True on every rank iff every rank passed ``ok=True`` (a vote)."""
         flag = torch.tensor([1 if ok else 0], dtype=torch.int64)

@@ -14,7 +14,14 @@ import datetime
 
 import torch
 
-from .base import REDUCE_OPS, CommError, CommTimeout, Communicator, check_splits
+from .base import (
+    REDUCE_OPS,
+    CommError,
+    CommTimeout,
+    Communicator,
+    LocalCommunicator,
+    check_splits,
+)
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -130,6 +137,25 @@ class TorchCommunicator(Communicator):
         except Exception as exc:
             self.broken = True
             raise CommError(f"rank {self.rank}: routing all_reduce failed: {exc}") from exc
+
+    def split(self, size: int) -> Communicator:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive number of ranks, got {size!r}")
+        if size >= self.world_size:
+            return self
+        if size == 1:
+            return LocalCommunicator(self.timeout_s)
+        ranks = self._dist.get_process_group_ranks(self.group)
+        first = self.rank // size * size
+        try:
+            # only the node's ranks take part in making its group (same backend as the
+            # world's: NCCL on GPUs)
+            group = self._dist.new_group(
+                ranks[first : first + size], use_local_synchronization=True
+            )
+        except Exception as exc:
+            raise CommError(f"rank {self.rank}: making the node group failed: {exc}") from exc
+        return TorchCommunicator(group, self.timeout_s, control_group=group)
 
     def broadcast(self, tensor, src) -> None:
         if not 0 <= src < self.world_size:

@@ -72,7 +72,8 @@ class DefaultPolicyConfig:
     """Options of the default policy (``plan(..., policy="default", **options)``).
 
     Attributes:
-        dispatch: the dispatch mode the layout will serve: ``static``, ``local``, ``global``.
+        dispatch: the dispatch mode the layout will serve: ``static``, ``local``, ``node``,
+            ``global``.
         phase: ``prefill`` (hierarchical placement), ``decode`` (global placement) or None
             (DeepSeek's rule: hierarchical when groups divide evenly over nodes).
         recency: half-life, in steps, of the weights given to the window's steps (newest

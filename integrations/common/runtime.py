@@ -193,7 +193,7 @@ class EngineRuntime:
         self.seed = torch.zeros((), dtype=torch.int64, device=self.device)
         self.router = Router(
             self.dispatch, self.comm, validate=False, rank_invariant=rank_invariant,
-            iters=self.config.waterfill_iters,
+            iters=self.config.waterfill_iters, gpus_per_node=self.topology.gpus_per_node,
         )  # fmt: skip
         map_and_count_op()  # registered now, not while Dynamo traces the engine's code
         self.router_id = register_router(self.router)

@@ -98,9 +98,9 @@ def ep_topology(config: EplbConfig, num_experts: int, world_size: int) -> Topolo
 
 
 def _dispatch_comm(config: EplbConfig, group: object | None, world_size: int) -> object | None:
-    """The Communicator of ``global`` dispatch's per-layer all-reduce with EPLB off (the
-    Balancer's otherwise); None where no collective is needed."""
-    if config.dispatch != "global" or world_size == 1:
+    """The Communicator of ``global``/``node`` dispatch's per-layer all-reduce with EPLB off
+    (the Balancer's otherwise); None where no collective is needed."""
+    if config.dispatch not in ("global", "node") or world_size == 1:
         return None
     from eplb_plugin.comm import make_communicator as make_control
 
@@ -214,7 +214,7 @@ def apply_eplb(
         counts = torch.zeros(num_layers, topology.num_replicas, dtype=torch.int32, device=device)
         router = Router(
             config.dispatch, _dispatch_comm(config, group, world_size),
-            iters=config.waterfill_iters,
+            iters=config.waterfill_iters, gpus_per_node=topology.gpus_per_node,
         )  # fmt: skip
     hidden = int(model.config.hidden_size)
     communicator = make_communicator(comm, group, world_size, slots, hidden, device)

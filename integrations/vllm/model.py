@@ -163,6 +163,19 @@ def set_router_mapping(router, mapping: Callable) -> None:
     router._apply_eplb_mapping = mapping
 
 
+def node_count(layer: MoELayer) -> int | None:
+    """Nodes the EP ranks span, as vLLM's own EPLB reads them (``get_node_count``), or None
+    without expert parallelism or before vLLM's distributed state exists."""
+    if layer.ep_size <= 1:
+        return None
+    try:
+        from vllm.distributed.parallel_state import get_node_count
+
+        return int(get_node_count())
+    except (ImportError, AssertionError, TypeError, ValueError):
+        return None
+
+
 def ep_group(layer: MoELayer):
     """torch.distributed group of the EP ranks (vLLM's), or None without expert parallelism."""
     if layer.ep_size <= 1:

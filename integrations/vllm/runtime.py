@@ -144,8 +144,8 @@ class VllmEplb(EngineRuntime):
             communicator = LocalCommunicator(config.timeout_s)
         super().__init__(
             config, phy2log, num_experts, expert_tensors, ep_rank, ep_size,
-            num_groups=first.num_groups, group=group, communicator=communicator,
-            balancer_cls=balancer_cls,
+            num_groups=first.num_groups, num_nodes=model.node_count(first), group=group,
+            communicator=communicator, balancer_cls=balancer_cls,
         )  # fmt: skip
         self.layers = layers
         self.slots_per_rank = self.slots_per_gpu
