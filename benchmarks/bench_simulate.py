@@ -56,6 +56,7 @@ CONFIGS = [
         },
     ),  # fmt: skip
     ("default/local", {"policy": "default", "dispatch": "local"}),
+    ("default/node", {"policy": "default", "dispatch": "node"}),
     ("default/global", {"policy": "default", "dispatch": "global"}),
     (
         "default/global, migrate <= 25%",
@@ -116,6 +117,11 @@ def main() -> None:
     parser.add_argument("--traces", nargs="*", default=default_traces)
     parser.add_argument("--synthetic", action="store_true", help="add 4 synthetic traces")
     parser.add_argument("--topologies", nargs="*", default=["80:16", "96:32"], help="P:G")
+    parser.add_argument(
+        "--gpus-per-node", type=int,
+        help="GPUs per node (the nodes of node dispatch, and the all-reduces' network hops; "
+        "default: the --hardware preset's, 8)",
+    )  # fmt: skip
     parser.add_argument("--batch-tokens", type=int, default=256)
     parser.add_argument("--interval", type=int, default=4)
     parser.add_argument("--window", type=int, default=4)
@@ -139,6 +145,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.gpus_per_node is None:
+        args.gpus_per_node = HARDWARE[args.hardware].gpus_per_node
+    if args.gpus_per_node < 1:
+        parser.error(f"--gpus-per-node must be at least 1, got {args.gpus_per_node}")
     configs = CONFIGS
     if args.configs:
         unknown = sorted(set(args.configs) - {label for label, _ in CONFIGS})
@@ -153,7 +163,8 @@ def main() -> None:
     for name, ids in traces(args).items():
         for spec in args.topologies:
             slots, gpus = (int(x) for x in spec.split(":"))
-            cases.append((name, Topology(slots, 1, 1, gpus), ids))
+            nodes = -(-gpus // args.gpus_per_node)
+            cases.append((name, Topology(slots, 1, nodes, gpus), ids))
     rows = []
     for name, topology, ids in tqdm(cases, desc="replays", disable=args.json):
         counts = steps_from_routing_trace(ids, args.batch_tokens, topology.num_gpus)
@@ -168,7 +179,7 @@ def main() -> None:
             for _, kw in configs
         ]
         model = get_model("deepseek-v2-lite")
-        cost = CostSpec(hardware, model, nodes=1)
+        cost = CostSpec(hardware, model, nodes=topology.num_nodes)
         out = compare(counts, topology, sims, cost=cost)
         case = f"{name}, P={topology.num_replicas}/{topology.num_gpus} GPUs"
         results = [out["baseline"], out["oracle"], *out["results"]]
@@ -192,7 +203,10 @@ def main() -> None:
         f"{args.shift_threshold:g}; balancedness (gap closed); moved = slots moved per "
         "rebalance / all slots; rebalances (of them on a shift)"
     )
-    print(f"step-time model: {hardware.name}, deepseek-v2-lite experts")
+    print(
+        f"step-time model: {hardware.name}, deepseek-v2-lite experts, "
+        f"{args.gpus_per_node} GPUs per node"
+    )
     print(
         "case | config | balancedness | gap closed (95% interval) | moved | rebalances | "
         "layer us | speedup | plan ms"

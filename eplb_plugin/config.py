@@ -34,7 +34,7 @@ _HELP = {
     "ema_decay": "per-step decay of the EMA predictor, in (0, 1)",
     "policy": "placement policy name (see `eplb plan --help`)",
     "policy_options": "JSON object of keyword options for the policy, e.g. '{\"max_moved\": 0.25}'",
-    "dispatch": "replica choice per token: static, local or global (docs/dispatch.md)",
+    "dispatch": "replica choice per token: static, local, node or global (docs/dispatch.md)",
     "waterfill_iters": "water-fill sweeps of local/global dispatch per layer and step (1-128; "
     "more even out the split further at ~2.5 us each on the fused kernel: "
     "`eplb simulate --recommend --waterfill-iters N` models it)",

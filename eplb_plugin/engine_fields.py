@@ -170,9 +170,9 @@ SGLANG_OPTIONS: dict[str, EngineField] = {
     "--ep-dispatch-algorithm": EngineField(
         "dispatch",
         _same,
-        "refused: the replica choice is --eplb-dispatch static|local|global",
+        "refused: the replica choice is --eplb-dispatch static|local|node|global",
         refused="the plugin balancer chooses replicas itself: use --eplb-dispatch "
-        "static|local|global (docs/dispatch.md)",
+        "static|local|node|global (docs/dispatch.md)",
     ),
 }
 

@@ -79,7 +79,7 @@ class SimConfig:
 
     Attributes:
         policy: registered policy name.
-        dispatch: ``static``, ``local`` or ``global``.
+        dispatch: ``static``, ``local``, ``node`` or ``global``.
         interval: steps between re-plans (N).
         window: past steps each plan sees (W).
         predictor: ``window`` (the window's sum) or ``ema`` (exponential moving average of

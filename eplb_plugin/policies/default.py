@@ -86,7 +86,7 @@ class DefaultPolicyConfig:
         spread: with per-step loads, adds ``spread`` standard deviations of each expert's
             per-step load (across the window's steps, on the window's scale) to the
             forecast: experts whose load jumps between steps, by noise or by drift, get more
-            room. None (default): 0.5 for ``static`` dispatch, 0 for ``local``/``global``.
+            room. None (default): 0.5 for ``static`` dispatch, 0 for ``local``/``node``/``global``.
         shares: ``balanced`` (water-filled on the forecast) or ``uniform``.
         refine_rounds: most swaps per row in the refinement; 0 disables it.
         migration_cost: with ``previous=``, the balancedness (in points, i.e. hundredths)
