@@ -77,7 +77,7 @@ def replicated_layout(num_layers, num_experts, num_slots, ranks, seed=0):
 @pytest.mark.parametrize(
     "family,ranks,dispatch",
     [("mixtral", 2, "static"), ("qwen2_moe", 2, "local"), ("qwen3_moe", 4, "global"),
-     ("deepseek_v3", 4, "static")],
+     ("deepseek_v3", 4, "static"), ("qwen2_moe", 4, "node")],
 )  # fmt: skip
 def test_static_replicated_layout_matches_unsharded(checkpoints, family, ranks, dispatch):
     """Slots with replicas sharded over ranks, tokens exchanged: same logits and tokens."""
@@ -90,7 +90,9 @@ def test_static_replicated_layout_matches_unsharded(checkpoints, family, ranks, 
     num_layers = sum(fam.is_moe_layer(config, i) for i in range(config.num_hidden_layers))
     layout = replicated_layout(num_layers, num_experts, num_experts + ranks, ranks, seed=ranks)
     toks = prompts(2 * ranks + 1)
-    run = RunSpec("replicated", EplbConfig(enable=False, dispatch=dispatch), True, layout=layout)
+    nodes = 2 if dispatch == "node" else 1  # node: ranks {0, 1} and {2, 3} split apart
+    eplb = EplbConfig(enable=False, dispatch=dispatch, num_nodes=nodes)
+    run = RunSpec("replicated", eplb, True, layout=layout)
     spec = EngineSpec(path, ranks, toks, 5, [run], timeout_s=TIMEOUT, kernels="torch")
     (result,) = run_engine(spec, progress=False)
     ref_tokens, ref_logits = unsharded(path, toks, 5)
