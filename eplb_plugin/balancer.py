@@ -154,7 +154,10 @@ class Balancer:
         self.layout = layout
         L, P, E = layout.num_layers, layout.num_slots, layout.num_experts
         self.maps = ExpertMaps.of(layout, self.device)
-        self.router = Router(config.dispatch, self.comm, iters=config.waterfill_iters)
+        self.router = Router(
+            config.dispatch, self.comm, iters=config.waterfill_iters,
+            gpus_per_node=topology.gpus_per_node,
+        )  # fmt: skip
         self.recorder = LoadRecorder(
             L, P, E, config.window, layout.phy2log,
             device=self.device, predictor=config.predictor, ema_decay=config.ema_decay,
@@ -176,8 +179,9 @@ class Balancer:
         self.disabled_reason: str | None = None
         self._closed = False
         self.metrics = BalancerMetrics(self.rank, engine)
-        self.planner = Planner(config, topology, self.executor, self.metrics)
-        self.mover = Mover(self.executor, self.comm, self.stats, self.metrics)
+        # this rank's policy runs, and the weight move of the plan every rank accepted
+        self._planner = Planner(config, topology, self.executor, self.metrics)
+        self._mover = Mover(self.executor, self.comm, self.stats, self.metrics)
         self._gpu_load = GpuLoadMeter(L, topology.num_gpus, self.device, self.comm)
         self._rebalance_pause = 0.0  # longest step() of the rebalance in progress
         self._realized: float | None = None  # since the previous rebalance, taken when due
@@ -252,7 +256,7 @@ class Balancer:
         """The one INFO line of a completed rebalance (rank 0; figures over every rank)."""
         if self.rank != 0:
             return
-        layers, slots, nbytes = self.mover.moved
+        layers, slots, nbytes = self._mover.moved
         before = after = float("nan")
         if self.stats.balancedness:
             _, before, after = self.stats.balancedness[-1]
@@ -301,17 +305,17 @@ class Balancer:
             self._due = self.steps + 1
 
     def _busy(self) -> bool:
-        move = self.mover
+        move = self._mover
         return bool(move.chunks) or self._collect_at is not None or move.start_at is not None
 
     def _advance(self) -> StepReport | None:
         while self._busy() and self.steps >= self._due:  # due mid-rebalance: skipped
             due, self._due = self._due, self._due + self.config.interval
             self._skip(None, "busy", f"due at step {due} while the previous rebalance was "
-                       f"still in progress ({len(self.mover.chunks)} chunks left)")  # fmt: skip
-        if self.mover.chunks:
+                       f"still in progress ({len(self._mover.chunks)} chunks left)")  # fmt: skip
+        if self._mover.chunks:
             return self._run_chunk()
-        if self.mover.start_at is not None and self.steps >= self.mover.start_at:
+        if self._mover.start_at is not None and self.steps >= self._mover.start_at:
             return self._start_moving()
         if self._collect_at is not None and self.steps >= self._collect_at:
             return self._collect()
@@ -361,16 +365,16 @@ class Balancer:
         self._realized = None if measured is None else measured[0]
         self._collect_at = self.steps + self.config.plan_delay
         if self.config.plan_on == "all" or self.rank == 0:
-            self.planner.start(weight, self.layout)
+            self._planner.start(weight, self.layout)
         return StepReport(step=self.steps, event="planned")
 
     def predict(self, layout: ExpertLayout, load: torch.Tensor) -> float:
         """Predicted balancedness of ``layout`` under ``load`` [L, E] and the dispatch mode."""
-        return self.planner.predict(layout, load)
+        return self._planner.predict(layout, load)
 
     def _collect(self, report: StepReport | None = None) -> StepReport:
         self._collect_at = None
-        header, phy2log, share, prepared = self.planner.collect(self.layout)
+        header, phy2log, share, prepared = self._planner.collect(self.layout)
         code = share_decision(self.comm, self.config.plan_on, header, phy2log, share)
         report = report or StepReport(step=self.steps, event="planned")
         report.balancedness_before = float(header[1])
@@ -404,14 +408,14 @@ class Balancer:
             future: Future = Future()
             future.set_result(prepared)
         elif self.config.plan_delay == 0:
-            future = run_now(self.planner.prepare, self.layout.phy2log, target)
+            future = run_now(self._planner.prepare, self.layout.phy2log, target)
         else:  # rank 0's plan just arrived: every rank prepares the move in the background
-            future = background("eplb-prepare", self.planner.prepare, self.layout.phy2log, target)
+            future = background("eplb-prepare", self._planner.prepare, self.layout.phy2log, target)
         # a move prepared with the plan starts now, else plan_delay steps later
         start_at = self.steps if prepared is not None else self.steps + self.config.plan_delay
-        self.mover.begin(target, future, start_at)
+        self._mover.begin(target, future, start_at)
         report.event = "collected"
-        if self.mover.start_at == self.steps:
+        if self._mover.start_at == self.steps:
             return self._start_moving(report)
         return report
 
@@ -419,13 +423,13 @@ class Balancer:
     def _start_moving(self, report: StepReport | None = None) -> StepReport:
         """Join the prepared move (every rank votes it is ready) and run its first chunk."""
         report = report or StepReport(step=self.steps, event="chunk")
-        if not self.mover.join():
+        if not self._mover.join():
             report.event = "failed"
             report.error = "preparing the move failed on a rank; keeping the old layout"
             if self.rank == 0:
                 log.warning("EPLB %s; next plan at step %d", report.error, self._due)
             return report
-        if not self.mover.chunks:
+        if not self._mover.chunks:
             return self._finish_rebalance(report)
         chunk_report = self._run_chunk()
         chunk_report.balancedness_before = report.balancedness_before
@@ -433,8 +437,8 @@ class Balancer:
         return chunk_report
 
     def _run_chunk(self) -> StepReport:
-        target = self.mover.target
-        layers, result = self.mover.run_chunk()
+        target = self._mover.target
+        layers, result = self._mover.run_chunk()
         report = StepReport(
             step=self.steps, event="chunk", bytes_sent=result.bytes_sent,
             bytes_received=result.bytes_received,
@@ -455,12 +459,12 @@ class Balancer:
             return report
         self._switch(target, layers)
         report.layers = list(layers)
-        if not self.mover.chunks:
+        if not self._mover.chunks:
             return self._finish_rebalance(report)
         return report
 
     def _finish_rebalance(self, report: StepReport) -> StepReport:
-        self.mover.finish()
+        self._mover.finish()
         self._gpu_load.restart(SINCE_REBALANCE)  # realized balance restarts with the layout
         report.event = "done"
         return report
@@ -480,7 +484,7 @@ class Balancer:
             self.metrics.failure(kind)
         self.disabled_reason = reason
         self._collect_at = None
-        self.mover.abandon()
+        self._mover.abandon()
         log.error("%s; rebalancing is disabled, serving continues on the layout in force", reason)
         return StepReport(step=self.steps, event="failed", error=reason)
 
@@ -496,8 +500,8 @@ class Balancer:
         self._closed = True
         if self.load_writer is not None:
             self.load_writer.close()
-        self.planner.forget()
-        self.mover.prepared = None
+        self._planner.forget()
+        self._mover.prepared = None
         if not isinstance(self.comm, LocalCommunicator):
             self.comm.close()
 

@@ -62,7 +62,8 @@ class Planner:
         self.busy = False
 
     def start(self, weight: torch.Tensor, current: ExpertLayout) -> None:
-        """Start :meth:`compute` on ``weight``: in a thread, or here with ``plan_delay=0``."""
+        """Start :meth:`compute` on ``weight`` ([L, E] or [S, L, E] float) for ``current``:
+        in a thread, or here with ``plan_delay=0``."""
         self.busy = False
         if self.config.plan_delay == 0:
             self.future = run_now(self.compute, weight, current)
