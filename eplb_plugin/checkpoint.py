@@ -32,6 +32,8 @@ from .families import ModelFamily, is_moe_layer
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+# what reading a JSON file can raise (json's decoder recurses once per nesting level)
+_JSON_ERRORS = (OSError, ValueError, RecursionError)
 
 # Bits per element of every safetensors dtype (sub-byte float formats included).
 DTYPE_BITS = {
@@ -157,7 +159,7 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise ValueError(f"cannot read checkpoint file {path!r}: {exc}") from exc
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _bad(path, f"header is not JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
@@ -229,7 +231,7 @@ class Checkpoint:
                 with open(index_path, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (*_JSON_ERRORS, KeyError, TypeError, AttributeError) as exc:
                 raise ValueError(f"cannot read {index_path!r}: {exc}") from exc
             listed_by = f"{index_path!r}"
         else:
@@ -259,8 +261,10 @@ class Checkpoint:
             try:
                 with open(config_path, encoding="utf-8") as f:
                     config = json.load(f)
-            except (OSError, ValueError) as exc:
+            except _JSON_ERRORS as exc:
                 raise ValueError(f"cannot read {config_path!r}: {exc}") from exc
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path!r} holds a {type(config).__name__}, not an object")
         return cls(root, files, tensors, config)
 
     @property

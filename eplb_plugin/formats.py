@@ -117,6 +117,8 @@ def _read_json(path: str) -> object:
             return json.load(f)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {path!r} as JSON: {exc}") from exc
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ValueError(f"cannot read {path!r} as JSON: nested too deeply") from None
 
 
 def is_foreign_load(obj: object) -> bool:

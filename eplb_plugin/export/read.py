@@ -32,15 +32,9 @@ class ExportedCheckpoint:
         try:
             with open(path, encoding="utf-8") as f:
                 self.index = json.load(f)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise ValueError(f"cannot read {path!r}: {exc}") from exc
-        if self.index.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{path!r} is not an eplb export index")
-        if int(self.index.get("version", 0)) > EXPORT_VERSION:
-            raise ValueError(
-                f"{path!r} has export version {self.index['version']}; this eplb-plugin "
-                f"reads up to {EXPORT_VERSION}"
-            )
+        check_index(self.index, path)
         checked: set[str] = set()
         for where, name in index_file_names(self.index):
             if not (isinstance(name, str) and name in checked):
@@ -168,6 +162,93 @@ class ExportedCheckpoint:
         for name, parts in fused.items():
             out[name] = torch.stack(parts)
         return out
+
+
+def _is_int(value: object, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_list(value: object, item) -> bool:
+    return isinstance(value, list) and all(item(v) for v in value)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_file_entry(value: object) -> bool:
+    rank = value.get("rank", "absent") if isinstance(value, dict) else "absent"
+    return rank is None or _is_int(rank)
+
+
+def _is_tensor_entry(value: object) -> bool:
+    return isinstance(value, dict) and _is_str(value.get("name")) and _is_str(value.get("file"))
+
+
+def _is_rank_entry(value: object) -> bool:
+    return isinstance(value, dict) and _is_list(value.get("files"), _is_str)
+
+
+def _is_int_text(value: object) -> bool:
+    return isinstance(value, str) and value.isdigit()
+
+
+# What the readers (this module, verify, the engines' loaders) take from an index as given.
+_INDEX_FIELDS = {
+    "layout": (_is_str, "a file name"),
+    "ep_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "num_slots": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "slots_per_rank": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "num_experts": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "moe_layers": (lambda v: _is_list(v, _is_int), "a list of layer ids"),
+    "layout_rows": (
+        lambda v: isinstance(v, dict) and all(_is_int_text(k) and _is_int(r) for k, r in v.items()),
+        "an object of layer id -> layout row",
+    ),
+    "expert_heads": (
+        lambda v: isinstance(v, dict) and all(_is_int_text(k) and _is_str(h) for k, h in v.items()),
+        "an object of layer id -> tensor name prefix",
+    ),
+    "shared_files": (lambda v: _is_list(v, _is_str), "a list of file names"),
+    "ranks": (lambda v: _is_list(v, _is_rank_entry), "a list of {files: [...]} per rank"),
+    "files": (
+        lambda v: isinstance(v, dict) and all(_is_file_entry(e) for e in v.values()),
+        "an object of file name -> {rank: ...}",
+    ),
+    "tensors": (lambda v: _is_list(v, _is_tensor_entry), "a list of {name, file, ...} entries"),
+}
+_OPTIONAL_FIELDS = {
+    "sglang_layout": (_is_str, "a file name"),
+    "side_files": (lambda v: _is_list(v, _is_str), "a list of file names"),
+}
+
+
+def check_index(index: object, path: str) -> None:
+    """ValueError naming the field unless ``index`` has every field an export's readers use,
+    of the right type (an index edited by hand or cut short fails here, not in a reader)."""
+    if not isinstance(index, dict) or index.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path!r} is not an eplb export index")
+    version = index.get("version")
+    if not _is_int(version, 1):
+        raise ValueError(f"{path!r} has export version {version!r}, not an integer >= 1")
+    if version > EXPORT_VERSION:
+        raise ValueError(
+            f"{path!r} has export version {version}; this eplb-plugin reads up to {EXPORT_VERSION}"
+        )
+    for fields, required in ((_INDEX_FIELDS, True), (_OPTIONAL_FIELDS, False)):
+        for key, (ok, what) in fields.items():
+            if key not in index:
+                if required:
+                    raise ValueError(f"{path!r} lacks {key!r}: not a complete export index")
+            elif not ok(index[key]):
+                raise ValueError(f"{path!r}: {key!r} must be {what}, got {index[key]!r:.80}")
+    if len(index["ranks"]) != index["ep_size"]:
+        raise ValueError(
+            f"{path!r} lists files of {len(index['ranks'])} ranks for ep_size={index['ep_size']}"
+        )
+    unplaced = sorted(set(index["moe_layers"]) - {int(k) for k in index["layout_rows"]})
+    if unplaced:
+        raise ValueError(f"{path!r}: MoE layers {unplaced} have no row in 'layout_rows'")
 
 
 def index_file_names(index: dict) -> Iterator[tuple[str, object]]:
