@@ -107,3 +107,46 @@ def test_export_refuses_a_checkpoint_config_that_is_not_an_object(exported, tmp_
                      str(out), "--no-progress"], "config.json", "holds a list")  # fmt: skip
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no partial folder
+
+
+# ---------------------------------------------------------------------- export options
+@pytest.mark.parametrize("size", ["inf", "1e400", "nan", "-1MB"])
+def test_export_refuses_sizes_that_are_not_finite_and_positive(exported, tmp_path, capsys, size):
+    """inf and 1e400 used to end in an OverflowError traceback, nan in numpy's words."""
+    src, _ = exported
+    layout = tmp_path / "layout.safetensors"
+    layout_for(src, extra=4, gpus=2).save(layout)
+    out = tmp_path / "out"
+    for option in ("--max-shard-size", "--max-rate"):
+        argv = ["export", "--checkpoint", src, "--layout", str(layout), "--out", str(out),
+                "--no-progress", f"{option}={size}"]  # fmt: skip
+        refused(capsys, argv, f"cannot read size {size!r}")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- demo
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Fail the test, instead of running a demo for minutes, if validation lets a case by."""
+    pytest.importorskip("transformers")
+    import eplb_plugin.integrations.transformers.engine as engine
+
+    def started(*args, **kwargs):
+        raise AssertionError("the demo started its engines despite the bad option")
+
+    monkeypatch.setattr(engine, "run_engine", started)
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf"])
+def test_demo_refuses_a_timeout_that_is_not_finite(no_engine, capsys, timeout):
+    refused(capsys, ["demo", "--timeout", timeout], f"--timeout={timeout}", "positive")
+
+
+def test_demo_checks_the_report_folder_before_running(no_engine, tmp_path, capsys):
+    """The folder of --report used to be found missing only when the report was written,
+    after the whole demo had run."""
+    report = tmp_path / "no-such-folder" / "report.png"
+    refused(capsys, ["demo", "--report", str(report)], "--report", "does not exist")
+    folder = tmp_path / "taken.png"
+    folder.mkdir()
+    refused(capsys, ["demo", "--report", str(folder)], "is a directory")

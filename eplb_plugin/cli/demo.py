@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -23,6 +24,7 @@ import time
 
 from ..config import EplbConfig
 from .common import add_eplb_options, eplb_config_from_args, format_table
+from .plan import check_out_folder
 
 # The demo's EPLB settings: a real engine re-plans every few thousand steps; the demo runs
 # tens of steps, so it records a short window and re-plans often. Any --eplb-* option given
@@ -123,10 +125,13 @@ def _check_args(args: argparse.Namespace, export=None) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={value} must be positive")
     if args.prompts < args.ranks:
         raise ValueError(f"--prompts={args.prompts} must be >= --ranks={args.ranks}")
-    if not args.no_report and not args.report.endswith(".png"):
-        raise ValueError(f"--report {args.report!r} must end with .png")
-    if args.timeout <= 0:
-        raise ValueError(f"--timeout={args.timeout} must be positive")
+    if not args.no_report:
+        if not args.report.endswith(".png"):
+            raise ValueError(f"--report {args.report!r} must end with .png")
+        # before the engines start: a missing folder would otherwise show after the whole run
+        check_out_folder(args.report, "--report")
+    if not 0 < args.timeout < math.inf:  # nan fails too
+        raise ValueError(f"--timeout={args.timeout} must be a positive number of seconds")
     if args.model is not None and not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a folder")
     if not args.no_report:

@@ -25,7 +25,8 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"cannot read size {text!r} (use e.g. 4GB, 512MB, 1048576)") from None
-    if unit not in _UNITS or value <= 0:
+    # nan and inf parse as floats; int() of them would raise a bare ValueError/OverflowError
+    if unit not in _UNITS or not 0 < value * _UNITS[unit] < float("inf"):
         raise ValueError(f"cannot read size {text!r} (use e.g. 4GB, 512MB, 1048576)")
     return int(value * _UNITS[unit])
 
