@@ -43,13 +43,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     included) the temporary file is removed and ``path`` is left as it was."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".eplb-", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".eplb-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _naming(exc, path) from exc
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """The same error naming the user's ``path``, not the hidden temporary file."""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, path)

@@ -285,6 +285,10 @@ def write_sglang_dump(path: str | os.PathLike, load: torch.Tensor, rank: int = 0
         rounded = load.round()
         if not torch.isfinite(load).all() or (load - rounded).abs().max() > 1e-3:
             raise ValueError("load must hold whole-number token counts to become an SGLang dump")
+        if rounded.numel() and rounded.abs().max() >= 2.0**63:  # would wrap round in int64
+            raise ValueError(
+                f"load holds a count of {rounded.abs().max().item():.3g}, beyond int64's range"
+            )
         load = rounded
     count = check_counts(load.to(torch.int64), "load")
     count = count.unsqueeze(0) if count.dim() == 2 else count

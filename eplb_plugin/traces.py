@@ -32,6 +32,21 @@ def _only_or_key(arrays: dict, path: str, keys: tuple[str, ...] = (LOAD_KEY,)):
     )
 
 
+# Arrays that mark a file as another kind than a load trace: a layout's single map would
+# otherwise be read as a load of slot ids.
+_OTHER_KINDS = (
+    ("phy2log", "an eplb layout (pass it as --layout)"),
+    ("physical_to_logical_map", "an SGLang layout (pass it as --layout)"),
+    ("topk_ids", "a routing trace (eplb simulate --trace reads it)"),
+)
+
+
+def _refuse_other_kind(arrays: dict, path: str) -> None:
+    for key, kind in _OTHER_KINDS:
+        if key in arrays:
+            raise ValueError(f"load file {path!r} holds {key!r}: it is {kind}, not a load trace")
+
+
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK"
 
@@ -104,6 +119,8 @@ def read_load(path: str | os.PathLike) -> torch.Tensor:
     if LOAD_KEY not in arrays and is_foreign_load(arrays):
         data = load_from_dict(arrays, path)
     else:
+        if LOAD_KEY not in arrays:
+            _refuse_other_kind(arrays, path)
         data = _only_or_key(arrays, path, (LOAD_KEY, "logical_count"))
     return check_load(data, name=f"load in {path!r}")
 
@@ -206,6 +223,8 @@ def read_routing_trace(path: str | os.PathLike) -> RoutingTrace:
         raise ValueError(f"topk_ids in {path!r} must be [tokens, layers, k], got {ids.shape}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"topk_ids in {path!r} must be integers, got dtype {ids.dtype}")
+    if ids.max() < 0:
+        raise ValueError(f"topk_ids in {path!r} names no expert (every id is negative)")
     seq = None
     if offsets is not None:
         offsets = np.asarray(offsets)

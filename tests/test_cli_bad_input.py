@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from test_export import CFG, layout_for, write_fp8_deepseek
 
 from eplb_plugin.cli.main import main
@@ -150,3 +151,113 @@ def test_demo_checks_the_report_folder_before_running(no_engine, tmp_path, capsy
     folder = tmp_path / "taken.png"
     folder.mkdir()
     refused(capsys, ["demo", "--report", str(folder)], "is a directory")
+
+
+# ---------------------------------------------------------------------- load files
+T = ["--replicas", "12", "--gpus", "4"]
+
+
+def test_a_layout_or_routing_trace_given_as_load_is_named(tmp_path, capsys):
+    """An SGLang layout .pt holds one array: it used to be planned as a load of slot ids."""
+    import numpy as np
+
+    from eplb_plugin import Topology, plan
+
+    layout = plan(torch.rand(4, 8) * 100, Topology(12, 1, 1, 4))
+    sglang = tmp_path / "sglang.pt"
+    torch.save({"physical_to_logical_map": layout.phy2log}, sglang)
+    ours = tmp_path / "layout.safetensors"
+    layout.save(ours)
+    trace = tmp_path / "trace.npz"
+    np.savez(trace, topk_ids=np.zeros((8, 4, 2), dtype=np.int64))
+    out = tmp_path / "out.safetensors"
+    for path, kind in ((sglang, "an SGLang layout"), (ours, "an eplb layout"),
+                       (trace, "a routing trace")):  # fmt: skip
+        refused(capsys, ["plan", "--load", str(path), *T, "--out", str(out)], str(path), kind)
+        refused(capsys, ["convert", "load", str(path), str(out)], kind)
+    assert not out.exists()
+
+
+def test_routing_trace_without_any_expert_id(tmp_path, capsys):
+    import numpy as np
+
+    trace = tmp_path / "trace.npz"
+    np.savez(trace, topk_ids=np.full((64, 2, 2), -1))
+    argv = ["simulate", "--trace", str(trace), *T, "--batch-tokens", "8", "--no-progress"]
+    refused(capsys, argv, str(trace), "names no expert")
+
+
+def test_sglang_dump_of_counts_beyond_int64(tmp_path, capsys):
+    """3e38 tokens used to wrap round to int64's minimum and be called a negative count."""
+    load = tmp_path / "load.pt"
+    torch.save(torch.full((2, 8), 3e38), load)
+    out = tmp_path / "dump.pt"
+    refused(capsys, ["convert", "load", str(load), str(out), "--sglang"], "beyond int64")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------- output paths
+def test_output_that_is_the_input_is_refused_before_it_is_replaced(tmp_path, capsys):
+    load = tmp_path / "load.safetensors"
+    from eplb_plugin.traces import write_load
+
+    write_load(load, torch.rand(4, 8) * 100)
+    before = load.read_bytes()
+    refused(capsys, ["plan", "--load", str(load), *T, "--out", str(load)], "is the input")
+    refused(capsys, ["convert", "load", str(load), str(load)], "is the input")
+    # the same file under another name
+    refused(capsys, ["convert", "load", str(load), str(tmp_path / "." / "load.safetensors")],
+            "is the input")  # fmt: skip
+    assert load.read_bytes() == before
+    layout = tmp_path / "layout.json"
+    main(["plan", "--load", str(load), *T, "--out", str(tmp_path / "l.safetensors")])
+    main(["convert", "layout", str(tmp_path / "l.safetensors"), str(layout)])
+    capsys.readouterr()
+    before = layout.read_bytes()
+    argv = ["convert", "layout", str(layout), str(layout), "--ep-size", "4"]
+    refused(capsys, argv, "is the input")
+    assert layout.read_bytes() == before
+
+
+def test_empty_output_names_are_refused(tmp_path, capsys):
+    """--out '' used to be ignored silently (the plan ran, nothing was written)."""
+    load = tmp_path / "load.pt"
+    torch.save(torch.rand(4, 8) * 100, load)
+    refused(capsys, ["plan", "--load", str(load), *T, "--out", ""], "--out is empty")
+    refused(capsys, ["convert", "load", str(load), ""], "output is empty")
+
+
+def test_atomic_write_errors_name_the_target_not_the_temporary_file(tmp_path):
+    from eplb_plugin.fileio import atomic_write
+
+    target = tmp_path / "missing-folder" / "x.json"
+    with pytest.raises(FileNotFoundError, match="missing-folder/x.json'"):
+        atomic_write(target, lambda tmp: None)
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    with pytest.raises(OSError, match=f"{folder}'") as caught:
+        atomic_write(folder, lambda tmp: open(tmp, "w").close())
+    assert ".eplb-" not in str(caught.value)
+    assert os.listdir(tmp_path) == ["a-folder"]  # the temporary file is gone
+
+
+# ---------------------------------------------------------------------- convert layout
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num-layers", "100000000"], "--num-layers 100000000 must lie in [1, 4096]"),
+        (["--num-layers", "0"], "--num-layers 0 must lie in [1, 4096]"),
+        (["--layer-ids", "0-99999999999"], "layer id 99999999999 is not below 4096"),
+        (["--layer-ids", ""], "'' is not a layer id"),
+    ],
+)
+def test_convert_layout_layer_bounds(tmp_path, capsys, extra, message):
+    """A huge --num-layers or layer id used to build a map of gigabytes (a MemoryError
+    traceback, or minutes of work); --layer-ids '' used to be ignored."""
+    from eplb_plugin import Topology, plan
+
+    src = tmp_path / "layout.safetensors"
+    plan(torch.rand(4, 8) * 100, Topology(12, 1, 1, 4)).save(src)
+    out = tmp_path / "out.json"
+    refused(capsys, ["convert", "layout", str(src), str(out), *extra], message)
+    assert not out.exists()

@@ -46,9 +46,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     layout.set_defaults(func=run_layout)
 
 
+# Hidden layers of an SGLang map this command writes: far above any model's (a few hundred),
+# low enough that a typo cannot make it build a map of gigabytes.
+MAX_LAYERS = 4096
+
+
 def parse_layer_ids(text: str, option: str = "--layer-ids") -> list[int]:
-    """``"0,2,4-7"`` -> [0, 2, 4, 5, 6, 7]; ValueError for a bad item, a reversed range or a
-    layer named twice (two rows written to one layer would lose one of them)."""
+    """``"0,2,4-7"`` -> [0, 2, 4, 5, 6, 7]; ValueError for a bad item, a reversed range, an
+    id of MAX_LAYERS or more or a layer named twice (two rows written to one layer would
+    lose one of them)."""
     ids: list[int] = []
     for item in text.split(","):
         item = item.strip()
@@ -62,6 +68,8 @@ def parse_layer_ids(text: str, option: str = "--layer-ids") -> list[int]:
             ) from None
         if lo < 0 or hi < lo:
             raise ValueError(f"{option} {text!r}: {item!r} is not a rising range of ids >= 0")
+        if hi >= MAX_LAYERS:
+            raise ValueError(f"{option} {text!r}: layer id {hi} is not below {MAX_LAYERS}")
         ids.extend(range(lo, hi + 1))
     seen: set[int] = set()
     for i in ids:
@@ -75,7 +83,7 @@ def run_load(args: argparse.Namespace) -> int:
     from ..formats import read_layout, read_vllm_window_file, write_sglang_dump
     from ..traces import read_load, write_load
 
-    check_out_folder(args.output, "output")
+    check_out_folder(args.output, "output", (args.input, args.layout))
     if args.layout:
         layout = read_layout(args.layout, ep_size=args.ep_size)
         load = read_vllm_window_file(args.input, layout)
@@ -94,8 +102,10 @@ def run_load(args: argparse.Namespace) -> int:
 def run_layout(args: argparse.Namespace) -> int:
     from ..formats import read_layout, write_sglang_layout
 
-    check_out_folder(args.output, "output")
-    layer_ids = parse_layer_ids(args.layer_ids) if args.layer_ids else None
+    check_out_folder(args.output, "output", (args.input,))
+    layer_ids = parse_layer_ids(args.layer_ids) if args.layer_ids is not None else None
+    if args.num_layers is not None and not 1 <= args.num_layers <= MAX_LAYERS:
+        raise ValueError(f"--num-layers {args.num_layers} must lie in [1, {MAX_LAYERS}]")
     layout = read_layout(args.input, ep_size=args.ep_size, num_groups=args.groups,
                          num_nodes=args.nodes)  # fmt: skip
     suffix = Path(args.output).suffix.lower()

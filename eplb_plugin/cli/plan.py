@@ -42,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--layers {args.layers}: give the number of layers to show (>= 0)")
     topology = topology_from_args(args)
     load = read_load(args.load)
-    if args.out:
+    if args.out is not None:
+        check_out_folder(args.out, "--out", (args.load,))
         if not args.out.endswith(".safetensors"):
             raise ValueError(f"--out {args.out!r} must end with .safetensors")
-        check_out_folder(args.out, "--out")
     start = time.perf_counter()
     layout = plan(load, topology, policy=args.policy)
     plan_ms = (time.perf_counter() - start) * 1e3
@@ -92,14 +92,24 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def check_out_folder(path: str, option: str) -> None:
+def check_out_folder(path: str, option: str, inputs: tuple[str | None, ...] = ()) -> None:
     """ValueError unless the folder ``path`` is to be written in exists (checked before any
-    work, so that a long plan is not lost to a typo in the folder)."""
+    work, so that a long plan is not lost to a typo in the folder), ``path`` is not a
+    directory, and it is none of the command's ``inputs`` (the write would replace it)."""
     folder = os.path.dirname(os.path.abspath(path))
+    if not path:
+        raise ValueError(f"{option} is empty; give a file name")
     if os.path.isdir(path):
         raise ValueError(f"{option} {path!r} is a directory; give a file name")
     if not os.path.isdir(folder):
         raise ValueError(f"{option} {path!r}: folder {folder!r} does not exist")
+    for source in inputs:
+        if source and os.path.isfile(path) and os.path.exists(source):
+            if os.path.samefile(path, source):
+                raise ValueError(
+                    f"{option} {path!r} is the input {source!r}: writing it would replace "
+                    "the input; give another file name"
+                )
 
 
 def summarize(before: ExpertLayout, after: ExpertLayout, weight: torch.Tensor) -> dict:
