@@ -261,3 +261,61 @@ def test_convert_layout_layer_bounds(tmp_path, capsys, extra, message):
     out = tmp_path / "out.json"
     refused(capsys, ["convert", "layout", str(src), str(out), *extra], message)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- simulate
+@pytest.fixture
+def routing_trace(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "trace.npz"
+    ids = np.random.default_rng(0).integers(0, 8, size=(256, 2, 2))
+    np.savez(path, topk_ids=ids)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # 10**8 sweeps per layer and step used to run for hours
+        (["--waterfill-iters", "100000000"], "--waterfill-iters 100000000 must be <= 128"),
+        # inf used to pass, and 0 slots moved x inf printed a numpy RuntimeWarning
+        (["--migrate", "--migration-cost", "inf"], "--migration-cost inf must be a finite"),
+        (["--experts", "0"], "--experts 0 must be >= 1"),
+        (["--plot", ""], "--plot is empty"),
+    ],
+)
+def test_simulate_option_bounds(routing_trace, capsys, extra, message):
+    argv = ["simulate", "--trace", routing_trace, *T, "--batch-tokens", "16", "--no-progress"]
+    refused(capsys, [*argv, *extra], message)
+
+
+def test_simulate_plot_that_is_a_folder_is_refused_before_the_replay(
+    routing_trace, tmp_path, capsys, monkeypatch
+):
+    """Used to replay the whole trace, then fail on the rename naming a hidden temp file."""
+    import eplb_plugin.simulate as simulate
+
+    def replayed(*args, **kwargs):
+        raise AssertionError("the replay ran despite the bad --plot")
+
+    monkeypatch.setattr(simulate, "replay", replayed)
+    folder = tmp_path / "plot.png"
+    folder.mkdir()
+    argv = ["simulate", "--trace", routing_trace, *T, "--batch-tokens", "16", "--no-progress"]
+    refused(capsys, [*argv, "--plot", str(folder)], "is a directory")
+    assert os.listdir(folder) == []
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        # an OverflowError traceback
+        (["--tokens-per-gpu", "99999999999999999999999"], "must list integers in [1, 16777216]"),
+        # tried to allocate 78 GB: a RuntimeError traceback
+        (["--layers", "100000"], "100000 layers x 256 experts"),
+    ],
+)
+def test_simulate_recommend_bounds(capsys, extra, message):
+    argv = ["simulate", "--recommend", "--replicas", "288", "--gpus", "32", "--no-progress"]
+    refused(capsys, [*argv, *extra], message)

@@ -22,6 +22,7 @@ from ..names import (
     policy_names,
 )
 from .common import add_topology_options, format_table, topology_from_args
+from .plan import check_out_folder
 
 if TYPE_CHECKING:  # torch is imported by the command, not by its parser (`eplb simulate --help`)
     import torch
@@ -199,7 +200,21 @@ def load_rank_counts(args: argparse.Namespace, topology: Topology) -> torch.Tens
     if args.experts is not None and load.shape[2] != args.experts:
         raise ValueError(f"--experts {args.experts} but the load trace has {load.shape[2]}")
     ranks = topology.num_gpus
+    _check_cells(load.shape[0], ranks, load.shape[1], load.shape[2], "--trace")
     return (load / ranks).unsqueeze(1).expand(-1, ranks, -1, -1).contiguous()
+
+
+def _check_cells(steps: int, ranks: int, layers: int, experts: int, option: str) -> None:
+    """ValueError before a [steps, ranks, layers, experts] count array over the bound a
+    routing trace is held to is allocated (a typo in --layers asked for 78 GB)."""
+    from ..traces import MAX_COUNT_CELLS
+
+    cells = steps * ranks * layers * experts
+    if cells > MAX_COUNT_CELLS:
+        raise ValueError(
+            f"{option}: {steps} steps x {ranks} GPUs x {layers} layers x {experts} experts is "
+            f"{cells} counts, more than {MAX_COUNT_CELLS}"
+        )
 
 
 def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
@@ -236,13 +251,18 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     return configs
 
 
-def _positive_ints(value: str, name: str) -> list[int]:
+# Tokens per GPU per step --recommend models: far above any batch (tens of thousands);
+# beyond int64 the synthetic load cannot even be built.
+MAX_TOKENS_PER_GPU = 1 << 24
+
+
+def _positive_ints(value: str, name: str, most: int = MAX_TOKENS_PER_GPU) -> list[int]:
     try:
         items = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--{name} {value!r} must be comma-separated integers") from None
-    if not items or any(v < 1 for v in items):
-        raise ValueError(f"--{name} {value!r} must list integers >= 1")
+    if not items or any(not 1 <= v <= most for v in items):
+        raise ValueError(f"--{name} {value!r} must list integers in [1, {most}]")
     return sorted(set(items))
 
 
@@ -278,15 +298,12 @@ def run(args: argparse.Namespace) -> int:
     # the replay runs many small tensor ops: extra intra-op threads only add overhead
     torch.set_num_threads(1)
     topology = topology_from_args(args)
+    check_options(args)
     if args.recommend:
         return run_recommend(args, topology)
     if not args.trace:
         raise ValueError("--trace is required (or --recommend for a deployment without one)")
     configs = configs_from_args(args)
-    if args.plot and not args.plot.lower().endswith(".png"):
-        raise ValueError(f"--plot {args.plot!r} must end with .png")
-    if args.plot:
-        _check_writable(args.plot)
     rank_counts = load_rank_counts(args, topology)
     topology.check_experts(rank_counts.shape[-1])
     cost = cost_from_args(args, rank_counts.shape[-1])
@@ -436,6 +453,7 @@ def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
         interval=args.interval, window=args.window, waterfill_iters=args.waterfill_iters
     )
     steps = config.window + 2 * config.interval
+    _check_cells(steps, topology.num_gpus, args.layers, cost.model.num_experts, "--layers")
     progress = _progress(len(grid) * 4 * (steps - config.window), disable=args.no_progress)
     try:
         rows = recommend(
@@ -532,10 +550,24 @@ def _rows_with_cost(
     return out
 
 
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--plot {path!r}: folder {folder!r} does not exist")
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse values the replay would take without complaint but cannot honour (checked
+    before the trace is read: a replay of minutes is not lost to them)."""
+    from ..config import MAX_WATERFILL_ITERS
+
+    if args.waterfill_iters > MAX_WATERFILL_ITERS:
+        # the device op's bound (EplbConfig); 10**8 sweeps would run for hours
+        raise ValueError(
+            f"--waterfill-iters {args.waterfill_iters} must be <= {MAX_WATERFILL_ITERS}"
+        )
+    if not math.isfinite(args.migration_cost):
+        raise ValueError(f"--migration-cost {args.migration_cost} must be a finite number")
+    if args.experts is not None and args.experts < 1:
+        raise ValueError(f"--experts {args.experts} must be >= 1")
+    if args.plot is not None:
+        check_out_folder(args.plot, "--plot", (args.trace,))
+        if not args.plot.lower().endswith(".png"):
+            raise ValueError(f"--plot {args.plot!r} must end with .png")
 
 
 def _same_curve(a: ReplayResult, b: ReplayResult) -> bool:
