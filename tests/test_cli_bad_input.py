@@ -319,3 +319,35 @@ def test_simulate_plot_that_is_a_folder_is_refused_before_the_replay(
 def test_simulate_recommend_bounds(capsys, extra, message):
     argv = ["simulate", "--recommend", "--replicas", "288", "--gpus", "32", "--no-progress"]
     refused(capsys, [*argv, *extra], message)
+
+
+# ---------------------------------------------------------------------- --eplb-config
+def test_record_dir_that_is_a_file_is_refused_by_every_launcher(tmp_path, capsys):
+    """Used to pass the launchers; the balancer found it only after the model loaded."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for value in (taken, taken / "below"):
+        cfg = json.dumps({"record_dir": str(value)})
+        for argv in (
+            ["vllm", "serve", "m", "--eplb-dry-run", "--enable-eplb", "--eplb-config", cfg],
+            ["sglang", "launch_server", "--dry-run", "--enable-eplb", "--eplb-config", cfg],
+        ):
+            refused(capsys, argv, "record_dir", str(taken))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eplb-config", '{"initial_layout": "layout.safetensors"}'], "the demo does not read"),
+        (["--eplb-num-redundant-experts", "100000000"], "at most 8192 slots per layer"),
+        (["--eplb-config", '{"record_dir": "taken"}'], "is a file, not a folder"),
+    ],
+)
+def test_demo_refuses_settings_its_engine_cannot_honour(
+    no_engine, tmp_path, monkeypatch, capsys, extra, message
+):
+    """Each used to start the engines: initial_layout was ignored without a word, 10**8
+    redundant slots were allocated by every rank, record_dir failed after the model loaded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("")
+    refused(capsys, ["demo", "--no-report", *extra], message)

@@ -308,7 +308,27 @@ def eplb_config_from_args(
         values["enable"] = True
     elif "enable" not in chosen and "enable" not in (base or {}):
         values["enable"] = False
-    return EplbConfig.from_dict(values), set(chosen)
+    config = EplbConfig.from_dict(values)
+    check_record_dir(config.record_dir)
+    return config, set(chosen)
+
+
+def check_record_dir(path: str) -> None:
+    """ValueError when ``record_dir`` ('' for none) can never be created and written: the
+    engine would find out only at the balancer's start, after loading the model."""
+    import os
+
+    if not path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"record_dir {path!r} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"record_dir {path!r} cannot be created: {existing!r} is a file")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"record_dir {path!r} cannot be written: {existing!r} is read-only")
 
 
 def _merge_late(args: argparse.Namespace, late: argparse.Namespace) -> None:

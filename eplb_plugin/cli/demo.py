@@ -105,6 +105,24 @@ def demo_config(args: argparse.Namespace, export=None) -> EplbConfig:
     return config
 
 
+def check_demo_config(config: EplbConfig) -> None:
+    """What EplbConfig allows but the demo's engine cannot honour, refused before it starts."""
+    from ..policies import MAX_SLOTS_PER_LAYER
+
+    if config.initial_layout:
+        # the transformers engine shards from the checkpoint or export it loads
+        raise ValueError(
+            "initial_layout: the demo does not read it; give an `eplb export` folder as "
+            "--model to start from its layout"
+        )
+    if config.num_redundant_experts > MAX_SLOTS_PER_LAYER:
+        # every rank would allocate its share of the slots before the first plan refuses
+        raise ValueError(
+            f"num_redundant_experts={config.num_redundant_experts}: the balancer plans at most "
+            f"{MAX_SLOTS_PER_LAYER} slots per layer"
+        )
+
+
 def _open_export(model: str | None):
     """The export at ``--model`` (index and layout only), or None for a checkpoint."""
     from eplb_plugin.integrations.transformers.loading import is_export
@@ -160,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     export = _open_export(args.model)
     _check_args(args, export)
     on = demo_config(args, export)
+    check_demo_config(on)
     off = EplbConfig(**{**on.to_dict(), "enable": False})
     routing = args.routing or _default_routing(args)
     if args.trace is not None and routing != "trace":
