@@ -302,7 +302,11 @@ def rank_zero_of(world: int):
     routing uses it; nothing is ever moved."""
     from eplb_plugin.comm import LocalCommunicator
 
-    comm = LocalCommunicator()
+    class RankZero(LocalCommunicator):
+        def split(self, size: int) -> LocalCommunicator:  # node dispatch: rank 0's node
+            return rank_zero_of(min(size, self.world_size))
+
+    comm = RankZero()
     comm.world_size = world
     return comm
 
