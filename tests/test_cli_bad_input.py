@@ -351,3 +351,17 @@ def test_demo_refuses_settings_its_engine_cannot_honour(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").write_text("")
     refused(capsys, ["demo", "--no-report", *extra], message)
+
+
+# ---------------------------------------------------------------------- Ctrl-C
+def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
+    """Building the parser imports every subcommand module; Ctrl-C there (the first tenth
+    of a second of any command) used to print a KeyboardInterrupt traceback."""
+    import eplb_plugin.cli.main as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["plan", "--help"]) == 130
+    assert capsys.readouterr().err == "eplb: interrupted\n"

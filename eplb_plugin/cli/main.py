@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        parser = build_parser()  # imports every subcommand module: Ctrl-C may land here
+        args, extra = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        print("eplb: interrupted", file=sys.stderr)
+        return 130
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
