@@ -25,6 +25,7 @@ passes the dict's keys as keyword arguments.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def check_counts(value: object, name: str, dims: tuple[int, ...] = (2, 3)) -> to
 
 def _check_map(value: object, name: str) -> torch.Tensor:
     phy2log = check_counts(value, name, dims=(2,))
+    top = int(phy2log.max())
+    if top >= phy2log.shape[1]:
+        # every expert holds a slot, so ids stay below the slot count; a larger id would
+        # also size the [..., L, E] count array
+        raise ValueError(
+            f"{name} names expert {top} but has {phy2log.shape[1]} slots per layer (every "
+            "expert needs one)"
+        )
     return phy2log
 
 
@@ -177,7 +186,13 @@ def _per_pass_to_logical(dumps: list[dict], path: str) -> torch.Tensor:
                 record["global_physical_count"], f"record {i} global_physical_count in {path!r}",
                 dims=(2,),
             )  # fmt: skip
-            step = int(record.get("forward_pass_id", i))
+            step = record.get("forward_pass_id", i)
+            try:
+                step = operator.index(step)
+            except TypeError:
+                raise ValueError(
+                    f"record {i} in {path!r}: forward_pass_id {step!r} is not an integer"
+                ) from None
             by_pass[step] = by_pass[step] + count if step in by_pass else count
     if not by_pass:
         raise ValueError(f"{path!r} holds no per_pass records")

@@ -365,3 +365,30 @@ def test_ctrl_c_while_the_parser_is_built_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["plan", "--help"]) == 130
     assert capsys.readouterr().err == "eplb: interrupted\n"
+
+
+# ---------------------------------------------------------------------- engine statistics
+def test_slot_map_naming_an_expert_beyond_its_slots(tmp_path, capsys):
+    """The map's largest id sized the [..., L, E] count array: 10**12 asked for 96 TB
+    (a RuntimeError traceback)."""
+    phy2log = torch.arange(12).remainder(8).repeat(4, 1)
+    phy2log[0, 0] = 10**12
+    window = tmp_path / "window.pt"
+    count = torch.randint(0, 50, (3, 4, 12))
+    torch.save({"expert_load_window": count, "physical_to_logical_map": phy2log}, window)
+    out = tmp_path / "out.npz"
+    refused(capsys, ["convert", "load", str(window), str(out)], "names expert 1000000000000")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("pass_id", [None, [1], 1.5, "x"])
+def test_per_pass_dump_with_a_pass_id_that_is_not_an_integer(tmp_path, capsys, pass_id):
+    """None and [1] used to end in a TypeError traceback; 1.5 was truncated to pass 1."""
+    record = {"forward_pass_id": pass_id, "rank": 0,
+              "global_physical_count": torch.randint(0, 9, (4, 12))}  # fmt: skip
+    dump = tmp_path / "dump.pt"
+    phy2log = torch.arange(12).remainder(8).repeat(4, 1)
+    torch.save({"records": [record], "last_physical_to_logical_map": phy2log}, dump)
+    out = tmp_path / "out.npz"
+    refused(capsys, ["convert", "load", str(dump), str(out)], "forward_pass_id", "not an integer")
+    assert not out.exists()
