@@ -263,8 +263,7 @@ class Checkpoint:
                     config = json.load(f)
             except _JSON_ERRORS as exc:
                 raise ValueError(f"cannot read {config_path!r}: {exc}") from exc
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_path!r} holds a {type(config).__name__}, not an object")
+            _check_config(config, config_path)
         return cls(root, files, tensors, config)
 
     @property
@@ -275,6 +274,24 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def _check_config(config: object, path: str) -> None:
+    """ValueError unless the config.json fields the expert table reads have usable types."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r} holds a {type(config).__name__}, not an object")
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise ValueError(f"{path!r}: text_config must be an object, got {text!r:.80}")
+    for where in (config, text or {}):
+        model_type = where.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise ValueError(f"{path!r}: model_type must be a string, got {model_type!r:.80}")
+        layers = where.get("num_hidden_layers")
+        if layers is not None and (
+            isinstance(layers, bool) or not isinstance(layers, int) or layers < 1
+        ):
+            raise ValueError(f"{path!r}: num_hidden_layers must be an integer >= 1, got {layers!r}")
 
 
 # {head}.{tail} where head = "...layers.{layer}.{module}"; tail = "{expert}.{rest}" or a fused name
@@ -367,6 +384,11 @@ def find_experts(checkpoint: Checkpoint, family: ExpertFamily | None = None) -> 
                 f"('model.layers.{missing[0]}.{family.module}.*'), though config.json "
                 f"(model_type={model_type!r}, {num_hidden} layers) makes them MoE layers"
             )
+    if not layers:
+        raise ValueError(
+            f"checkpoint {checkpoint.root!r} holds no routed-expert tensors in layers below "
+            f"num_hidden_layers={num_hidden} ('layers.{{l}}.{family.module}.*')"
+        )
     counts = {}
     for layer in layers:
         if layer in per_expert and layer in fused:

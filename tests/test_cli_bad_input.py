@@ -392,3 +392,49 @@ def test_per_pass_dump_with_a_pass_id_that_is_not_an_integer(tmp_path, capsys, p
     out = tmp_path / "out.npz"
     refused(capsys, ["convert", "load", str(dump), str(out)], "forward_pass_id", "not an integer")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- checkpoint config
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": ["deepseek_v3"]}, "model_type must be a string"),  # unhashable
+        ({"text_config": [1]}, "text_config must be an object"),  # AttributeError
+        ({"num_hidden_layers": "3"}, "num_hidden_layers must be an integer >= 1, got '3'"),
+        ({"num_hidden_layers": -1}, "num_hidden_layers must be an integer >= 1"),
+        # only the dense layer 0 lies below it: used to end in a StopIteration traceback
+        ({"num_hidden_layers": 1}, "holds no routed-expert tensors in layers below"),
+    ],
+)
+def test_export_refuses_config_fields_of_the_wrong_type(
+    exported, tmp_path, capsys, change, message
+):
+    src, _ = exported
+    copy = tmp_path / "ckpt"
+    shutil.copytree(src, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(change)
+    (copy / "config.json").write_text(json.dumps(config))
+    layout = tmp_path / "layout.safetensors"
+    layout_for(src, extra=4, gpus=2).save(layout)
+    out = tmp_path / "out"
+    refused(capsys, ["export", "--checkpoint", str(copy), "--layout", str(layout), "--out",
+                     str(out), "--no-progress"], message)  # fmt: skip
+    assert not out.exists()
+
+
+def test_layout_with_deeply_nested_topology_metadata(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from eplb_plugin import Topology, plan
+
+    good = tmp_path / "good.safetensors"
+    plan(torch.rand(4, 8) * 100, Topology(12, 1, 1, 4)).save(good)
+    with safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(good), bad, metadata={**meta, "topology": "[" * 50_000 + "]" * 50_000})
+    out = tmp_path / "out.json"
+    refused(capsys, ["convert", "layout", str(bad), str(out)], "topology metadata is not JSON")
+    assert not out.exists()
