@@ -483,7 +483,7 @@ def _topology_from_metadata(meta: dict[str, str], path: str) -> Topology:
         raise ValueError(f"layout file {path!r} has no topology metadata")
     try:
         fields = json.loads(meta["topology"])
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ValueError(f"layout file {path!r}: topology metadata is not JSON: {exc}") from None
     if not isinstance(fields, dict):
         raise ValueError(f"layout file {path!r}: topology metadata must be a JSON object")
