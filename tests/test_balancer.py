@@ -399,7 +399,7 @@ def _serve(rank: int, world_size: int, plan_on: str, dispatch: str, communicator
 
 @pytest.mark.parametrize(
     "plan_on,dispatch,communicator",
-    [("rank0", "static", "torch"), ("all", "global", "deepep")],
+    [("rank0", "static", "torch"), ("all", "global", "deepep"), ("all", "node", "torch")],
 )
 def test_four_ranks_end_to_end(tmp_path, plan_on, dispatch, communicator):
     trace = str(tmp_path / "load.npz") if plan_on == "rank0" else None
