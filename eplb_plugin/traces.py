@@ -63,14 +63,18 @@ def _check_magic(path: str, magic: bytes, what: str) -> None:
 
 def _np_load(source, key: str | None = None) -> np.ndarray:
     """``np.load`` (or an .npz member) without pickles; object arrays get our own words
-    instead of numpy's hint to pass allow_pickle=True (never done: pickles run code)."""
+    instead of numpy's hint to pass allow_pickle=True (never done: pickles run code).
+    Big-endian arrays (a valid .npy) come back in native byte order, which torch needs."""
     try:
-        return np.load(source, allow_pickle=False) if key is None else source[key]
+        array = np.load(source, allow_pickle=False) if key is None else source[key]
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             where = "it" if key is None else f"array {key!r}"
             raise _BadFile(f"{where} holds Python objects, not numbers") from None
         raise
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return array
 
 
 def _read_arrays(path: str, suffix: str) -> dict:

@@ -438,3 +438,18 @@ def test_layout_with_deeply_nested_topology_metadata(tmp_path, capsys):
     out = tmp_path / "out.json"
     refused(capsys, ["convert", "layout", str(bad), str(out)], "topology metadata is not JSON")
     assert not out.exists()
+
+
+def test_big_endian_npy_and_npz_loads_are_read(tmp_path, capsys):
+    """A valid .npy may be big-endian; torch refused it ('byte order different from the
+    native byte order'), so the load was rejected."""
+    import numpy as np
+
+    load = np.random.default_rng(0).random((4, 8)) * 100
+    for name, save in (("be.npy", lambda p: np.save(p, load.astype(">f4"))),
+                       ("be.npz", lambda p: np.savez(p, load=load.astype(">f8")))):  # fmt: skip
+        path = tmp_path / name
+        save(path)
+        assert main(["plan", "--load", str(path), *T, "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["balancedness_after"] > summary["balancedness_before"]
