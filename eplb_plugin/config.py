@@ -300,6 +300,8 @@ def json_object(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise argparse.ArgumentTypeError("not JSON: nested too deeply") from exc
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import MAX_WATERFILL_ITERS
 from .costmodel import Hardware, MoeShape, layer_us
 from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads, token_loads
 from .layout import ExpertLayout, Topology
@@ -122,6 +123,10 @@ class SimConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.waterfill_iters > MAX_WATERFILL_ITERS:  # the device op's (EplbConfig's) bound
+            raise ValueError(
+                f"waterfill_iters must be <= {MAX_WATERFILL_ITERS}, got {self.waterfill_iters}"
+            )
         check_predictor(self.predictor, self.ema_decay)
         ShiftDetector(self.shift_threshold)  # validates it
         if isinstance(self.bytes_per_slot, bool) or not isinstance(self.bytes_per_slot, int):

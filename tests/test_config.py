@@ -97,6 +97,8 @@ def test_cli_enable_is_opt_in_and_validated():
         parser().parse_args(["--eplb-dispatch", "random"])
     with pytest.raises(SystemExit):
         parser().parse_args(["--eplb-policy-options", "[1, 2]"])
+    with pytest.raises(SystemExit):  # argparse's error, not a RecursionError traceback
+        parser().parse_args(["--eplb-policy-options", "[" * 100_000 + "]" * 100_000])
 
 
 def test_dict_round_trip_and_unknown_keys():

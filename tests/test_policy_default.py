@@ -169,6 +169,8 @@ def test_phase_presets() -> None:
         ({"refine_rounds": -2}, "refine_rounds"),
         ({"max_moved": 1.5}, "max_moved"),
         ({"migration_cost": -1}, "migration_cost"),
+        ({"migration_cost": float("inf")}, "migration_cost must be a finite"),
+        ({"recency": float("nan")}, "recency"),
         ({"threads": -1}, "threads"),
         ({"spread": -0.5}, "spread"),
         ({"bogus": 1}, "bogus"),

@@ -259,6 +259,7 @@ def test_migration_aware_replay_moves_less(trace) -> None:
         ({"ema_decay": 1.0}, "ema_decay"),
         ({"bytes_per_slot": -1}, "bytes_per_slot"),
         ({"rounding": "floor"}, "rounding"),
+        ({"waterfill_iters": 129}, "waterfill_iters must be <= 128"),
     ],
 )
 def test_config_bad_input(kwargs: dict, match: str) -> None:

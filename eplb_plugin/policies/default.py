@@ -35,6 +35,7 @@ With ``previous=`` the plan is migration-aware (:func:`plan_with_migration`, its
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,8 +123,12 @@ class DefaultPolicyConfig:
             object.__setattr__(self, "spread", 0.5 if self.dispatch == "static" else 0.0)
         for name in ("recency", "prior", "spread", "migration_cost"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < math.inf
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not isinstance(self.max_moved, (int, float)) or not 0.0 <= self.max_moved <= 1.0:
             raise ValueError(f"max_moved must lie in [0, 1], got {self.max_moved!r}")
         for name in ("refine_rounds", "threads"):
