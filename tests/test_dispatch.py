@@ -102,22 +102,25 @@ def test_dispatch_shares_batches_ranks() -> None:
         assert torch.equal(batched[rank], dispatch_shares(layout, counts[rank]))
 
 
-@pytest.mark.parametrize("dispatch", ["static", "local", "global"])
+@pytest.mark.parametrize("dispatch", ["static", "local", "node", "global"])
 def test_matches_device_op_within_one_token(dispatch: str) -> None:
     from eplb_plugin.kernels.map_and_count import map_and_count
 
     ranks = 4
-    layout, topk_ids, counts = _case(4, ranks)
+    layout, topk_ids, counts = _case(4, ranks, nodes=3)  # node: ranks {0, 1} and {2, 3}
     model = slot_loads(layout, counts, dispatch)
     device = torch.zeros(layout.num_layers, layout.num_slots, dtype=torch.int32)
-    share = layout.replica_share
+    shares = [layout.replica_share] * ranks
     if dispatch == "global":
-        share = dispatch_shares(layout, counts.sum(0))
+        shares = [dispatch_shares(layout, counts.sum(0))] * ranks
+    elif dispatch == "node":
+        shares = [dispatch_shares(layout, counts[r // 2 * 2 : r // 2 * 2 + 2].sum(0))
+                  for r in range(ranks)]  # fmt: skip
     for layer in range(layout.num_layers):
         for rank in range(ranks):
             ids = topk_ids[rank::ranks, layer].contiguous()  # round-robin dealing
             map_and_count(
-                ids, layout.log2phy, layout.logcnt, share, device, layer, ids.shape[0],
+                ids, layout.log2phy, layout.logcnt, shares[rank], device, layer, ids.shape[0],
                 dispatch="local" if dispatch == "local" else "static",
                 phy2log=layout.phy2log, slots_per_gpu=layout.topology.slots_per_gpu,
                 seed=rank,
