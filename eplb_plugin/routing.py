@@ -49,7 +49,8 @@ class Router:
             ``node`` through its split into nodes; None or a one-rank communicator means a
             single rank).
         validate: passed to ``map_and_count`` (``None``: check id values on CPU tensors).
-        iters: water-fill sweeps of ``local``/``global`` dispatch (``EplbConfig.waterfill_iters``).
+        iters: water-fill sweeps of ``local``/``node``/``global`` dispatch
+            (``EplbConfig.waterfill_iters``).
         rank_invariant: every rank routes the same tokens (and passes the same seed), so
             they must map them alike: ``global`` dispatch then sums the ranks' counts and
             each rank apportions its tokens alone, instead of numbering them after the lower

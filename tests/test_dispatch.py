@@ -272,3 +272,21 @@ def test_bad_input() -> None:
         slot_loads(layout, counts[:, :, :5], "static")
     with pytest.raises(ValueError, match="non-negative"):
         slot_loads(layout, -counts, "global")
+
+
+def test_node_router_needs_the_node_size_and_a_communicator_that_splits() -> None:
+    from eplb_plugin.comm import LocalCommunicator
+    from eplb_plugin.routing import Router
+
+    comm = LocalCommunicator()
+    assert comm.split(8) is comm and Router("node", comm).comm is comm  # one rank: no split
+    comm.world_size = 4  # a stand-in for 4 ranks that cannot make groups
+    assert comm.split(4) is comm and comm.split(1).world_size == 1
+    with pytest.raises(NotImplementedError, match="cannot split"):
+        comm.split(2)
+    with pytest.raises(ValueError, match="size"):
+        comm.split(0)
+    with pytest.raises(ValueError, match="gpus_per_node"):
+        Router("node", comm)
+    assert Router("node", comm, gpus_per_node=1).comm.world_size == 1  # a node per rank
+    assert Router("global", comm).comm is comm

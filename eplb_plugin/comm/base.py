@@ -94,9 +94,11 @@ class Communicator(ABC):
         """
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive number of ranks, got {size!r}")
-        if size != 1 and self.world_size > 1:
-            raise NotImplementedError(f"{type(self).__name__} cannot split its ranks")
-        return self if self.world_size == 1 else LocalCommunicator(self.timeout_s)
+        if size >= self.world_size:
+            return self
+        if size == 1:
+            return LocalCommunicator(self.timeout_s)
+        raise NotImplementedError(f"{type(self).__name__} cannot split its ranks")
 
     def agree(self, ok: bool) -> bool:
         """True on every rank iff every rank passed ``ok=True`` (a vote)."""
