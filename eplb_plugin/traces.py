@@ -212,6 +212,11 @@ def read_routing_trace(path: str | os.PathLike) -> RoutingTrace:
     if not os.path.isfile(path):
         raise ValueError(f"routing trace file {path!r} does not exist")
     try:
+        # a file that is no zip would get numpy's pickle hint (np.load's fallback)
+        _check_magic(path, ZIP_MAGIC, "an .npz file (a zip archive)")
+    except _BadFile as exc:
+        raise ValueError(f"cannot read routing trace {path!r}: {exc}") from None
+    try:
         with np.load(path, allow_pickle=False) as npz:
             if TOPK_KEY not in npz.files:
                 raise ValueError(

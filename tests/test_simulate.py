@@ -87,6 +87,9 @@ def test_read_routing_trace(traces_dir, tmp_path) -> None:
     np.savez(tmp_path / "flat.npz", topk_ids=np.zeros((4, 2)))
     with pytest.raises(ValueError, match="tokens, layers, k"):
         read_routing_trace(tmp_path / "flat.npz")
+    (tmp_path / "noise.npz").write_bytes(bytes(range(100)))  # not numpy's pickle hint
+    with pytest.raises(ValueError, match=r"noise.npz.*not an \.npz file"):
+        read_routing_trace(tmp_path / "noise.npz")
 
 
 def test_synthetic_trace_is_a_valid_routing(trace) -> None:
