@@ -422,6 +422,15 @@ def test_op_equals_map_and_count_and_traces_in_one_graph():
     assert map_and_count_op() is map_and_count_op()
 
 
+def test_the_attach_log_says_which_nodes_node_dispatch_splits(caplog):
+    runner = fake_runner(num_layers=1, num_experts=8)
+    rt = runtime.VllmEplb(config(dispatch="node"), model.moe_layers(runner))
+    with caplog.at_level("INFO", logger=rt.logger.name):
+        rt.log_attached(1)
+    assert "dispatch node (1 node(s) of 1 EP ranks)" in caplog.text
+    rt.close()
+
+
 def test_global_dispatch_in_one_process_is_local_dispatch():
     runner = fake_runner(num_layers=1, num_experts=8)
     rt = runtime.VllmEplb(config(dispatch="global"), model.moe_layers(runner))

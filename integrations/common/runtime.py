@@ -248,11 +248,15 @@ class EngineRuntime:
         }
 
     def log_attached(self, num_layers: int, extra: str = "") -> None:
+        dispatch = self.dispatch
+        if dispatch == "node":  # with one node it is global: say which one the operator got
+            t = self.topology
+            dispatch += f" ({t.num_nodes} node(s) of {t.gpus_per_node} EP ranks)"
         self.logger.info(
             "eplb-plugin: balancer attached on EP rank %d/%d: %d MoE layers, %d experts on %d "
             "physical slots (%d per rank), dispatch %s, policy %s%s",
             self.ep_rank, self.ep_size, num_layers, self.initial_layout.num_experts,
-            self.topology.num_replicas, self.slots_per_gpu, self.dispatch, self.config.policy,
+            self.topology.num_replicas, self.slots_per_gpu, dispatch, self.config.policy,
             extra,
         )  # fmt: skip
 
