@@ -298,6 +298,15 @@ def test_cli_table(traces_dir, capsys) -> None:
     assert "deepseek/global" in out and "default/global" in out and "GB moved" in out
 
 
+def test_cli_node_dispatch_says_its_nodes(traces_dir, capsys) -> None:
+    args = _cli(traces_dir / "esft_intent.npz", "--dispatch", "local,node,global", "--nodes", "2")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "default/node" in out and "within each of --nodes 2 node(s) of 8 GPUs" in out
+    assert main(_cli(traces_dir / "esft_intent.npz", "--dispatch", "global")) == 0
+    assert "node(s)" not in capsys.readouterr().out
+
+
 def test_cli_reports_modelled_time(traces_dir, capsys) -> None:
     args = _cli(traces_dir / "esft_intent.npz", "--compare", "--json", "--dispatch", "static",
                 "--hardware", "h200-nvlink-node", "--hw-param", "waterfill_us=5")  # fmt: skip

@@ -427,6 +427,11 @@ def _print(summary: dict, args: argparse.Namespace) -> None:
         f"{model['hardware']['name']}, model {model['model']['name']}; vs baseline: modelled "
         "throughput against the baseline (docs/policy.md, step-time model)"
     )
+    if any(r["label"].endswith("/node") or "/node+" in r["label"] for r in summary["results"]):
+        print(
+            f"node: the split within each of --nodes {args.nodes} node(s) of "
+            f"{-(-args.gpus // args.nodes)} GPUs (one node: the same as global)"
+        )
     if args.plot:
         print(f"plot written to {args.plot}")
 
