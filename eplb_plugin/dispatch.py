@@ -33,6 +33,11 @@ from .names import WATERFILL_ITERS as WATERFILL_ITERS
 WATERFILL_COUNTS = {"static": None, "local": "rank", "node": "node", "global": "all"}
 
 
+def exchanges_counts(dispatch: str) -> bool:
+    """Whether ``dispatch`` all-reduces the step's counts per layer (``node``, ``global``)."""
+    return WATERFILL_COUNTS[check_dispatch(dispatch)] in ("node", "all")
+
+
 def check_dispatch(dispatch: object) -> str:
     """Return ``dispatch`` if it names a mode, else raise ValueError."""
     if dispatch not in DISPATCH_MODES:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import WATERFILL_COUNTS, WATERFILL_ITERS, check_dispatch
+from .dispatch import WATERFILL_COUNTS, WATERFILL_ITERS, check_dispatch, exchanges_counts
 from .maps import ExpertMaps
 
 # Dither seeds live in [0, 2^20): exact in float32, where the op combines them.
@@ -118,7 +118,7 @@ class Router:
             num_valid = topk_ids.shape[0]
         share, dispatch = maps.replica_share, self.dispatch
         offsets = totals = None
-        if WATERFILL_COUNTS[dispatch] in ("all", "node"):  # the op splits by these shares
+        if exchanges_counts(dispatch):  # the op splits by the shares it is given
             share, offsets, totals, seed = self._global_split(
                 topk_ids, maps, layer, num_valid, seed
             )

@@ -98,6 +98,10 @@ class Communicator(ABC):
             return self
         if size == 1:
             return LocalCommunicator(self.timeout_s)
+        return self._split_group(size)
+
+    def _split_group(self, size: int) -> Communicator:
+        """:meth:`split` into blocks of 1 < ``size`` < world_size ranks: a backend's own."""
         raise NotImplementedError(f"{type(self).__name__} cannot split its ranks")
 
     def agree(self, ok: bool) -> bool:

@@ -14,14 +14,7 @@ import datetime
 
 import torch
 
-from .base import (
-    REDUCE_OPS,
-    CommError,
-    CommTimeout,
-    Communicator,
-    LocalCommunicator,
-    check_splits,
-)
+from .base import REDUCE_OPS, CommError, CommTimeout, Communicator, check_splits
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -138,13 +131,7 @@ class TorchCommunicator(Communicator):
             self.broken = True
             raise CommError(f"rank {self.rank}: routing all_reduce failed: {exc}") from exc
 
-    def split(self, size: int) -> Communicator:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive number of ranks, got {size!r}")
-        if size >= self.world_size:
-            return self
-        if size == 1:
-            return LocalCommunicator(self.timeout_s)
+    def _split_group(self, size: int) -> Communicator:
         ranks = self._dist.get_process_group_ranks(self.group)
         first = self.rank // size * size
         try:

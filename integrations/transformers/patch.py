@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_plugin.config import EplbConfig
+from eplb_plugin.dispatch import exchanges_counts
 from eplb_plugin.layout import ExpertLayout, Topology
 from eplb_plugin.maps import ExpertMaps
 from eplb_plugin.routing import Router
@@ -100,7 +101,7 @@ def ep_topology(config: EplbConfig, num_experts: int, world_size: int) -> Topolo
 def _dispatch_comm(config: EplbConfig, group: object | None, world_size: int) -> object | None:
     """The Communicator of ``global``/``node`` dispatch's per-layer all-reduce with EPLB off
     (the Balancer's otherwise); None where no collective is needed."""
-    if config.dispatch not in ("global", "node") or world_size == 1:
+    if not exchanges_counts(config.dispatch) or world_size == 1:
         return None
     from eplb_plugin.comm import make_communicator as make_control
 
