@@ -51,7 +51,7 @@ from tqdm import tqdm
 from eplb_plugin import Topology, plan
 from eplb_plugin.dispatch import gpu_loads_of, slot_loads
 from eplb_plugin.layout import uniform_share
-from eplb_plugin.policies.placement import partitions_peak_bound
+from eplb_plugin.policies.group_packing import partitions_peak_bound
 
 SCENARIOS = {
     "288 slots, 8 groups, 4 nodes, 32 GPUs (hierarchical)": (288, 8, 4, 32),

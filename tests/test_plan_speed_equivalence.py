@@ -7,7 +7,7 @@
   its sort on the loads' int32 bit patterns gives torch's float sort order, ties included,
   and its replication by one sort the reference's greedy picks;
 - ``placement.argsort_stable`` (sorted int64 keys) gives numpy's stable argsort, and
-  ``placement.sum_last`` numpy's sum; ``replica_counts`` the greedy's counts at any
+  ``refine.sum_last`` numpy's sum; ``replica_counts`` the greedy's counts at any
   bisection depth.
 """
 
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from eplb_plugin import ExpertLayout, Topology, plan
-from eplb_plugin.policies import deepseek, placement
+from eplb_plugin.policies import deepseek, placement, refine
 
 _spec = importlib.util.spec_from_file_location(
     "eplb_reference", pathlib.Path(__file__).resolve().parent / "eplb_reference.py"
@@ -211,7 +211,7 @@ def test_replica_counts_are_the_greedys_at_any_bisection_depth(halvings, monkeyp
 def test_sum_last_is_numpys_sum_bit_for_bit(n):
     rng = np.random.default_rng(n)
     values = rng.lognormal(0, 3, (40, 16, n)) * rng.choice([1.0, 1e-9, 1e9], (40, 16, n))
-    got, expected = placement.sum_last(values), values.sum(-1)
+    got, expected = refine.sum_last(values), values.sum(-1)
     assert got.dtype == expected.dtype and np.array_equal(got, expected)
 
 

@@ -11,16 +11,14 @@ from eplb_plugin.dispatch import gpu_loads_of
 from eplb_plugin.layout import uniform_share
 from eplb_plugin.policies import get_policy
 from eplb_plugin.policies.default import DefaultPolicyConfig, default_policy, forecast
-from eplb_plugin.policies.migration import align_to_previous, choose_plans, repair_counts
-from eplb_plugin.policies.placement import (
+from eplb_plugin.policies.group_packing import (
     _equal_partitions,
-    bldm_pack,
     pack_groups,
     partitions_peak_bound,
-    refine_swaps,
-    repartition_pairs,
-    replica_counts,
 )
+from eplb_plugin.policies.migration import align_to_previous, choose_plans, repair_counts
+from eplb_plugin.policies.placement import bldm_pack, replica_counts
+from eplb_plugin.policies.refine import refine_swaps, repartition_pairs
 
 
 def _load(layers: int, experts: int, seed: int, sigma: float = 1.0) -> torch.Tensor:

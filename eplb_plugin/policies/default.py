@@ -45,20 +45,18 @@ import torch
 
 from ..dispatch import DISPATCH_MODES
 from ..layout import ExpertLayout, Topology
+from .group_packing import pack_groups
 from .migration import align_to_previous, choose_plans, layer_balancedness, repair_counts
 from .placement import (
     _items,
     argsort_stable,
     bldm_pack,
-    pack_groups,
-    pair_splits,
     place_replicated,
     place_singles,
-    refine_swaps,
-    repartition_pairs,
     replica_counts,
     take_rows,
 )
+from .refine import pair_splits, refine_swaps, repartition_pairs
 
 PHASES = ("prefill", "decode")
 SHARES = ("balanced", "uniform")
