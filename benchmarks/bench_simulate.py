@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from eplb_plugin import Topology
 from eplb_plugin.costmodel import HARDWARE, get_hardware, get_model
-from eplb_plugin.names import SHIFT_THRESHOLD
+from eplb_plugin.names import MEMORY_WINDOWS, SHIFT_THRESHOLD
 from eplb_plugin.simulate import CostSpec, SimConfig, compare
 from eplb_plugin.traces import read_routing_trace, steps_from_routing_trace, synthetic_routing_trace
 
@@ -143,6 +143,11 @@ def main() -> None:
         help="re-plan on a detected load shift (eplb_plugin.shift; 0: every N steps only; the "
         "baseline never does)",
     )  # fmt: skip
+    parser.add_argument(
+        "--memory-windows", type=int, default=MEMORY_WINDOWS,
+        help="windows a plan sees: its own and earlier plans' back to the last detected shift "
+        "(eplb_plugin.plan_memory; 1: its own only; the baseline always 1)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.gpus_per_node is None:
@@ -174,6 +179,7 @@ def main() -> None:
                 window=args.window,
                 rounding=args.rounding,
                 shift_threshold=args.shift_threshold,
+                memory_windows=args.memory_windows,
                 **kw,
             )
             for _, kw in configs

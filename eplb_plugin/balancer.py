@@ -12,7 +12,9 @@ need no messages):
 
 - every ``interval`` steps, the plan is *due*: the window's load is summed over ranks (the
   only per-plan all-reduce) and the policy starts in a background thread (on rank 0 for
-  ``plan_on="rank0"``, on every rank for ``"all"``);
+  ``plan_on="rank0"``, on every rank for ``"all"``), on the window's runs after those of up
+  to ``memory_windows - 1`` earlier plans' windows since the last shift
+  (:mod:`eplb_plugin.plan_memory`);
 - between plans, after every run of steps (the window's eighth), the run's load is summed
   over ranks and compared with the plan's forecast (:mod:`eplb_plugin.shift`): on a shift
   the plan is due at once, on the steps since the shift only, and again
@@ -50,6 +52,7 @@ from .maps import ExpertMaps
 from .metrics import BalancerMetrics
 from .mover import Mover, merge_layers
 from .plan_decision import NOT_READY, SKIP, share_decision
+from .plan_memory import PlanMemory
 from .planner import MAX_PLANNERS as MAX_PLANNERS  # re-exported: tests bound threads by it
 from .planner import Planner
 from .record import LoadWindowWriter
@@ -172,6 +175,8 @@ class Balancer:
         # a shift needs the window's runs to be seen: the ema predictor has none
         threshold = config.shift_threshold if config.predictor == "window" else 0.0
         self.shift = ShiftDetector(threshold)
+        # earlier plans' windows, back to the last shift (host tensors: no device memory)
+        self.memory = PlanMemory(config.memory_windows if config.predictor == "window" else 1)
         self._planned_at = 0  # step of the last plan's load snapshot
         self._shift_at: int | None = None  # last step before the shift; plans start after it
         self._shift_run = 0  # steps of the run that showed the shift (0: regular plan)
@@ -338,6 +343,7 @@ class Balancer:
         if not self.shift.shifted(observed):
             return False
         self._shift_at, self._shift_run = self.steps - run, run
+        self.memory.forget_before(self._shift_at)
         self.stats.shifts += 1
         self.metrics.shift()
         if self.rank == 0:
@@ -358,9 +364,13 @@ class Balancer:
         self._planned_at = self.steps
         # the window predictor's per-step runs let the policy weigh steps (recency, spread)
         steps = self.recorder.plan_steps(reduce=True, last=last)
-        weight = self.recorder.logical_load(reduce=True) if steps is None else steps
-        if steps is not None and self.shift.enabled:
-            self.shift.calibrate(steps, run_steps_of(last or self.recorder.filled, PLAN_STEPS))
+        if steps is None:
+            weight = self.recorder.logical_load(reduce=True)
+        else:  # after the runs of earlier windows since the last shift
+            count = last or self.recorder.filled
+            weight, forecast = self.memory.extend(steps, self.steps - count, count)
+            if self.shift.enabled:
+                self.shift.calibrate(forecast, run_steps_of(count, PLAN_STEPS), steps)
         measured = self._measure(SINCE_REBALANCE)
         self._realized = None if measured is None else measured[0]
         self._collect_at = self.steps + self.config.plan_delay

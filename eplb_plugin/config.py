@@ -16,13 +16,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DISPATCH_MODES, PREDICTORS, SHIFT_THRESHOLD, WATERFILL_ITERS
+from .names import DISPATCH_MODES, MEMORY_WINDOWS, PREDICTORS, SHIFT_THRESHOLD, WATERFILL_ITERS
 
 COMMUNICATORS = ("torch", "deepep")
 PLAN_ON = ("rank0", "all")
 RECORD_FORMATS = ("eplb", "sglang")
 # Each sweep is a step of the device op on the critical path of every MoE layer.
 MAX_WATERFILL_ITERS = 128
+# host memory per remembered window: 8 runs x L x E float64 (about 1 MB at DeepSeek-V3's shape)
+MAX_MEMORY_WINDOWS = 64
 
 # Help text per field; also the documentation of each option (docs/runtime.md lists them).
 _HELP = {
@@ -42,6 +44,8 @@ _HELP = {
     "shift_threshold": "re-plan at once when a run of steps (an eighth of the window) departs "
     "from the planned load this many times as far as a run of that load would (0 = only "
     "every interval; window predictor only)",
+    "memory_windows": "windows of load a plan sees: its own and earlier plans' back to the last "
+    f"detected shift (1 = its own only; at most {MAX_MEMORY_WINDOWS}; window predictor only)",
     "layers_per_step": "layers moved per engine step (0 = all layers in one step)",
     "staging_bytes": "bytes of extra memory a rebalance may use per rank (staging + send)",
     "communicator": "weight transfer backend: torch (torch.distributed) or deepep",
@@ -118,6 +122,12 @@ class EplbConfig:
             run-to-run scatter; that plan and a follow-up see only the steps since the
             shift (:mod:`eplb_plugin.shift`). 0 turns it off; the ``ema`` predictor has no
             runs and ignores it.
+        memory_windows: windows of load a plan sees: its own window and the windows up to
+            ``memory_windows - 1`` earlier plans saw, none from before the last detected
+            shift (:mod:`eplb_plugin.plan_memory`; kept on the host, about 1 MB each at
+            DeepSeek-V3's shape). More steps average a noisy load's forecast; the shift
+            detector keeps a drifting load's old steps out. 1 plans on the window alone (as
+            vLLM and SGLang do); the ``ema`` predictor ignores it.
         layers_per_step: layers moved per engine step; 0 moves every layer in one step.
         staging_bytes: per-rank budget of extra memory for one rebalance chunk (received
             weights staged before commit, plus packed weights being sent).
@@ -163,6 +173,7 @@ class EplbConfig:
     waterfill_iters: int = WATERFILL_ITERS
     min_gain: float = 0.01
     shift_threshold: float = SHIFT_THRESHOLD
+    memory_windows: int = MEMORY_WINDOWS
     layers_per_step: int = 1
     staging_bytes: int = 256 << 20
     communicator: str = "torch"
@@ -221,6 +232,9 @@ class EplbConfig:
         self.shift_threshold = _float("shift_threshold", self.shift_threshold)
         if not self.shift_threshold >= 0:
             _fail("shift_threshold", self.shift_threshold, "must be >= 0 (0 turns it off)")
+        _int("memory_windows", self.memory_windows, 1)
+        if self.memory_windows > MAX_MEMORY_WINDOWS:
+            _fail("memory_windows", self.memory_windows, f"must be <= {MAX_MEMORY_WINDOWS}")
         _int("layers_per_step", self.layers_per_step, 0)
         _int("staging_bytes", self.staging_bytes, 1)
         _choice("communicator", self.communicator, COMMUNICATORS)

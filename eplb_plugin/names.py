@@ -18,6 +18,8 @@ WATERFILL_ITERS = 8
 # Shift detector threshold of EplbConfig and SimConfig (eplb_plugin.shift; 0 = off), chosen
 # on the shared and synthetic replays (docs/benchmarks/policy.md, "Re-planning on a shift").
 SHIFT_THRESHOLD = 4.0
+# windows a plan sees: its own and the earlier plans' since the last shift (plan_memory.py)
+MEMORY_WINDOWS = 2
 # how the simulator counts a step's tokens per slot (eplb_plugin.simulate.SimConfig.rounding)
 ROUNDINGS = ("fractional", "tokens")
 # load predictors (eplb_plugin.predictor)

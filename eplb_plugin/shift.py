@@ -87,21 +87,30 @@ class ShiftDetector:
         """A forecast and a yardstick exist: checks can run."""
         return self.enabled and self.forecast is not None and self.noise is not None
 
-    def calibrate(self, runs: torch.Tensor, run_steps: int) -> None:
+    def calibrate(
+        self, runs: torch.Tensor, run_steps: int, noise_runs: torch.Tensor | None = None
+    ) -> None:
         """Take the forecast (and, from two runs on, the yardstick) of a new plan.
 
         Args:
             runs: [S, L, E] float the all-rank load of the runs the plan was made on.
             run_steps: engine steps per run (>= 1).
+            noise_runs: [S', L, E] float the runs whose scatter is the yardstick (default
+                ``runs``): the newest window's, when ``runs`` also holds older windows whose
+                drift would inflate it.
         """
-        if runs.dim() != 3 or runs.shape[0] < 1:
-            raise ValueError(f"runs must be [S >= 1, L, E], got {tuple(runs.shape)}")
+        for name, value in (("runs", runs), ("noise_runs", noise_runs)):
+            if value is not None and (value.dim() != 3 or value.shape[0] < 1):
+                raise ValueError(f"{name} must be [S >= 1, L, E], got {tuple(value.shape)}")
         runs = runs.to(torch.float64)
         self.forecast = runs.mean(0)
         self.run_steps = max(1, int(run_steps))
-        count = self.forecast_runs = runs.shape[0]
+        self.forecast_runs = runs.shape[0]
+        noise_runs = runs if noise_runs is None else noise_runs.to(torch.float64)
+        count = noise_runs.shape[0]
         if count >= 2:
-            scatter = sum(run_deviation(run, self.forecast) for run in runs) / count
+            mean = noise_runs.mean(0)
+            scatter = sum(run_deviation(run, mean) for run in noise_runs) / count
             self.noise = scatter * count / (count - 1)
 
     @property

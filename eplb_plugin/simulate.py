@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import MAX_WATERFILL_ITERS
+from .config import MAX_MEMORY_WINDOWS, MAX_WATERFILL_ITERS
 from .costmodel import Hardware, MoeShape, layer_us
 from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads, token_loads
 from .layout import ExpertLayout, Topology
 from .names import DSV2_LITE_EXPERT_BYTES as DSV2_LITE_EXPERT_BYTES
-from .names import ROUNDINGS
+from .names import MEMORY_WINDOWS, ROUNDINGS
+from .plan_memory import PlanMemory
 from .policies import dispatch_option, get_policy, plan
 from .predictor import PREDICTORS as PREDICTORS  # re-exported for the CLI
 from .predictor import check_predictor, predict_from_history
@@ -97,6 +98,9 @@ class SimConfig:
         shift_threshold: re-plan at once when a run of steps departs from the plan's
             forecast this many times as far as a run of that load would (:mod:`eplb_plugin.shift`,
             as the Balancer does; window predictor only); 0: only every ``interval`` steps.
+        memory_windows: windows a plan sees, its own and the earlier plans' back to the
+            last detected shift (:mod:`eplb_plugin.plan_memory`, as the Balancer does;
+            window predictor only); 1: its own window only.
     """
 
     policy: str = "default"
@@ -111,6 +115,7 @@ class SimConfig:
     waterfill_iters: int = WATERFILL_ITERS
     rounding: str = "fractional"
     shift_threshold: float = SHIFT_THRESHOLD
+    memory_windows: int = MEMORY_WINDOWS
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
@@ -129,6 +134,11 @@ class SimConfig:
             )
         check_predictor(self.predictor, self.ema_decay)
         ShiftDetector(self.shift_threshold)  # validates it
+        PlanMemory(self.memory_windows)  # validates it
+        if self.memory_windows > MAX_MEMORY_WINDOWS:  # EplbConfig's bound
+            raise ValueError(
+                f"memory_windows must be <= {MAX_MEMORY_WINDOWS}, got {self.memory_windows}"
+            )
         if isinstance(self.bytes_per_slot, bool) or not isinstance(self.bytes_per_slot, int):
             raise ValueError(f"bytes_per_slot must be an integer, got {self.bytes_per_slot!r}")
         if self.bytes_per_slot < 0:
@@ -269,6 +279,7 @@ def replay(
     # the Balancer's cadence: every `interval` steps, and at once on a detected shift
     detector = ShiftDetector(config.shift_threshold if config.predictor == "window" else 0)
     planned_at, due, shift_at, shifts = start, config.interval, 0, []
+    memory = PlanMemory(config.memory_windows if config.predictor == "window" else 1)
     for step in range(start, rank_counts.shape[0]):
         since = step - planned_at
         shifted, run = False, detector.run_steps
@@ -276,11 +287,13 @@ def replay(
             if detector.shifted(totals[step - run : step].sum(0)):
                 shifted, shift_at = True, step - run
                 shifts.append(step)
+                memory.forget_before(shift_at)
         if layout is None or since >= due or shifted:
             # a plan never looks back past a detected shift
             load = predict(totals[shift_at:step], config)
             if load.dim() == 3:  # as the Balancer hands it over: at most PLAN_STEPS runs
-                load, run_steps = cut_runs(load, PLAN_STEPS)
+                window, run_steps = cut_runs(load, PLAN_STEPS)
+                load, forecast = memory.extend(window, step - load.shape[0], load.shape[0])
             previous = layout if config.migrate else None
             tic = time.perf_counter()
             options = {
@@ -292,7 +305,7 @@ def replay(
             if layout is not None:
                 moved.append(int(new.diff(layout).sum()))
             if detector.enabled and load.dim() == 3:
-                detector.calibrate(load, run_steps)
+                detector.calibrate(forecast, run_steps, window)
             layout, planned_at = new, step
             due = FOLLOW_UP_RUNS * run if shifted else config.interval
         loads = served_loads(layout, rank_counts[step], config.dispatch, step, config)
@@ -350,7 +363,7 @@ def baseline_config(config: SimConfig) -> SimConfig:
     return SimConfig(
         policy="deepseek", dispatch="static", interval=config.interval, window=config.window,
         predictor="window", bytes_per_slot=config.bytes_per_slot, rounding=config.rounding,
-        shift_threshold=0.0,
+        shift_threshold=0.0, memory_windows=1,
     )  # fmt: skip
 
 
@@ -474,7 +487,8 @@ def recommend(
             sim = SimConfig(
                 policy="default", dispatch=mode, interval=config.interval,
                 window=config.window, policy_options=options,
-                waterfill_iters=config.waterfill_iters,
+                waterfill_iters=config.waterfill_iters, shift_threshold=config.shift_threshold,
+                memory_windows=config.memory_windows,
             )  # fmt: skip
             result = replay(counts, topology, sim, progress, cost)
             row[f"{mode}_us"] = result.mean_layer_us

@@ -117,9 +117,15 @@ def test_replay_replans_after_a_shift_on_the_steps_since_it() -> None:
     fixed = replay(counts, topology, SimConfig(interval=8, window=4, shift_threshold=0))
     result = replay(counts, topology, config)
     # regular plans at 4, 12, 20, 28; the shift shows in step 13, checked at 14: re-planned
-    # there on that one step, at 16 on the 3 since the shift, then every 8 (24)
+    # there on that one step, at 16 on the 3 since the shift, then every 8 (24). With the
+    # default memory of 2 windows the plan at 12 also sees the window of the plan at 4, and
+    # the one at 24 the follow-up's 3 steps since the shift, never a step before it
     assert fixed.shift_plans == 0 and len(fixed.plan_ms) == 4
     assert result.shift_plans == 1 and result.summary()["shift_rebalances"] == 1
+    assert seen == [4, 8, 1, 3, 7]
+    seen.clear()
+    replay(counts, topology, SimConfig(policy="shift_recording", interval=8, window=4,
+                                       memory_windows=1))  # fmt: skip
     assert seen == [4, 4, 1, 3, 4]
     after = [i for i, s in enumerate(result.steps) if 14 <= s < 20]
     assert float(result.balancedness[after].mean()) > float(fixed.balancedness[after].mean())

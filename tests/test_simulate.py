@@ -148,9 +148,9 @@ def test_replay_counts_whole_tokens_with_the_engines_seeds(trace) -> None:
 
     counts = steps_from_routing_trace(trace.topk_ids, 128, 4, 32)
     topology = Topology(40, 1, 1, 8)
-    # the fixed cadence (no re-plan on a shift), to replay the plans by hand
+    # the fixed cadence (no re-plan on a shift) on the window alone, to replay the plans by hand
     configs = [
-        SimConfig(dispatch=d, rounding="tokens", shift_threshold=0)
+        SimConfig(dispatch=d, rounding="tokens", shift_threshold=0, memory_windows=1)
         for d in ("static", "local", "global")
     ]
     out = compare(counts, topology, configs)

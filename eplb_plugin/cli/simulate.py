@@ -14,6 +14,7 @@ from ..names import (
     DISPATCH_MODES,
     DSV2_LITE_EXPERT_BYTES,
     HARDWARE_PRESETS,
+    MEMORY_WINDOWS,
     MODEL_PRESETS,
     PREDICTORS,
     ROUNDINGS,
@@ -103,6 +104,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="re-plan at once when a run of steps departs from the plan's load this many "
         "times as far as a run of that load would, as the Balancer does (default "
         f"{SHIFT_THRESHOLD:g}; 0: only every --interval steps; the baseline never does)",
+    )
+    p.add_argument(
+        "--memory-windows",
+        type=int,
+        default=MEMORY_WINDOWS,
+        help="windows of load a plan sees: its own and earlier plans' back to the last "
+        f"detected shift, as the Balancer does (default {MEMORY_WINDOWS}; 1: its own only, "
+        "as the baseline)",
     )
     p.add_argument(
         "--rounding",
@@ -246,6 +255,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
                     waterfill_iters=args.waterfill_iters,
                     rounding=args.rounding,
                     shift_threshold=args.shift_threshold,
+                    memory_windows=args.memory_windows,
                 )  # fmt: skip
             )
     return configs
@@ -370,7 +380,9 @@ def _summary(
         f"{os.path.basename(args.trace)}: {layers} layers x {experts} experts -> "
         f"{topology.num_replicas} slots on {topology.num_gpus} GPUs, B={args.batch_tokens}, "
         f"N={args.interval}, W={args.window}, {args.predictor}"
-    )
+        + (f", plans see up to {args.memory_windows} windows since a shift (baseline: 1)"
+           if args.predictor == "window" and args.memory_windows > 1 else "")
+    )  # fmt: skip
     return {
         "title": title,
         "trace": args.trace,
@@ -380,6 +392,7 @@ def _summary(
         "batch_tokens": args.batch_tokens,
         "interval": args.interval,
         "window": args.window,
+        "memory_windows": args.memory_windows,
         "predictor": args.predictor,
         "bytes_per_slot": args.bytes_per_slot,
         "results": rows,
@@ -455,8 +468,9 @@ def run_recommend(args: argparse.Namespace, topology: Topology) -> int:
     cost = cost_from_args(args, args.experts)
     topology.check_experts(cost.model.num_experts)
     config = SimConfig(
-        interval=args.interval, window=args.window, waterfill_iters=args.waterfill_iters
-    )
+        interval=args.interval, window=args.window, waterfill_iters=args.waterfill_iters,
+        shift_threshold=args.shift_threshold, memory_windows=args.memory_windows,
+    )  # fmt: skip
     steps = config.window + 2 * config.interval
     _check_cells(steps, topology.num_gpus, args.layers, cost.model.num_experts, "--layers")
     progress = _progress(len(grid) * 4 * (steps - config.window), disable=args.no_progress)
