@@ -24,14 +24,15 @@ LAYERS = 3
 
 
 def run_balancer(engine: str, policy: str = "default", steps: int = 4) -> Balancer:
-    """One rank, 6 experts on 9 slots, skewed load, a plan every 2 steps."""
+    """One rank, 6 experts on 9 slots, skewed load, a plan every 2 steps on its own window
+    (no memory of the previous one, so that the second plan moves slots too)."""
     from test_executor import make_tensors
 
     topo = Topology(9, num_gpus=1)
     layout = ExpertLayout.identity(LAYERS, 6, topo)
     config = EplbConfig(
         num_redundant_experts=3, window=2, interval=2, plan_delay=0, min_gain=0.0,
-        layers_per_step=0, policy=policy, log_balancedness=True,
+        layers_per_step=0, policy=policy, log_balancedness=True, memory_windows=1,
     )  # fmt: skip
     bal = Balancer(config, layout, make_tensors(layout.phy2log, 0, 9), engine=engine)
     gen = torch.Generator().manual_seed(0)
