@@ -1,4 +1,4 @@
-"""Atomic file writes that honour the umask.
+"""Atomic file writes that honour the umask, and the check of a file to be read.
 
 Every file the package writes for a user (layouts, load traces, reports, plots, exports) goes
 through :func:`atomic_write`: the content is written to a hidden temporary file in the target
@@ -14,7 +14,19 @@ import os
 import tempfile
 from collections.abc import Callable
 
-__all__ = ["atomic_write", "current_umask", "default_file_mode"]
+__all__ = ["atomic_write", "current_umask", "default_file_mode", "require_file"]
+
+
+def require_file(path: str, what: str) -> None:
+    """ValueError naming ``what`` unless ``path`` is a regular file (or a link to one): a
+    path that is missing "does not exist", one that is a folder, a device such as
+    /dev/null or a pipe "is not a regular file" (reading it would give nothing useful)."""
+    if os.path.isfile(path):
+        return
+    if os.path.exists(path):
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        raise ValueError(f"{what} {path!r} is {kind}")
+    raise ValueError(f"{what} {path!r} does not exist")
 
 
 def current_umask() -> int:

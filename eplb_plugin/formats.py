@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, require_file
 from .layout import ExpertLayout, Topology
 
 SGLANG_LAYOUT_KEY = "physical_to_logical_map"
@@ -232,8 +232,7 @@ def read_sglang_dump(path: str | os.PathLike) -> torch.Tensor:
         if all(all(k in o for k in SGLANG_PER_PASS_KEYS) for _, o in dumps):
             return _per_pass_to_logical([o for _, o in dumps], path)
         raise ValueError(f"folder {path!r} mixes stat and per_pass dumps")
-    if not os.path.isfile(path):
-        raise ValueError(f"dump {path!r} does not exist")
+    require_file(path, "dump")
     obj = _read_json(path) if path.lower().endswith(".json") else _torch_load(path)
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not an SGLang dump dict")
@@ -274,8 +273,7 @@ def read_vllm_window_file(
             logical [W, L, E]).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"window file {path!r} does not exist")
+    require_file(path, "window file")
     obj = _torch_load(path)
     if isinstance(obj, dict):
         key = next((k for k in VLLM_WINDOW_KEYS if k in obj), None)
@@ -378,8 +376,7 @@ def read_sglang_layout(
         num_experts: E (default: largest id + 1).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"layout file {path!r} does not exist")
+    require_file(path, "layout file")
     obj = _read_json(path) if path.lower().endswith(".json") else _torch_load(path)
     if not isinstance(obj, dict) or SGLANG_LAYOUT_KEY not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
@@ -407,8 +404,7 @@ def read_layout(path: str | os.PathLike, ep_size: int | None = None, **kwargs) -
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(f"layout {path!r} is a directory, not a layout file")
-    if not os.path.isfile(path):
-        raise ValueError(f"layout file {path!r} does not exist")
+    require_file(path, "layout file")
     if path.lower().endswith(".safetensors"):
         layout = ExpertLayout.load(path)
         if ep_size is not None and ep_size != layout.topology.num_gpus:

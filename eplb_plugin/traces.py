@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, require_file
 from .names import LOAD_SUFFIXES as LOAD_SUFFIXES
 from .policies import check_load
 
@@ -107,8 +107,7 @@ def read_load(path: str | os.PathLike) -> torch.Tensor:
         from .formats import read_sglang_dump  # SGLang dump folders, .json logical_count
 
         return check_load(read_sglang_dump(path), name=f"load in {path!r}")
-    if not os.path.isfile(path):
-        raise ValueError(f"load file {path!r} does not exist")
+    require_file(path, "load file")
     suffix = Path(path).suffix.lower()
     if suffix not in LOAD_SUFFIXES:
         raise ValueError(
@@ -209,8 +208,7 @@ def read_routing_trace(path: str | os.PathLike) -> RoutingTrace:
         ValueError for a missing or foreign file, a bad shape or dtype, or bad offsets.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"routing trace file {path!r} does not exist")
+    require_file(path, "routing trace file")
     try:
         # a file that is no zip would get numpy's pickle hint (np.load's fallback)
         _check_magic(path, ZIP_MAGIC, "an .npz file (a zip archive)")

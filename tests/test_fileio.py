@@ -1,4 +1,5 @@
-"""Files the package writes follow the umask (tempfile.mkstemp alone would make them 0600)."""
+"""Files the package writes follow the umask (tempfile.mkstemp alone would make them 0600);
+files it reads are named missing or not a regular file."""
 
 import os
 import stat
@@ -61,3 +62,24 @@ def test_layouts_loads_and_dumps_are_world_readable_under_umask_022(tmp_path, um
     write_sglang_dump(tmp_path / "dump.pt", load[None].round())
     for name in ("layout.safetensors", "load.npy", "dump.pt"):
         assert _mode(tmp_path / name) == 0o644, name
+
+
+def test_require_file_tells_missing_from_not_a_file(tmp_path) -> None:
+    from eplb_plugin.fileio import require_file
+
+    path = tmp_path / "load.safetensors"
+    path.write_bytes(b"x")
+    require_file(str(path), "load file")
+    with pytest.raises(ValueError, match=r"load file '.*nope' does not exist"):
+        require_file(str(tmp_path / "nope"), "load file")
+    with pytest.raises(ValueError, match="is a folder"):
+        require_file(str(tmp_path), "layout file")
+    with pytest.raises(ValueError, match=r"'/dev/null' is not a regular file"):
+        require_file("/dev/null", "routing trace file")
+
+
+def test_cli_names_a_device_as_not_a_file(capsys) -> None:
+    from eplb_plugin.cli.main import main
+
+    assert main(["plan", "--load", "/dev/null", "--replicas", "80", "--gpus", "16"]) == 2
+    assert "load file '/dev/null' is not a regular file" in capsys.readouterr().err
