@@ -221,8 +221,13 @@ def read_sglang_dump(path: str | os.PathLike) -> torch.Tensor:
         dumps = [(f, _torch_load(f)) for f in files]
         for f, obj in dumps:
             if not is_foreign_load(obj):
-                keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise ValueError(f"{f!r} is not an SGLang dump (holds {keys})")
+                if isinstance(obj, dict):  # a few keys name it; thousands would bury the error
+                    keys = sorted(map(str, obj))
+                    more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+                    held = f"keys {keys[:8]}{more}"
+                else:
+                    held = f"a {type(obj).__name__}"
+                raise ValueError(f"{f!r} is not an SGLang dump (holds {held})")
         if all(isinstance(o, dict) and SGLANG_COUNT_KEY in o for _, o in dumps):
             parts = [load_from_dict(o, f) for f, o in dumps]
             shapes = {tuple(p.shape[1:]) for p in parts}

@@ -442,3 +442,14 @@ def test_layer_ids_ranges_and_their_errors():
     ):
         with pytest.raises(ValueError, match=match):
             parse_layer_ids(text)
+
+
+def test_a_folder_of_foreign_pt_files_names_a_few_keys(tmp_path) -> None:
+    from eplb_plugin.formats import read_sglang_dump
+
+    torch.save({f"key{i:02d}": i for i in range(20)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"holds keys \['key00'.*'key07'\] and 12 more\)"):
+        read_sglang_dump(tmp_path)
+    torch.save([1, 2], tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"holds a list\)"):
+        read_sglang_dump(tmp_path)
