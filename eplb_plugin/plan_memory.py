@@ -41,11 +41,12 @@ class PlanMemory:
         windows: how many windows a plan sees: its own and up to ``windows - 1`` earlier
             plans' (1: its own only, no memory).
         floor: no run that starts before this engine step is used (set at a detected
-            shift: the load before it is not the load after it).
+            shift: the load before it is not the load after it); None until the first shift
+            (a window loaded from a trace before serving counts from negative steps).
     """
 
     windows: int = 2
-    floor: int = 0
+    floor: int | None = None
     _entries: deque = field(default_factory=deque, repr=False)
 
     def __post_init__(self) -> None:
@@ -54,7 +55,7 @@ class PlanMemory:
 
     def forget_before(self, step: int) -> None:
         """A shift was detected at ``step``: runs that start before it are not used again."""
-        self.floor = max(self.floor, int(step))
+        self.floor = int(step) if self.floor is None else max(self.floor, int(step))
 
     def runs_before(self, start: int) -> tuple[torch.Tensor | None, list[int]]:
         """The remembered runs that lie wholly within ``[floor, start)``, oldest first:
@@ -63,7 +64,7 @@ class PlanMemory:
             (run, end - begin)
             for bounds, runs in self._entries
             for (begin, end), run in zip(bounds, runs)
-            if begin >= self.floor and end <= start
+            if (self.floor is None or begin >= self.floor) and end <= start
         ]
         if not kept:
             return None, []

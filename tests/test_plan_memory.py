@@ -49,6 +49,10 @@ def test_memory_keeps_earlier_windows_without_overlap_or_pre_shift_steps() -> No
     assert torch.equal(runs, _runs(4, 5)) and steps == [2, 2]
     memory.forget_before(2)  # the floor never moves back
     assert memory.floor == 6
+    # before any shift, runs from negative steps (a window loaded before serving) count
+    loaded = PlanMemory(windows=2)
+    loaded.remember(_runs(1), first_step=-4, num_steps=4)
+    assert torch.equal(loaded.runs_before(0)[0], _runs(1))
 
 
 def test_extend_returns_the_load_and_the_runs_the_forecast_averages() -> None:
