@@ -16,15 +16,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DISPATCH_MODES, MEMORY_WINDOWS, PREDICTORS, SHIFT_THRESHOLD, WATERFILL_ITERS
+from .names import (
+    DISPATCH_MODES,
+    MAX_MEMORY_WINDOWS,
+    MEMORY_WINDOWS,
+    PREDICTORS,
+    SHIFT_THRESHOLD,
+    WATERFILL_ITERS,
+)
 
 COMMUNICATORS = ("torch", "deepep")
 PLAN_ON = ("rank0", "all")
 RECORD_FORMATS = ("eplb", "sglang")
 # Each sweep is a step of the device op on the critical path of every MoE layer.
 MAX_WATERFILL_ITERS = 128
-# host memory per remembered window: 8 runs x L x E float64 (about 1 MB at DeepSeek-V3's shape)
-MAX_MEMORY_WINDOWS = 64
 
 # Help text per field; also the documentation of each option (docs/runtime.md lists them).
 _HELP = {

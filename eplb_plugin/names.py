@@ -20,6 +20,8 @@ WATERFILL_ITERS = 8
 SHIFT_THRESHOLD = 4.0
 # windows a plan sees: its own and the earlier plans' since the last shift (plan_memory.py)
 MEMORY_WINDOWS = 2
+# host memory per remembered window: 8 runs x L x E float64 (about 1 MB at DeepSeek-V3's shape)
+MAX_MEMORY_WINDOWS = 64
 # how the simulator counts a step's tokens per slot (eplb_plugin.simulate.SimConfig.rounding)
 ROUNDINGS = ("fractional", "tokens")
 # load predictors (eplb_plugin.predictor)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .names import MAX_MEMORY_WINDOWS
+
 
 def run_bounds(first_step: int, num_steps: int, num_runs: int) -> list[tuple[int, int]]:
     """The engine steps ``[start, end)`` of each run when ``num_steps`` steps from
@@ -52,6 +54,8 @@ class PlanMemory:
     def __post_init__(self) -> None:
         if isinstance(self.windows, bool) or not isinstance(self.windows, int) or self.windows < 1:
             raise ValueError(f"memory windows must be a positive integer, got {self.windows!r}")
+        if self.windows > MAX_MEMORY_WINDOWS:
+            raise ValueError(f"memory windows must be <= {MAX_MEMORY_WINDOWS}, got {self.windows}")
 
     def forget_before(self, step: int) -> None:
         """A shift was detected at ``step``: runs that start before it are not used again."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import MAX_MEMORY_WINDOWS, MAX_WATERFILL_ITERS
+from .config import MAX_WATERFILL_ITERS
 from .costmodel import Hardware, MoeShape, layer_us
 from .dispatch import WATERFILL_ITERS, check_dispatch, gpu_loads_of, slot_loads, token_loads
 from .layout import ExpertLayout, Topology
@@ -134,11 +134,7 @@ class SimConfig:
             )
         check_predictor(self.predictor, self.ema_decay)
         ShiftDetector(self.shift_threshold)  # validates it
-        PlanMemory(self.memory_windows)  # validates it
-        if self.memory_windows > MAX_MEMORY_WINDOWS:  # EplbConfig's bound
-            raise ValueError(
-                f"memory_windows must be <= {MAX_MEMORY_WINDOWS}, got {self.memory_windows}"
-            )
+        PlanMemory(self.memory_windows)  # validates it, with EplbConfig's bound
         if isinstance(self.bytes_per_slot, bool) or not isinstance(self.bytes_per_slot, int):
             raise ValueError(f"bytes_per_slot must be an integer, got {self.bytes_per_slot!r}")
         if self.bytes_per_slot < 0:

@@ -83,6 +83,8 @@ def test_one_window_remembers_nothing_and_bad_sizes_are_refused() -> None:
     for bad in (0, 65, 1.5):
         with pytest.raises(ValueError, match="memory_windows"):
             EplbConfig(memory_windows=bad)
+    with pytest.raises(ValueError, match="<= 64"):
+        SimConfig(memory_windows=65)
 
 
 def test_detector_yardstick_from_the_newest_window_forecast_from_all() -> None:
